@@ -1,0 +1,1 @@
+"""Model code: calibration math (NumPy only) and Keras model pieces."""

@@ -1,0 +1,29 @@
+"""Calibration math shared by training, the service and the lab (NumPy only, no TensorFlow)."""
+
+from .diagram import reliability_diagram_png
+from .metrics import (
+    CalibrationMetrics,
+    ReliabilityBin,
+    adaptive_calibration_error,
+    compute_metrics,
+    expected_calibration_error,
+    log_softmax,
+    reliability_bins,
+    softmax,
+)
+from .temperature import TemperatureFitError, fit_temperature, nll_at_temperature
+
+__all__ = [
+    "CalibrationMetrics",
+    "ReliabilityBin",
+    "TemperatureFitError",
+    "adaptive_calibration_error",
+    "compute_metrics",
+    "expected_calibration_error",
+    "fit_temperature",
+    "log_softmax",
+    "nll_at_temperature",
+    "reliability_bins",
+    "reliability_diagram_png",
+    "softmax",
+]
