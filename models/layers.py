@@ -1,0 +1,163 @@
+"""Custom Keras layers the classifier is built from, all registered for serialisation.
+
+They live in one module so `keras.saving.load_model(..., safe_mode=True)` finds every one of
+them by importing `models.layers`: nothing custom is ever loaded through a lambda or pickle.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+PACKAGE = "calibrated_cifar"
+
+# Per-channel statistics of the CIFAR-10 training set (official data), on the 0..255 scale.
+CIFAR10_MEAN = (125.307, 122.950, 113.865)
+CIFAR10_STD = (62.993, 62.089, 66.705)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PixelNormalization(keras.layers.Layer):
+    """Raw uint8 pixels in, standardised floats out.
+
+    Normalisation lives inside the model so the service feeds raw 0..255 pixels and can never
+    disagree with training about preprocessing.
+    """
+
+    def __init__(self, mean=CIFAR10_MEAN, std=CIFAR10_STD, **kwargs):
+        super().__init__(**kwargs)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def call(self, inputs):
+        x = ops.cast(inputs, self.compute_dtype)
+        mean = ops.convert_to_tensor(self.mean, dtype=self.compute_dtype)
+        std = ops.convert_to_tensor(self.std, dtype=self.compute_dtype)
+        return (x - mean) / std
+
+    def get_config(self):
+        return {**super().get_config(), "mean": list(self.mean), "std": list(self.std)}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class HorizontalFlip(keras.layers.Layer):
+    """Deterministic left-right flip (for flip test-time augmentation inside the model)."""
+
+    def call(self, inputs):
+        return ops.flip(inputs, axis=2)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MCDropout(keras.layers.Layer):
+    """Dropout that stays on at inference, so repeated calls are Monte Carlo samples.
+
+    Unlike `keras.layers.Dropout` it ignores the `training` flag: MC dropout must sample while
+    BatchNorm stays in inference mode, which `model(x, training=True)` cannot give. The
+    deterministic prediction skips this layer (inverted dropout has the identity as its mean).
+    """
+
+    def __init__(self, rate: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=None):
+        if self.rate == 0.0:
+            return inputs
+        return keras.random.dropout(inputs, self.rate, seed=self.seed_generator)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TemperatureScaling(keras.layers.Layer):
+    """Post-hoc calibration: divides logits by a fitted temperature T (Guo et al. 2017).
+
+    T is a non-trainable weight, so it is saved inside `model.keras` and can be set after
+    training without rebuilding the model. It never changes the arg-max, hence accuracy.
+    """
+
+    def __init__(self, temperature: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self._initial_temperature = float(temperature)
+        self.temperature = self.add_weight(
+            name="temperature",
+            shape=(),
+            initializer=keras.initializers.Constant(self._initial_temperature),
+            trainable=False,
+            dtype="float32",
+        )
+
+    def call(self, logits):
+        return ops.cast(logits, "float32") / self.temperature
+
+    def set_temperature(self, temperature: float) -> None:
+        if not (temperature > 0.0 and temperature < float("inf")):
+            raise ValueError(f"temperature must be positive and finite, got {temperature}")
+        self.temperature.assign(float(temperature))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": float(keras.ops.convert_to_numpy(self.temperature))}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MyBatchNorm(keras.layers.Layer):
+    """Batch normalisation written out: gamma, beta, running mean and running variance.
+
+    Branches on `training` exactly like `keras.layers.BatchNormalization`: batch statistics and
+    a moving-average update in training, the running statistics in inference. Kept for the lab
+    and as a readable reference; the default network uses the fused Keras layer.
+    """
+
+    def __init__(self, num_features: int | None = None, momentum=0.99, epsilon=1e-3, **kwargs):
+        super().__init__(**kwargs)
+        self.num_features = num_features
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        n = int(input_shape[-1])
+        if self.num_features is not None and self.num_features != n:
+            raise ValueError(f"MyBatchNorm expects {self.num_features} features, got {n}")
+        self.num_features = n
+        self.gamma = self.add_weight(name="gamma", shape=(n,), initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=(n,), initializer="zeros")
+        self.running_mean = self.add_weight(
+            name="running_mean", shape=(n,), initializer="zeros", trainable=False
+        )
+        self.running_var = self.add_weight(
+            name="running_var", shape=(n,), initializer="ones", trainable=False
+        )
+
+    def call(self, inputs, training=None):
+        x = ops.cast(inputs, self.compute_dtype)
+        axes = list(range(len(x.shape) - 1))
+        if training:
+            mean = ops.mean(ops.cast(x, "float32"), axis=axes)
+            var = ops.var(ops.cast(x, "float32"), axis=axes)
+            m = self.momentum
+            self.running_mean.assign(m * self.running_mean + (1.0 - m) * mean)
+            self.running_var.assign(m * self.running_var + (1.0 - m) * var)
+        else:
+            mean, var = self.running_mean, self.running_var
+        scale = self.gamma * ops.rsqrt(var + self.epsilon)
+        shift = self.beta - mean * scale
+        return x * ops.cast(scale, x.dtype) + ops.cast(shift, x.dtype)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_features": self.num_features,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+        }
