@@ -1,0 +1,48 @@
+"""Summaries of Monte Carlo dropout samples: mean, variance and the entropy decomposition.
+
+Predictive entropy H[E p] splits into expected entropy E H[p] (aleatoric: noise the model sees
+in the data) and mutual information H[E p] - E H[p] (epistemic: disagreement between samples),
+following Gal (2016) and Depeweg et al. (2018). Entropies are in nats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .metrics import log_softmax
+
+
+@dataclass(frozen=True)
+class MCSummary:
+    """Per-image statistics over T samples of the calibrated softmax (arrays over the batch)."""
+
+    n_samples: int
+    mean: np.ndarray               # [B, K] mean probability
+    variance: np.ndarray           # [B, K] variance of the probability over samples
+    predictive_entropy: np.ndarray # [B]
+    expected_entropy: np.ndarray   # [B]
+    mutual_information: np.ndarray # [B]
+
+
+def _entropy_from_log(logp: np.ndarray) -> np.ndarray:
+    p = np.exp(logp)
+    return -np.sum(np.where(p > 0, p * logp, 0.0), axis=-1)
+
+
+def summarize_mc_samples(sample_logits: np.ndarray, temperature: float = 1.0) -> MCSummary:
+    """`sample_logits` is [T, B, K] uncalibrated logits; the softmax uses logits / temperature."""
+    z = np.asarray(sample_logits, dtype=np.float64)
+    if z.ndim != 3 or z.shape[0] < 1:
+        raise ValueError(f"sample_logits must be [T, B, K] with T >= 1, got shape {z.shape}")
+    logp = log_softmax(z, temperature)
+    p = np.exp(logp)
+    mean = p.mean(axis=0)
+    variance = p.var(axis=0)
+    with np.errstate(divide="ignore"):
+        log_mean = np.log(mean)
+    predictive = _entropy_from_log(log_mean)
+    expected = _entropy_from_log(logp).mean(axis=0)
+    mutual = np.maximum(predictive - expected, 0.0)
+    return MCSummary(z.shape[0], mean, variance, predictive, expected, mutual)
