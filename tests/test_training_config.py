@@ -1,0 +1,27 @@
+"""The training command's options: defaults, and clear errors for bad values."""
+
+import pytest
+
+from training.config import TrainConfig, parse_args
+
+
+def test_defaults_follow_the_issue():
+    c = parse_args([])
+    assert c.label_smoothing == 0.1 and c.data == "keras" and c.n_validation == 5000
+    assert isinstance(c, TrainConfig)
+
+
+def test_flags_parse():
+    c = parse_args(["--optimizer", "adamw", "--weight-decay", "0.01", "--mix", "cutmix",
+                    "--no-flip-tta", "--mixed-precision", "--width", "8", "--epochs", "3"])
+    assert (c.optimizer, c.weight_decay, c.mix, c.flip_tta, c.mixed_precision, c.width, c.epochs) == \
+        ("adamw", 0.01, "cutmix", False, True, 8, 3)
+
+
+@pytest.mark.parametrize("argv", [["--optimizer", "rmsprop"], ["--mix", "blend"],
+                                  ["--label-smoothing", "1.5"], ["--epochs", "0"]])
+def test_bad_flags_exit_with_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err

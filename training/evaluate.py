@@ -1,0 +1,105 @@
+"""Recompute an artifact's card figures on a data source, optionally drawing a reliability diagram.
+
+    python -m training.evaluate models/shipped/cifar10-resnet --data keras --png diagram.png
+
+The figures printed are computed from scratch (fresh logits on the test split); with the
+artifact's own data source they must match the card, and `--check` fails if they do not.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+METRICS_SHOWN = ("accuracy", "nll", "brier", "ece", "mce", "adaptive_ece", "classwise_ece")
+
+
+def evaluate_artifact(artifact_dir: str, data_source: str, *, n_bins: int = 15) -> dict:
+    """Fresh test-split metrics before/after the artifact's temperature, plus the card's copy."""
+    from models.artifact import load_artifact
+    from models.calibration import compute_metrics
+    from models.inference import SplitClassifier
+    from training.data import load_cifar10
+
+    artifact = load_artifact(artifact_dir)
+    data = load_cifar10(data_source)
+    if list(data.class_names) != list(artifact.card["classes"]):
+        raise SystemExit(f"class names of {data_source} differ from the artifact's")
+    classifier = SplitClassifier(artifact.model)
+    logits = classifier.logits(data.x_test)
+    t = classifier.temperature
+    return {
+        "artifact": str(artifact.path),
+        "data": {"source": data.source, "checksum": data.checksum},
+        "temperature": t,
+        "before": compute_metrics(logits, data.y_test, temperature=1.0, n_bins=n_bins),
+        "after": compute_metrics(logits, data.y_test, temperature=t, n_bins=n_bins),
+        "card": artifact.card,
+    }
+
+
+def card_mismatches(result: dict, tolerance: float = 1e-4) -> list[str]:
+    """Names of figures that differ from the card (same data source assumed)."""
+    card_metrics = result["card"]["metrics"]
+    problems = []
+    for key, fresh in (("test_before_temperature", result["before"]),
+                       ("test_after_temperature", result["after"])):
+        stored = card_metrics[key]
+        for name in METRICS_SHOWN:
+            if abs(stored[name] - getattr(fresh, name)) > tolerance:
+                problems.append(f"{key}.{name}: card {stored[name]:.6f}, now {getattr(fresh, name):.6f}")
+    return problems
+
+
+def format_table(result: dict) -> str:
+    rows = [f"{'metric':<15}{'before T':>12}{'after T':>12}"]
+    for name in METRICS_SHOWN:
+        rows.append(f"{name:<15}{getattr(result['before'], name):>12.4f}{getattr(result['after'], name):>12.4f}")
+    rows.append(f"temperature    {result['temperature']:.4f}   n = {result['after'].n}")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="calib-evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", help="artifact folder (model.keras + model_card.json)")
+    parser.add_argument("--data", default=None,
+                        help="data source (default: the one recorded in the card)")
+    parser.add_argument("--bins", type=int, default=15)
+    parser.add_argument("--png", help="write a reliability diagram (before/after) to this PNG")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 unless the figures equal the card's (same data source)")
+    args = parser.parse_args(argv)
+
+    from models.artifact import read_card
+    source = args.data or read_card(args.artifact)["training"]["config"]["data"]
+    result = evaluate_artifact(args.artifact, source, n_bins=args.bins)
+    if args.json:
+        print(json.dumps({"artifact": result["artifact"], "data": result["data"],
+                          "temperature": result["temperature"],
+                          "before": result["before"].to_dict(), "after": result["after"].to_dict()},
+                         indent=2))
+    else:
+        print(format_table(result))
+    if args.png:
+        from models.calibration import reliability_diagram_png
+        Path(args.png).write_bytes(reliability_diagram_png(
+            result["before"], result["after"], title=f"{Path(args.artifact).name} on the test split"))
+        print(f"reliability diagram written to {args.png}", file=sys.stderr)
+    if args.check:
+        problems = card_mismatches(result) if args.bins == 15 else ["--check needs --bins 15"]
+        for p in problems:
+            print("MISMATCH", p, file=sys.stderr)
+        return 1 if problems else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

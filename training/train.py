@@ -1,0 +1,188 @@
+"""Train a calibrated CIFAR-10 classifier, top to bottom.
+
+    python -m training.train --data /path/to/cifar10-jpeg --output models/shipped/cifar10-resnet
+
+1. load CIFAR-10 and split 45,000 train / 5,000 validation (seeded, Guo et al. 2017);
+2. train the residual CNN with label smoothing, a one-cycle schedule and a weight penalty;
+3. fit the temperature on the validation split (never the test split);
+4. evaluate on the test split before and after temperature scaling;
+5. write `model.keras` + model card atomically.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # 1.5x faster training on this CPU
+
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    from training.config import parse_args
+
+    config = parse_args(argv)
+    run(config)
+    return 0
+
+
+def one_cycle(peak: float, total_steps: int, warmup_fraction: float):
+    import keras
+
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    @keras.saving.register_keras_serializable(package="calibrated_cifar")
+    class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+        """Linear warm-up to the peak, then linear decay to zero."""
+
+        def __call__(self, step):
+            step = keras.ops.cast(step, "float32")
+            up = peak * step / warmup
+            down = peak * keras.ops.maximum(0.0, (total_steps - step) / max(1, total_steps - warmup))
+            return keras.ops.where(step < warmup, up, down)
+
+        def get_config(self):
+            return {}
+
+    return OneCycle()
+
+
+def build_optimizer(config, total_steps: int):
+    import keras
+
+    schedule = one_cycle(config.learning_rate, total_steps, config.warmup_fraction)
+    if config.optimizer == "adamw":
+        opt = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
+                                     beta_1=config.momentum, epsilon=1e-8)
+        # Decay kernels only, as in the AdamW paper's practice: not BN scales/shifts or biases.
+        opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+        return opt
+    return keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum, nesterov=True)
+
+
+def run(config) -> Path:
+    import keras
+    import tensorflow as tf
+
+    from models.artifact import save_artifact
+    from models.calibration import compute_metrics, fit_temperature
+    from models.inference import SplitClassifier
+    from models.mixing import CutMix, MixUp
+    from models.network import NetworkConfig, build_backbone, build_classifier, build_head
+    from training.data import load_cifar10, train_validation_split
+    from training.pipeline import training_dataset
+
+    started = time.time()
+    keras.utils.set_random_seed(config.seed)
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+
+    # 1. Data ------------------------------------------------------------------------------
+    data = load_cifar10(config.data)
+    x_train, y_train, x_val, y_val = train_validation_split(
+        data.x_train, data.y_train, n_validation=config.n_validation, seed=config.seed)
+    num_classes = len(data.class_names)
+    print(f"data: {data.source}  train {len(x_train)}  validation {len(x_val)}  test {len(data.x_test)}"
+          f"  ({time.time() - started:.0f}s)", flush=True)
+
+    mix_layer = None
+    if config.mix == "mixup":
+        mix_layer = MixUp(alpha=config.mix_alpha, seed=config.seed)
+    elif config.mix == "cutmix":
+        mix_layer = CutMix(alpha=config.mix_alpha, seed=config.seed)
+    train_ds = training_dataset(x_train, y_train, batch_size=min(config.batch_size, len(x_train)),
+                                num_classes=num_classes, seed=config.seed, pad=config.pad,
+                                mix_layer=mix_layer)
+    steps_per_epoch = max(1, len(x_train) // config.batch_size)
+
+    # 2. Model and training ----------------------------------------------------------------
+    net = NetworkConfig(width=config.width, num_classes=num_classes, dropout=config.dropout,
+                        l2=config.l2 if config.optimizer == "sgd" else 0.0, flip_tta=config.flip_tta)
+    backbone = build_backbone(net)
+    head = build_head(net, int(backbone.output.shape[-1]))
+    train_model = build_classifier(net, flip_tta=False, backbone=backbone, head=head)
+    train_model.compile(
+        optimizer=build_optimizer(config, steps_per_epoch * config.epochs),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True,
+                                                  label_smoothing=config.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+    print(f"model: {train_model.count_params():,} parameters, width {config.width}", flush=True)
+    validation = None
+    if len(x_val):
+        validation = (x_val, keras.utils.to_categorical(y_val, num_classes))
+    fit_started = time.time()
+    history = train_model.fit(train_ds, epochs=config.epochs, validation_data=validation,
+                              validation_batch_size=1000, verbose=config.verbose)
+    train_seconds = time.time() - fit_started
+
+    # 3. Temperature on the validation split -------------------------------------------------
+    model = build_classifier(net, backbone=backbone, head=head)  # export graph (flip TTA if on)
+    classifier = SplitClassifier(model)
+    if len(x_val) < 2:
+        raise SystemExit("need at least 2 validation images to fit the temperature")
+    val_logits = classifier.logits(x_val)
+    temperature = fit_temperature(val_logits, y_val)
+    classifier.set_temperature(temperature)
+
+    # 4. Test split, before and after -------------------------------------------------------
+    test_logits = classifier.logits(data.x_test)
+    before = compute_metrics(test_logits, data.y_test, temperature=1.0)
+    after = compute_metrics(test_logits, data.y_test, temperature=temperature)
+    validation_after = compute_metrics(val_logits, y_val, temperature=temperature)
+    wall = time.time() - started
+    print(f"temperature {temperature:.4f}  test accuracy {after.accuracy:.4f}  "
+          f"ECE-15 {before.ece:.4f} -> {after.ece:.4f}  NLL {before.nll:.4f} -> {after.nll:.4f}"
+          f"  wall {wall:.0f}s", flush=True)
+
+    # 5. Artifact -------------------------------------------------------------------------------
+    out = Path(config.output)
+    card = build_card(config, net, data, temperature, before, after, validation_after, history,
+                      train_seconds, wall, n_train=len(x_train), n_val=len(x_val),
+                      params=model.count_params())
+    save_artifact(model, card, out, overwrite=config.overwrite)
+    print(f"artifact written to {out}", flush=True)
+    return out
+
+
+def build_card(config, net, data, temperature, before, after, validation_after, history,
+               train_seconds, wall, *, n_train, n_val, params) -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "name": config.name or Path(config.output).name,
+        "task": "image-classification",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "classes": list(data.class_names),
+        "input": {"shape": [32, 32, 3], "dtype": "uint8", "range": [0, 255],
+                  "layout": "NHWC, RGB, raw pixels (the model normalises)"},
+        "temperature": float(temperature),
+        "mc_dropout": {"rate": net.dropout, "layer": "head/mc_dropout"},
+        "metrics": {
+            "test_before_temperature": before.to_dict(),
+            "test_after_temperature": after.to_dict(),
+            "validation_after_temperature": validation_after.to_dict(),
+        },
+        "data": {"source": data.source, "checksum": data.checksum, "n_train": n_train,
+                 "n_validation": n_val, "n_test": int(len(data.x_test)),
+                 "split_seed": config.seed},
+        "training": {"config": config.to_dict(), "network": net.to_dict(), "parameters": int(params),
+                     "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+                     "train_seconds": round(train_seconds, 1), "wall_seconds": round(wall, 1),
+                     "command": " ".join(["python", "-m", "training.train", *sys.argv[1:]])},
+        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
+                     "keras": keras.__version__, "numpy": np.__version__},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
