@@ -1,0 +1,24 @@
+# The two set-up commands of the README: `make serve` and `make test`.
+# Each creates the virtual environment on first use, so a fresh machine needs nothing else.
+PYTHON ?= python3
+VENV ?= .venv
+EXTRAS ?= dev
+PY := $(VENV)/bin/python
+
+.PHONY: serve test benchmark
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+serve: $(VENV)/.installed-$(EXTRAS)
+	$(PY) -m service
+
+test: $(VENV)/.installed-$(EXTRAS)
+	$(PY) -m pytest -q
+
+benchmark: $(VENV)/.installed-$(EXTRAS)
+	$(PY) -m training.benchmark models/shipped/cifar10-resnet --throughput
+	$(PY) -m service.benchmark
