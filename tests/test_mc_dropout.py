@@ -1,4 +1,7 @@
-"""MC dropout on the head with BatchNorm in inference mode, vectorised over samples."""
+"""MC dropout on the head with BatchNorm in inference mode, vectorised over samples.
+
+The statistical comparison with the naive T-pass loop is in tests/test_service_mc.py.
+"""
 
 from __future__ import annotations
 
@@ -75,22 +78,6 @@ def test_dropout_gives_positive_variance_and_reproducible_seeds():
     assert np.all(summary.variance > 0)
     assert np.all(summary.mutual_information > 0)
     np.testing.assert_allclose(summary.mean.sum(axis=1), 1.0, atol=1e-9)
-
-
-def test_vectorised_samples_agree_with_the_naive_loop():
-    """Same distribution: compare per-class means and variances from T=400 samples each."""
-    from models.inference import SplitClassifier
-
-    clf = SplitClassifier(_model(dropout=0.3, seed=4))
-    x = _images(4, seed=5)
-    t = 400
-    fast = softmax(clf.mc_logits(x, n_samples=t, seed=1))
-    slow = softmax(clf.mc_logits_naive(x, n_samples=t))
-    # standard error of a mean of T samples is sd/sqrt(T); allow 5 standard errors
-    sd = np.sqrt(np.maximum(fast.var(axis=0), slow.var(axis=0)))
-    assert np.all(np.abs(fast.mean(axis=0) - slow.mean(axis=0)) <= 5 * sd / np.sqrt(t) + 1e-6)
-    ratio = (fast.var(axis=0) + 1e-9) / (slow.var(axis=0) + 1e-9)
-    assert 0.6 < np.median(ratio) < 1.6
 
 
 def test_custom_layers_survive_save_and_load(tmp_path):

@@ -1,0 +1,37 @@
+"""Clients of the calibration service: httpx only (no TensorFlow, no service code).
+
+    from clients import CalibClient
+    with CalibClient("http://127.0.0.1:8000") as c:
+        result = c.predict(["cat.png"], mc_samples=100)
+        report = c.evaluate("validation.npz", bins=15)
+
+`python -m clients --help` is the command-line client; `evaluate_with_curl.sh` needs curl only.
+"""
+
+from clients.client import DEFAULT_URL, AsyncCalibClient, CalibClient
+from clients.types import (
+    CalibrationMetrics,
+    ClientError,
+    EvaluationReport,
+    ModelInfo,
+    Prediction,
+    PredictResult,
+    ServiceError,
+    TransportError,
+    Uncertainty,
+)
+
+__all__ = [
+    "DEFAULT_URL",
+    "AsyncCalibClient",
+    "CalibClient",
+    "CalibrationMetrics",
+    "ClientError",
+    "EvaluationReport",
+    "ModelInfo",
+    "PredictResult",
+    "Prediction",
+    "ServiceError",
+    "TransportError",
+    "Uncertainty",
+]

@@ -1,0 +1,125 @@
+"""`python -m clients` / `calib-client`: predict on image files, evaluate a dataset, list models.
+
+Readable tables by default, the server's JSON with --json; errors print the service's code
+and message and exit 1 (2 for usage errors, from argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from clients.client import DEFAULT_URL, CalibClient
+from clients.types import ClientError, EvaluationReport, PredictResult, ServiceError
+
+METRICS = ("accuracy", "nll", "brier", "ece", "mce", "adaptive_ece", "classwise_ece")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="calib-client", description=__doc__.splitlines()[0])
+    p.add_argument("--url", default=DEFAULT_URL, help=f"service URL (env CALIB_URL; default {DEFAULT_URL})")
+    p.add_argument("--model", help="model name (default: the first loaded model)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="list the loaded models")
+    m.add_argument("--json", action="store_true", help="print the server's JSON")
+
+    pr = sub.add_parser("predict", help="classify image files (PNG/JPEG, or .npy/.npz arrays)")
+    pr.add_argument("files", nargs="+", type=Path)
+    pr.add_argument("--mc-samples", type=int, help="MC dropout samples (server default 100; 0 = none)")
+    pr.add_argument("--seed", type=int, help="seed of the MC samples")
+    pr.add_argument("--resize", action="store_true", help="let the server resize non-32x32 images")
+    pr.add_argument("--logits", action="store_true", help="also return raw logits")
+    pr.add_argument("--json", action="store_true", help="print the server's JSON")
+
+    ev = sub.add_parser("evaluate", help="ECE report on an .npz (x, y) or an image-folder tree/archive")
+    ev.add_argument("data", type=Path, help=".npz, .tar.gz/.zip of <class>/<image>, or such a folder")
+    ev.add_argument("--bins", type=int, help="confidence bins (server default 15)")
+    ev.add_argument("--fit-temperature", action="store_true", help="also fit T on this batch")
+    ev.add_argument("--split", help="sub-folder holding the class folders (e.g. test)")
+    ev.add_argument("--resize", action="store_true", help="let the server resize non-32x32 images")
+    ev.add_argument("--png", type=Path, help="also save the reliability diagram to this file")
+    ev.add_argument("--json", action="store_true", help="print the server's JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with CalibClient(args.url, model=args.model, timeout=args.timeout) as client:
+            return COMMANDS[args.command](client, args)
+    except ServiceError as exc:
+        print(f"error [{exc.code}] (HTTP {exc.status}): {exc.message}", file=sys.stderr)
+        return 1
+    except (ClientError, OSError, ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _models(client: CalibClient, args) -> int:
+    infos = client.models()
+    if args.json:
+        print(json.dumps({"models": [i.raw for i in infos]}, indent=2))
+        return 0
+    print(f"{'model':<24}{'classes':>8}{'T':>9}{'test ECE before':>17}{'after':>9}")
+    for i in infos:
+        before = i.metrics.get("test_before_temperature", {}).get("ece", float("nan"))
+        after = i.metrics.get("test_after_temperature", {}).get("ece", float("nan"))
+        print(f"{i.name:<24}{len(i.classes):>8}{i.temperature:>9.4f}{before:>17.4f}{after:>9.4f}")
+    return 0
+
+
+def _predict(client: CalibClient, args) -> int:
+    result: PredictResult = client.predict([str(f) for f in args.files], mc_samples=args.mc_samples,
+                                           seed=args.seed, return_logits=args.logits, resize=args.resize)
+    if args.json:
+        print(json.dumps(result.raw, indent=2))
+        return 0
+    names = _row_names(args.files, len(result.predictions))
+    width = max(12, *(len(n) + 2 for n in names))
+    print(f"model {result.model}  T={result.temperature:.4f}  MC samples={result.mc_samples}  seed={result.seed}")
+    print(f"{'input':<{width}}{'label':<14}{'confidence':>11}{'pred. H':>9}{'exp. H':>9}{'MI':>9}")
+    for name, p in zip(names, result.predictions):
+        u = p.uncertainty
+        cols = (f"{u.predictive_entropy:>9.4f}{u.expected_entropy:>9.4f}{u.mutual_information:>9.4f}"
+                if u else f"{'-':>9}{'-':>9}{'-':>9}")
+        print(f"{name:<{width}}{p.label:<14}{p.confidence:>11.4f}{cols}")
+    return 0
+
+
+def _row_names(files: list[Path], n: int) -> list[str]:
+    if len(files) == n:
+        return [f.name for f in files]
+    return [f"#{i}" for i in range(n)]  # an array file holds several images
+
+
+def _evaluate(client: CalibClient, args) -> int:
+    report: EvaluationReport = client.evaluate(str(args.data), bins=args.bins, fit_temperature=args.fit_temperature,
+                                               resize=args.resize, split=args.split)
+    if args.png is not None:
+        args.png.write_bytes(client.reliability_diagram(str(args.data), bins=args.bins, resize=args.resize,
+                                                        split=args.split))
+    if args.json:
+        print(json.dumps(report.raw, indent=2))
+    else:
+        print(format_report(report))
+        if args.png is not None:
+            print(f"reliability diagram saved to {args.png}")
+    return 0
+
+
+def format_report(report: EvaluationReport) -> str:
+    columns = [("before T", report.before), (f"T={report.temperature:.4f}", report.after)]
+    if report.after_fitted is not None:
+        columns.append((f"fitted T={report.fitted_temperature:.4f}", report.after_fitted))
+    lines = [f"model {report.model}  N={report.n}  bins={report.n_bins}",
+             f"{'metric':<16}" + "".join(f"{title:>20}" for title, _ in columns)]
+    for metric in METRICS:
+        lines.append(f"{metric:<16}" + "".join(f"{getattr(m, metric):>20.4f}" for _, m in columns))
+    return "\n".join(lines)
+
+
+COMMANDS = {"models": _models, "predict": _predict, "evaluate": _evaluate}

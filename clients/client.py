@@ -1,0 +1,203 @@
+"""Sync and async clients of the calibration service (httpx only).
+
+Both build the same requests (`_Call`) and read answers the same way (`_decode`); they differ
+only in how the request is awaited. Error bodies become `ServiceError(status, code, message)`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import httpx
+
+from clients.payloads import Body, evaluate_body, predict_body
+from clients.types import (
+    EvaluationReport,
+    ModelInfo,
+    PredictResult,
+    ServiceError,
+    TransportError,
+)
+
+DEFAULT_URL = os.environ.get("CALIB_URL", "http://127.0.0.1:8000")
+DEFAULT_TIMEOUT = 300.0
+
+
+@dataclass
+class _Call:
+    method: str
+    path: str
+    params: dict = field(default_factory=dict)
+    body: Optional[Body] = None
+    raw: bool = False                       # return bytes instead of decoded JSON
+    parse: Callable[[Any], Any] = lambda d: d
+
+    def kwargs(self) -> dict:
+        params = {k: (str(v).lower() if isinstance(v, bool) else v)
+                  for k, v in self.params.items() if v is not None}
+        out = {"params": params}
+        if self.body is not None:
+            out.update(self.body.httpx_kwargs())
+        return out
+
+
+def _decode(call: _Call, response: httpx.Response) -> Any:
+    if response.status_code >= 400:
+        try:
+            err = response.json()["error"]
+            raise ServiceError(response.status_code, err["code"], err["message"], err.get("details"))
+        except (ValueError, KeyError, TypeError):
+            raise ServiceError(response.status_code, f"http_{response.status_code}",
+                               response.text[:500] or response.reason_phrase) from None
+    if call.raw:
+        return response.content
+    return call.parse(response.json())
+
+
+class _Calls:
+    """Request builders shared by both clients."""
+
+    model: Optional[str]
+
+    def _name(self, model: Optional[str]) -> str:
+        name = model or self.model
+        if name is None:
+            raise ValueError("no model name: pass model=... here or to the client")
+        return name
+
+    @staticmethod
+    def _models_call() -> _Call:
+        return _Call("GET", "/v1/models",
+                     parse=lambda d: [ModelInfo.from_dict(m) for m in d["models"]])
+
+    def _predict_call(self, images, model, mc_samples, seed, return_logits, resize) -> _Call:
+        return _Call("POST", f"/v1/models/{self._name(model)}/predict",
+                     {"mc_samples": mc_samples, "seed": seed, "return_logits": return_logits or None,
+                      "resize": resize or None},
+                     predict_body(images), parse=PredictResult.from_dict)
+
+    def _evaluate_call(self, x, y, model, bins, fit_temperature, resize, split, png) -> _Call:
+        return _Call("POST", f"/v1/models/{self._name(model)}/evaluate",
+                     {"bins": bins, "fit_temperature": fit_temperature or None, "resize": resize or None,
+                      "split": split, "format": "png" if png else None},
+                     evaluate_body(x, y), raw=png, parse=EvaluationReport.from_dict)
+
+
+class CalibClient(_Calls):
+    """Blocking client. `model` is the default model name (else the only/first loaded one)."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, model: Optional[str] = None,
+                 timeout: float = DEFAULT_TIMEOUT, transport: Optional[httpx.BaseTransport] = None):
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
+        self.model = model
+
+    def _do(self, call: _Call) -> Any:
+        try:
+            response = self._http.request(call.method, call.path, **call.kwargs())
+        except httpx.TransportError as exc:
+            raise TransportError(f"{call.method} {call.path}: {exc!r}") from exc
+        return _decode(call, response)
+
+    def live(self) -> dict:
+        return self._do(_Call("GET", "/health/live"))
+
+    def ready(self) -> dict:
+        return self._do(_Call("GET", "/health/ready"))
+
+    def models(self) -> list[ModelInfo]:
+        infos = self._do(self._models_call())
+        if self.model is None and infos:
+            self.model = infos[0].name
+        return infos
+
+    def card(self, model: Optional[str] = None) -> dict:
+        return self._do(_Call("GET", f"/v1/models/{self._resolve(model)}"))
+
+    def _resolve(self, model: Optional[str]) -> str:
+        if model is None and self.model is None:
+            self.models()
+        return self._name(model)
+
+    def predict(self, images, *, model: Optional[str] = None, mc_samples: Optional[int] = None,
+                seed: Optional[int] = None, return_logits: bool = False, resize: bool = False) -> PredictResult:
+        return self._do(self._predict_call(images, self._resolve(model), mc_samples, seed, return_logits, resize))
+
+    def evaluate(self, x, y=None, *, model: Optional[str] = None, bins: Optional[int] = None,
+                 fit_temperature: bool = False, resize: bool = False, split: Optional[str] = None) -> EvaluationReport:
+        return self._do(self._evaluate_call(x, y, self._resolve(model), bins, fit_temperature, resize, split, False))
+
+    def reliability_diagram(self, x, y=None, *, model: Optional[str] = None, bins: Optional[int] = None,
+                            resize: bool = False, split: Optional[str] = None) -> bytes:
+        return self._do(self._evaluate_call(x, y, self._resolve(model), bins, False, resize, split, True))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "CalibClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncCalibClient(_Calls):
+    """The same API for asyncio: `await client.predict(...)`."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, model: Optional[str] = None,
+                 timeout: float = DEFAULT_TIMEOUT, transport: Optional[httpx.AsyncBaseTransport] = None):
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
+        self.model = model
+
+    async def _do(self, call: _Call) -> Any:
+        try:
+            response = await self._http.request(call.method, call.path, **call.kwargs())
+        except httpx.TransportError as exc:
+            raise TransportError(f"{call.method} {call.path}: {exc!r}") from exc
+        return _decode(call, response)
+
+    async def live(self) -> dict:
+        return await self._do(_Call("GET", "/health/live"))
+
+    async def ready(self) -> dict:
+        return await self._do(_Call("GET", "/health/ready"))
+
+    async def models(self) -> list[ModelInfo]:
+        infos = await self._do(self._models_call())
+        if self.model is None and infos:
+            self.model = infos[0].name
+        return infos
+
+    async def _resolve(self, model: Optional[str]) -> str:
+        if model is None and self.model is None:
+            await self.models()
+        return self._name(model)
+
+    async def card(self, model: Optional[str] = None) -> dict:
+        return await self._do(_Call("GET", f"/v1/models/{await self._resolve(model)}"))
+
+    async def predict(self, images, *, model: Optional[str] = None, mc_samples: Optional[int] = None,
+                      seed: Optional[int] = None, return_logits: bool = False, resize: bool = False) -> PredictResult:
+        name = await self._resolve(model)
+        return await self._do(self._predict_call(images, name, mc_samples, seed, return_logits, resize))
+
+    async def evaluate(self, x, y=None, *, model: Optional[str] = None, bins: Optional[int] = None,
+                       fit_temperature: bool = False, resize: bool = False,
+                       split: Optional[str] = None) -> EvaluationReport:
+        name = await self._resolve(model)
+        return await self._do(self._evaluate_call(x, y, name, bins, fit_temperature, resize, split, False))
+
+    async def reliability_diagram(self, x, y=None, *, model: Optional[str] = None, bins: Optional[int] = None,
+                                  resize: bool = False, split: Optional[str] = None) -> bytes:
+        name = await self._resolve(model)
+        return await self._do(self._evaluate_call(x, y, name, bins, False, resize, split, True))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncCalibClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

@@ -1,0 +1,109 @@
+"""Turn what a caller has (file paths, PNG/JPEG bytes, folders, arrays) into request bodies.
+
+Standard library only: files are sent as they are, a folder is tarred in memory. NumPy is used
+only when the caller hands over NumPy arrays (so it is already installed).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
+@dataclass
+class Body:
+    """What to send: JSON, or multipart files [(field, (name, bytes, content_type))]."""
+
+    json: Optional[dict] = None
+    files: list = field(default_factory=list)
+
+    def httpx_kwargs(self) -> dict:
+        return {"json": self.json} if self.json is not None else {"files": self.files}
+
+
+def _is_array(obj: Any) -> bool:
+    return hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "tobytes")
+
+
+def _content_type(name: str) -> str:
+    return IMAGE_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
+
+
+def _npy_bytes(array) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _list_depth(obj: Any) -> int:
+    depth = 0
+    while isinstance(obj, list) and obj:
+        depth, obj = depth + 1, obj[0]
+    return depth
+
+
+def predict_body(images: Any) -> Body:
+    """Paths/bytes -> multipart files; a NumPy array -> one .npy; nested lists or {"b64"} -> JSON."""
+    if isinstance(images, (str, os.PathLike, bytes, bytearray)) or _is_array(images):
+        images = [images]
+    items = list(images)
+    if not items:
+        raise ValueError("no images given")
+    if _list_depth(items) == 3:  # one image as nested lists [32][32][3]
+        items = [items]
+    if all(isinstance(i, (list, dict)) for i in items):
+        return Body(json={"instances": items})
+    files = []
+    for i, item in enumerate(items):
+        if isinstance(item, (str, os.PathLike)):
+            path = Path(item)
+            files.append(("files", (path.name, path.read_bytes(), _content_type(path.name))))
+        elif isinstance(item, (bytes, bytearray)):
+            files.append(("files", (f"image-{i}.png", bytes(item), "application/octet-stream")))
+        elif _is_array(item):
+            files.append(("files", (f"array-{i}.npy", _npy_bytes(item), "application/octet-stream")))
+        else:
+            raise TypeError(f"image {i}: expected a path, PNG/JPEG bytes, a NumPy array or a nested "
+                            f"list, got {type(item).__name__}")
+    return Body(files=files)
+
+
+def tar_directory(folder: Path) -> bytes:
+    """An image-folder tree as an in-memory .tar.gz (hidden files left out)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder)
+            if path.is_file() and not any(p.startswith(".") for p in rel.parts):
+                tar.add(path, arcname=str(rel))
+    return buf.getvalue()
+
+
+def evaluate_body(x: Any, y: Any = None) -> Body:
+    """A .npz / archive path or a folder (labels from the data), or arrays/lists x with labels y."""
+    if isinstance(x, (str, os.PathLike)):
+        if y is not None:
+            raise ValueError("labels come from the file or folder; do not pass y with a path")
+        path = Path(x)
+        if path.is_dir():
+            return Body(files=[("file", (f"{path.name or 'images'}.tar.gz", tar_directory(path),
+                                         "application/gzip"))])
+        return Body(files=[("file", (path.name, path.read_bytes(), "application/octet-stream"))])
+    if y is None:
+        raise ValueError("labels y are required with in-memory images")
+    if _is_array(x):
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.savez(buf, x=np.ascontiguousarray(x), y=np.asarray(y))
+        return Body(files=[("file", ("batch.npz", buf.getvalue(), "application/octet-stream"))])
+    labels = y.tolist() if _is_array(y) else list(y)
+    return Body(json={"instances": list(x), "labels": labels})

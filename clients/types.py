@@ -1,0 +1,123 @@
+"""Typed views of the service's JSON responses (plain dataclasses; `.raw` keeps the full dict)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ClientError(Exception):
+    """Base of everything this client raises."""
+
+
+class ServiceError(ClientError):
+    """The service answered with an error body: `code` is its stable error code."""
+
+    def __init__(self, status: int, code: str, message: str, details: Optional[dict] = None):
+        super().__init__(f"[{code}] {message} (HTTP {status})")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
+class TransportError(ClientError):
+    """No HTTP answer at all (connection refused, timeout, ...)."""
+
+
+@dataclass(frozen=True)
+class Uncertainty:
+    n_samples: int
+    mean: list[float]
+    variance: list[float]
+    predictive_entropy: float
+    expected_entropy: float
+    mutual_information: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    class_index: int
+    label: str
+    confidence: float
+    probabilities: list[float]
+    uncertainty: Optional[Uncertainty]
+    logits: Optional[list[float]] = None
+    uncalibrated_probabilities: Optional[list[float]] = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Prediction":
+        u = d.get("uncertainty")
+        return cls(d["class_index"], d["label"], d["confidence"], d["probabilities"],
+                   Uncertainty(**u) if u else None, d.get("logits"), d.get("uncalibrated_probabilities"))
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    model: str
+    temperature: float
+    classes: list[str]
+    mc_samples: int
+    seed: Optional[int]
+    predictions: list[Prediction]
+    raw: dict = field(repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PredictResult":
+        return cls(d["model"], d["temperature"], d["classes"], d["mc_samples"], d.get("seed"),
+                   [Prediction.from_dict(p) for p in d["predictions"]], d)
+
+
+@dataclass(frozen=True)
+class CalibrationMetrics:
+    n: int
+    n_bins: int
+    temperature: float
+    accuracy: float
+    nll: float
+    brier: float
+    ece: float
+    mce: float
+    adaptive_ece: float
+    classwise_ece: float
+    bins: list[dict[str, Any]]
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> Optional["CalibrationMetrics"]:
+        if d is None:
+            return None
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    model: str
+    n: int
+    n_bins: int
+    temperature: float
+    before: CalibrationMetrics
+    after: CalibrationMetrics
+    fitted_temperature: Optional[float]
+    after_fitted: Optional[CalibrationMetrics]
+    raw: dict = field(repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvaluationReport":
+        return cls(d["model"], d["n"], d["n_bins"], d["temperature"],
+                   CalibrationMetrics.from_dict(d["before_temperature"]),
+                   CalibrationMetrics.from_dict(d["after_temperature"]),
+                   d.get("fitted_temperature"), CalibrationMetrics.from_dict(d.get("after_fitted_temperature")),
+                   d)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    classes: list[str]
+    temperature: float
+    metrics: dict[str, Any]
+    raw: dict = field(repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelInfo":
+        return cls(d["name"], d["classes"], d["temperature"], d.get("metrics", {}), d)

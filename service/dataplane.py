@@ -1,0 +1,108 @@
+"""Domain logic: predict and evaluate on NumPy arrays. No HTTP, no parsing.
+
+MC dropout reuses the deterministic pass's backbone features: the backbone runs once per image
+and only the cheap head is sampled T times (`SplitClassifier.mc_logits_from_features`), in
+chunks of at most `mc_chunk_rows` = T x images so memory stays bounded for any T and batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.calibration import (
+    CalibrationMetrics,
+    TemperatureFitError,
+    compute_metrics,
+    fit_temperature,
+    reliability_diagram_png,
+    softmax,
+)
+from models.calibration.uncertainty import MCSummary, summarize_mc_samples
+from service.inputs import InputError
+from service.registry import LoadedModel
+
+_SEED_MOD = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Arrays over the batch; `mc` is None when no MC samples were asked for."""
+
+    logits: np.ndarray         # [N, K] uncalibrated
+    probabilities: np.ndarray  # [N, K] softmax(logits / T)
+    uncalibrated: np.ndarray   # [N, K] softmax(logits)
+    mc: MCSummary | None
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    n: int
+    n_bins: int
+    temperature: float
+    before: CalibrationMetrics
+    after: CalibrationMetrics
+    fitted_temperature: float | None
+    after_fitted: CalibrationMetrics | None
+
+
+def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
+            mc_chunk_rows: int = 65_536, batch_size: int = 500) -> Prediction:
+    clf = model.classifier
+    t = model.temperature
+    features = clf.features(x, batch_size)
+    logits = clf.head_logits(features)
+    summary = None
+    if mc_samples > 0:
+        seed = 0 if seed is None else int(seed)
+        summary = _mc_summary(clf, features, mc_samples, seed, t, mc_chunk_rows)
+    return Prediction(logits, softmax(logits, t), softmax(logits, 1.0), summary, seed)
+
+
+def _mc_summary(clf, features: np.ndarray, n_samples: int, seed: int, temperature: float,
+                chunk_rows: int) -> MCSummary:
+    per_chunk = max(1, chunk_rows // n_samples)
+    parts = []
+    for c, start in enumerate(range(0, len(features), per_chunk)):
+        chunk_seed = (seed + 1_000_003 * c) % _SEED_MOD
+        samples = clf.mc_logits_from_features(features[start:start + per_chunk], n_samples, chunk_seed)
+        parts.append(summarize_mc_samples(samples, temperature))
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda attr: np.concatenate([getattr(p, attr) for p in parts])  # noqa: E731
+    return MCSummary(n_samples, cat("mean"), cat("variance"), cat("predictive_entropy"),
+                     cat("expected_entropy"), cat("mutual_information"))
+
+
+def logits_in_chunks(model: LoadedModel, x: np.ndarray, chunk: int) -> np.ndarray:
+    """Deterministic logits, `chunk` images per forward pass: activations stay bounded."""
+    parts = [model.classifier.logits(x[i:i + chunk], batch_size=chunk) for i in range(0, len(x), chunk)]
+    return np.concatenate(parts).astype(np.float64)
+
+
+def evaluate(model: LoadedModel, x: np.ndarray, y: np.ndarray, *, n_bins: int, fit: bool,
+             chunk: int = 500) -> Evaluation:
+    logits = logits_in_chunks(model, x, chunk)
+    return evaluate_logits(logits, y, temperature=model.temperature, n_bins=n_bins, fit=fit)
+
+
+def evaluate_logits(logits: np.ndarray, y: np.ndarray, *, temperature: float, n_bins: int,
+                    fit: bool) -> Evaluation:
+    before = compute_metrics(logits, y, temperature=1.0, n_bins=n_bins)
+    after = compute_metrics(logits, y, temperature=temperature, n_bins=n_bins)
+    fitted = after_fitted = None
+    if fit:
+        try:
+            fitted = fit_temperature(logits, y)
+        except TemperatureFitError as exc:
+            raise InputError("temperature_fit_failed", f"cannot fit a temperature on this batch: {exc}") from None
+        after_fitted = compute_metrics(logits, y, temperature=fitted, n_bins=n_bins)
+    return Evaluation(len(y), n_bins, temperature, before, after, fitted, after_fitted)
+
+
+def diagram_png(evaluation: Evaluation, model_name: str) -> bytes:
+    title = (f"{model_name}: N={evaluation.n}, T={evaluation.temperature:.3f}, "
+             f"ECE {evaluation.before.ece:.4f} -> {evaluation.after.ece:.4f}")
+    return reliability_diagram_png(evaluation.before, evaluation.after, title=title)

@@ -1,0 +1,365 @@
+"""Payloads -> validated arrays. Every problem is an `InputError` with a stable code.
+
+The HTTP layer turns an InputError into a 4xx JSON body, so bad input can never surface as
+a 500. Nothing here imports TensorFlow or FastAPI; parsing is pure NumPy/Pillow and runs in a
+worker thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+import zipfile
+from typing import Any, Sequence
+
+import numpy as np
+
+from training.data import DataSourceError, decode_image, read_labelled_images_from_bytes
+
+IMAGE_SHAPE = (32, 32, 3)
+PIXELS = 32 * 32 * 3
+NPY_MAGIC = b"\x93NUMPY"
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class InputError(ValueError):
+    """Bad client input: `code` is stable (documented), `message` is for humans."""
+
+    def __init__(self, code: str, message: str, status: int = 422):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+# --- JSON --------------------------------------------------------------------------------
+def parse_json_object(body: bytes) -> dict:
+    if not body:
+        raise InputError("malformed_json", "the request body is empty; expected a JSON object", 400)
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError("malformed_json", f"the body is not valid JSON: {exc}", 400) from None
+    except RecursionError:
+        raise InputError("malformed_json", "the JSON body is nested too deeply", 400) from None
+    if not isinstance(value, dict):
+        raise InputError("malformed_json", f"expected a JSON object, got {type(value).__name__}", 400)
+    return value
+
+
+def instances_from_json(payload: dict, *, resize: bool, max_instances: int) -> np.ndarray:
+    """`{"instances": [...]}` -> uint8 [N,32,32,3]; each instance a nested array or {"b64": ...}."""
+    if "instances" not in payload:
+        raise InputError("invalid_request", "the JSON object needs an 'instances' list")
+    instances = payload["instances"]
+    if not isinstance(instances, list):
+        raise InputError("invalid_request", f"'instances' must be a list, got {type(instances).__name__}")
+    check_count(len(instances), max_instances)
+    out = np.empty((len(instances), *IMAGE_SHAPE), np.uint8)
+    for i, inst in enumerate(instances):
+        out[i] = _instance(inst, i, resize)
+    return out
+
+
+def _instance(inst: Any, index: int, resize: bool) -> np.ndarray:
+    where = f"instance {index}"
+    if isinstance(inst, dict):
+        if set(inst) != {"b64"} or not isinstance(inst["b64"], str):
+            raise InputError("invalid_instance",
+                             f"{where}: an object instance must be {{\"b64\": \"<base64 PNG/JPEG>\"}}")
+        try:
+            data = base64.b64decode(inst["b64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError("invalid_base64", f"{where}: 'b64' is not valid base64") from None
+        return decode_upload_image(data, where, resize=resize)
+    if not isinstance(inst, list):
+        raise InputError("invalid_instance",
+                         f"{where}: expected a 32x32x3 array of 0..255 or {{\"b64\": ...}}, "
+                         f"got {type(inst).__name__}")
+    try:
+        arr = np.asarray(inst)
+    except ValueError:
+        raise InputError("invalid_shape", f"{where}: ragged array; expected shape [32, 32, 3]") from None
+    except OverflowError:
+        raise InputError("value_out_of_range", f"{where}: a value is outside 0..255") from None
+    if arr.dtype == object and all(type(v) is int for v in arr.ravel()):
+        raise InputError("value_out_of_range", f"{where}: a value is outside 0..255")  # beyond int64
+    if arr.shape != IMAGE_SHAPE:
+        raise InputError("invalid_shape", f"{where}: shape {list(arr.shape)}; expected [32, 32, 3]")
+    return check_pixels(arr[None], where)[0]
+
+
+def labels_from_json(payload: dict, n: int, num_classes: int) -> np.ndarray:
+    if payload.get("labels") is None:
+        raise InputError("missing_labels", "evaluation needs 'labels': one class index per instance")
+    labels = payload["labels"]
+    if not isinstance(labels, list):
+        raise InputError("invalid_request", f"'labels' must be a list, got {type(labels).__name__}")
+    try:
+        arr = np.asarray(labels)
+    except (ValueError, OverflowError):
+        raise InputError("invalid_dtype", "'labels' must be a flat list of class indices") from None
+    return check_labels(arr, n, num_classes)
+
+
+# --- array validation ---------------------------------------------------------------------
+def check_count(n: int, limit: int, what: str = "instances") -> None:
+    if n == 0:
+        raise InputError("empty_batch", f"no {what}: the batch is empty")
+    if n > limit:
+        raise InputError("too_many_instances", f"{n} {what}; at most {limit} per request")
+
+
+def check_pixels(arr: np.ndarray, where: str) -> np.ndarray:
+    """Any numeric [N,32,32,3] (or one [32,32,3]) of whole numbers 0..255 -> uint8."""
+    if arr.dtype.kind not in "iuf":
+        raise InputError("invalid_dtype",
+                         f"{where}: pixel values must be numbers 0..255, got dtype {arr.dtype}")
+    shape = list(arr.shape)
+    if arr.shape == IMAGE_SHAPE:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[1:] != IMAGE_SHAPE:
+        raise InputError("invalid_shape", f"{where}: shape {shape}; expected [N, 32, 32, 3] (or [32, 32, 3])")
+    if arr.size == 0:
+        raise InputError("empty_batch", f"{where}: the batch is empty")
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)):
+            raise InputError("non_finite_value", f"{where}: contains NaN or infinity")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0 or hi > 255:
+            raise InputError("value_out_of_range", f"{where}: values span {lo:g}..{hi:g}; expected 0..255")
+        if not np.all(arr == np.round(arr)):
+            raise InputError("invalid_dtype",
+                             f"{where}: pixel values must be whole numbers 0..255 (raw pixels, not "
+                             f"normalised floats)")
+    else:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 255:
+            raise InputError("value_out_of_range", f"{where}: values span {lo}..{hi}; expected 0..255")
+    return arr.astype(np.uint8)
+
+
+def check_labels(arr: np.ndarray, n: int, num_classes: int, where: str = "labels") -> np.ndarray:
+    if arr.dtype.kind == "f":
+        if not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
+            raise InputError("invalid_dtype", f"{where}: class indices must be whole numbers")
+    elif arr.dtype.kind not in "iu":
+        raise InputError("invalid_dtype", f"{where}: class indices must be integers, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise InputError("invalid_shape", f"{where}: shape {list(arr.shape)}; expected [N]")
+    if len(arr) != n:
+        raise InputError("length_mismatch", f"{where}: {len(arr)} labels for {n} images")
+    if n and (arr.min() < 0 or arr.max() >= num_classes):
+        bad = arr.min() if arr.min() < 0 else arr.max()
+        raise InputError("label_out_of_range",
+                         f"{where}: label {int(bad)} outside 0..{num_classes - 1} (the model has "
+                         f"{num_classes} classes)")
+    return arr.astype(np.int64)
+
+
+# --- files -----------------------------------------------------------------------------------
+def file_kind(filename: str, head: bytes) -> str:
+    """'npy', 'npz', 'archive' or 'image', from the name, else from the first bytes."""
+    lower = (filename or "").lower()
+    if lower.endswith(".npy"):
+        return "npy"
+    if lower.endswith(".npz"):
+        return "npz"
+    if lower.endswith(ARCHIVE_SUFFIXES):
+        return "archive"
+    if lower.endswith(IMAGE_SUFFIXES):
+        return "image"
+    if head.startswith(NPY_MAGIC):
+        return "npy"
+    if head.startswith(b"PK"):
+        return "npz" if _zip_is_npz(head) else "archive"
+    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")) or head[257:262] == b"ustar":
+        return "archive"
+    return "image"
+
+
+def _zip_is_npz(data: bytes) -> bool:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def decode_upload_image(data: bytes, name: str, *, resize: bool) -> np.ndarray:
+    try:
+        return decode_image(data, name=name, resize=resize)
+    except DataSourceError as exc:
+        raise from_data_source_error(exc, "undecodable_image") from None
+
+
+_SIZE_MSG = re.compile(r" is (\d+)x(\d+) mode (\S+); expected")
+
+
+def from_data_source_error(exc: DataSourceError, default: str) -> InputError:
+    """Map the loaders' messages (which name the file) onto stable codes."""
+    msg = str(exc)
+    m = _SIZE_MSG.search(msg)
+    if m:
+        if (m.group(1), m.group(2)) != ("32", "32"):
+            return InputError("wrong_image_size", msg + " (pass resize=true to resize)")
+        return InputError("unsupported_image_mode", msg + " (pass resize=true to convert)")
+    if "cannot decode image" in msg:
+        return InputError("undecodable_image", msg)
+    if "larger than" in msg and "pixels" in msg:
+        return InputError("image_too_large", msg)
+    if "contains more than" in msg:
+        return InputError("too_many_instances", msg)
+    return InputError(default, msg)
+
+
+def load_npy(data: bytes, name: str, max_bytes: int) -> np.ndarray:
+    _check_npy_header(io.BytesIO(data), name, max_bytes)
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError("invalid_array_file", f"{name}: not a readable .npy array ({exc})") from None
+
+
+def load_npz(data: bytes, name: str, max_bytes: int) -> dict[str, np.ndarray]:
+    """All arrays of an .npz, each header checked (shape, dtype, size) before it is inflated."""
+    try:
+        npz = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError("invalid_array_file", f"{name}: not a readable .npz archive ({exc})") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise InputError("invalid_array_file", f"{name}: a .npy array, not an .npz archive")
+    try:
+        with npz:
+            out = {}
+            for key in npz.files:
+                with npz.zip.open(f"{key}.npy") as member:
+                    _check_npy_header(member, f"{name}:{key}", max_bytes)
+                out[key] = npz[key]
+            return out
+    except InputError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, RuntimeError) as exc:
+        raise InputError("invalid_array_file", f"{name}: not a readable .npz archive ({exc})") from None
+
+
+def _check_npy_header(fh, name: str, max_bytes: int) -> None:
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version in ((2, 0), (3, 0)):  # 3.0 differs only in the header's text encoding
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"unknown .npy format version {version}")
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError("invalid_array_file", f"{name}: not a .npy array ({exc})") from None
+    if dtype.hasobject:
+        raise InputError("invalid_dtype", f"{name}: object arrays are not accepted (no pickles)")
+    nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if nbytes > max_bytes:
+        raise InputError("payload_too_large",
+                         f"{name}: array {list(shape)} {dtype} would take {nbytes} bytes; "
+                         f"at most {max_bytes}", 413)
+
+
+def images_from_npz(arrays: dict[str, np.ndarray], name: str) -> np.ndarray:
+    if "x" in arrays:
+        return arrays["x"]
+    if len(arrays) == 1:
+        return next(iter(arrays.values()))
+    raise InputError("invalid_array_file", f"{name}: expected an array named 'x', found {sorted(arrays)}")
+
+
+def labelled_from_npz(arrays: dict[str, np.ndarray], name: str) -> tuple[np.ndarray, np.ndarray]:
+    if "x" not in arrays:
+        raise InputError("invalid_array_file", f"{name}: expected arrays 'x' and 'y', found {sorted(arrays)}")
+    if "y" not in arrays:
+        raise InputError("missing_labels", f"{name}: no 'y' array of labels next to 'x'")
+    return arrays["x"], arrays["y"]
+
+
+def labelled_from_archive(data: bytes, name: str, *, class_names: Sequence[str], split: str | None,
+                          resize: bool, max_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image-folder archive (`<class>/<image>`); folders must be among the model's classes."""
+    try:
+        x, y, _ = read_labelled_images_from_bytes(data, name, class_names=list(class_names),
+                                                  split=split, resize=resize, max_images=max_images)
+    except DataSourceError as exc:
+        raise from_data_source_error(exc, "invalid_archive") from None
+    except ValueError as exc:  # bad `split`
+        raise InputError("invalid_parameter", str(exc)) from None
+    return x, y
+
+
+# --- query parameters --------------------------------------------------------------------
+def check_mc_samples(value: int, maximum: int) -> int:
+    if not 0 <= value <= maximum:
+        raise InputError("mc_samples_out_of_range", f"mc_samples={value}; expected 0..{maximum}")
+    return value
+
+
+def check_bins(value: int, maximum: int) -> int:
+    if not 1 <= value <= maximum:
+        raise InputError("bins_out_of_range", f"bins={value}; expected 1..{maximum}")
+    return value
+
+
+def check_seed(value: int | None) -> int | None:
+    if value is not None and not 0 <= value < 2**31 - 1:
+        raise InputError("invalid_parameter", f"seed={value}; expected 0..{2**31 - 2}")
+    return value
+
+
+# --- multipart uploads -------------------------------------------------------------------
+def images_from_files(files: list[tuple[str, bytes]], *, resize: bool, max_instances: int,
+                      max_array_bytes: int) -> np.ndarray:
+    """Predict uploads: image files, or .npy/.npz arrays of [N,32,32,3] (or one [32,32,3])."""
+    parts, total = [], 0
+    for name, data in files:
+        kind = file_kind(name, data[:512])
+        if kind == "image":
+            arr = decode_upload_image(data, name, resize=resize)[None]
+        elif kind == "npy":
+            arr = check_pixels(load_npy(data, name, max_array_bytes), name)
+        elif kind == "npz":
+            arr = check_pixels(images_from_npz(load_npz(data, name, max_array_bytes), name), name)
+        else:
+            raise InputError("unsupported_file", f"{name}: an archive; predict takes image files or "
+                             f".npy/.npz arrays (labelled archives go to /evaluate)")
+        total += len(arr)
+        if total > max_instances:
+            raise InputError("too_many_instances", f"more than {max_instances} images; at most "
+                             f"{max_instances} per request")
+        parts.append(arr)
+    check_count(total, max_instances)
+    return np.concatenate(parts)
+
+
+def labelled_from_files(files: list[tuple[str, bytes]], *, class_names: Sequence[str], split: str | None,
+                        resize: bool, max_images: int, max_array_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluate uploads: one .npz with `x` and `y`, or one image-folder archive."""
+    if len(files) != 1:
+        raise InputError("invalid_request", f"upload exactly one file (.npz with x and y, or an "
+                         f"image-folder .tar.gz/.zip); got {len(files)}")
+    name, data = files[0]
+    kind = file_kind(name, data[:512])
+    if kind == "npz":
+        x, y = labelled_from_npz(load_npz(data, name, max_array_bytes), name)
+        x = check_pixels(x, f"{name}:x")
+        check_count(len(x), max_images, "images")
+        return x, check_labels(y, len(x), len(class_names), f"{name}:y")
+    if kind == "archive":
+        x, y = labelled_from_archive(data, name, class_names=class_names, split=split, resize=resize,
+                                     max_images=max_images)
+        check_count(len(x), max_images, "images")
+        return x, y
+    raise InputError("missing_labels", f"{name}: this file carries no labels; upload an .npz with "
+                     f"x and y, or an archive of <class>/<image> folders")

@@ -1,0 +1,87 @@
+"""Prometheus metrics, one CollectorRegistry per app (so several apps can live in one process,
+as they do in the tests) and a pure-ASGI middleware that counts and times every request.
+
+Labels use the route template (`/v1/models/{name}/predict`), never the raw path, and the model
+label only names loaded models, so a client cannot blow up the label cardinality.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+disable_created_metrics()  # no *_created series: they double the scrape for no use here
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("calib_http_requests", "HTTP requests by endpoint, model, method and status",
+                                ["endpoint", "model", "method", "status"], registry=r)
+        self.latency = Histogram("calib_http_request_duration_seconds", "Request latency by endpoint and model",
+                                 ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.errors = Counter("calib_http_errors", "Error responses by endpoint, status and error code",
+                              ["endpoint", "status", "code"], registry=r)
+        self.images = Counter("calib_images_scored", "Images run through a model",
+                              ["model", "endpoint"], registry=r)
+        self.mc_samples = Counter("calib_mc_samples_drawn", "MC dropout samples drawn (T x images)",
+                                  ["model"], registry=r)
+        self.models_loaded = Gauge("calib_models_loaded", "Models in the registry", registry=r)
+        self.load_failures = Gauge("calib_model_load_failures", "Artifacts skipped at startup", registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def endpoint_label(scope) -> str:
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+def model_label(scope, known) -> str:
+    name = (scope.get("path_params") or {}).get("name")
+    if name is None:
+        return ""
+    return name if name in known else "unknown"
+
+
+class MetricsMiddleware:
+    """Counts and times requests; the model registry is looked up per request (it is created
+    by the lifespan, after the middleware)."""
+
+    def __init__(self, app, fastapi_app) -> None:
+        self.app = app
+        self.fastapi_app = fastapi_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        metrics: ServiceMetrics = self.fastapi_app.state.metrics
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            registry = getattr(self.fastapi_app.state, "registry", None)
+            known = registry.models if registry is not None else {}
+            endpoint, model = endpoint_label(scope), model_label(scope, known)
+            metrics.requests.labels(endpoint, model, scope.get("method", ""), str(status["code"])).inc()
+            metrics.latency.labels(endpoint, model).observe(time.perf_counter() - started)

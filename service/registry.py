@@ -1,0 +1,138 @@
+"""The storage side: artifacts on disk -> a registry of loaded, verified models.
+
+One bad artifact must not take the others down, so each failure is logged and recorded (the
+readiness endpoint reports it) and loading goes on. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger("service.registry")
+
+CARD_FILE = "model_card.json"
+MODEL_FILE = "model.keras"
+
+
+class UnknownModelError(KeyError):
+    """No loaded model has this name."""
+
+    def __init__(self, name: str, available: list[str]):
+        super().__init__(name)
+        self.name = name
+        self.available = available
+
+
+@dataclass
+class LoadedModel:
+    """A verified artifact with its backbone/head split ready for inference."""
+
+    name: str
+    path: Path
+    card: dict
+    classifier: object  # models.inference.SplitClassifier
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.card.get("classes") or [str(i) for i in range(self.num_classes)])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.classifier.num_classes)
+
+    @property
+    def temperature(self) -> float:
+        return float(self.card["temperature"])
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    path: str
+    error: str
+
+
+@dataclass
+class ModelRegistry:
+    """Name -> model. Read-only after startup, so request threads share it without locks."""
+
+    model_dir: Path
+    models: dict[str, LoadedModel] = field(default_factory=dict)
+    failures: list[LoadFailure] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def get(self, name: str) -> LoadedModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UnknownModelError(name, sorted(self.models)) from None
+
+    def names(self) -> list[str]:
+        return sorted(self.models)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.models)
+
+    def add(self, model: LoadedModel) -> None:
+        with self._lock:
+            if model.name in self.models:
+                raise ValueError(f"duplicate model name {model.name!r} "
+                                 f"({self.models[model.name].path} and {model.path})")
+            self.models[model.name] = model
+
+
+def candidate_dirs(model_dir: Path) -> list[Path]:
+    """The artifact folders: `model_dir` itself if it is one, else its non-hidden subfolders
+    holding a card or a model file (other folders are not artifacts and are ignored)."""
+    if (model_dir / CARD_FILE).exists() or (model_dir / MODEL_FILE).exists():
+        return [model_dir]
+    if not model_dir.is_dir():
+        return []
+    return sorted(p for p in model_dir.iterdir()
+                  if p.is_dir() and not p.name.startswith(".")
+                  and ((p / CARD_FILE).exists() or (p / MODEL_FILE).exists()))
+
+
+def load_registry(model_dir: str | Path, *, warmup: bool = True) -> ModelRegistry:
+    """Load every artifact under `model_dir`, verifying checksums; skip (and record) bad ones."""
+    from models.artifact import ArtifactError, load_artifact  # imports TensorFlow: only when loading
+    from models.inference import SplitClassifier
+
+    registry = ModelRegistry(Path(model_dir))
+    if not registry.model_dir.is_dir():
+        msg = f"model directory {registry.model_dir} does not exist"
+        logger.error(msg)
+        registry.failures.append(LoadFailure(str(registry.model_dir), msg))
+        return registry
+    for folder in candidate_dirs(registry.model_dir):
+        try:
+            artifact = load_artifact(folder)
+            loaded = LoadedModel(artifact.name, folder, artifact.card, SplitClassifier(artifact.model))
+            if warmup:
+                _warm_up(loaded)
+            registry.add(loaded)
+        except ArtifactError as exc:
+            logger.error("skipping artifact %s: %s", folder, exc)
+            registry.failures.append(LoadFailure(str(folder), str(exc)))
+            continue
+        except Exception as exc:  # anything else about one artifact must not stop the others
+            logger.exception("skipping artifact %s", folder)
+            registry.failures.append(LoadFailure(str(folder), f"{type(exc).__name__}: {exc}"))
+            continue
+        logger.info("loaded model %r from %s (T=%.4f)", loaded.name, folder, loaded.temperature)
+    if not registry.models:
+        logger.error("no model could be loaded from %s", registry.model_dir)
+    return registry
+
+
+def _warm_up(model: LoadedModel) -> None:
+    """Trace the tf.functions now, so the first request is not the slow one."""
+    import numpy as np
+
+    x = np.zeros((1, 32, 32, 3), np.uint8)
+    features = model.classifier.features(x)
+    model.classifier.head_logits(features)
+    model.classifier.mc_logits_from_features(features, 2, seed=0)

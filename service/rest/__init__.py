@@ -1,0 +1,1 @@
+"""HTTP only: routers, request reading, error handlers. Domain logic lives in service.dataplane."""

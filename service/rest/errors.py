@@ -1,0 +1,72 @@
+"""One JSON error envelope for everything: {"error": {"code", "message", "status"}}.
+
+Bad input raises `InputError` anywhere below; the handlers here turn it (and FastAPI's own
+validation / routing errors) into 4xx bodies. Only a bug gets `internal_error` (500).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.inputs import InputError
+from service.metrics import endpoint_label
+from service.registry import UnknownModelError
+
+logger = logging.getLogger("service.errors")
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "payload_too_large",
+              415: "unsupported_media_type", 503: "not_ready"}
+
+
+def error_response(status: int, code: str, message: str, details: dict | None = None,
+                   request: Request | None = None, scope=None) -> JSONResponse:
+    body = {"code": code, "message": message, "status": status}
+    if details:
+        body["details"] = details
+    scope = scope if scope is not None else (request.scope if request is not None else None)
+    app = scope.get("app") if scope is not None else None
+    metrics = getattr(getattr(app, "state", None), "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(endpoint_label(scope), str(status), code).inc()
+    return JSONResponse({"error": body}, status_code=status)
+
+
+async def _input_error(request: Request, exc: InputError) -> JSONResponse:
+    return error_response(exc.status, exc.code, exc.message, request=request)
+
+
+async def _unknown_model(request: Request, exc: UnknownModelError) -> JSONResponse:
+    return error_response(404, "unknown_model", f"no model named {exc.name!r}; loaded: {exc.available}",
+                          {"available": exc.available}, request=request)
+
+
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path", "body"))
+        parts.append(f"{loc or 'request'}: {err.get('msg', 'invalid')}")
+    return error_response(422, "invalid_parameter", "; ".join(parts) or "invalid request", request=request)
+
+
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+    return error_response(exc.status_code, code, str(exc.detail), request=request)
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log",
+                          request=request)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(InputError, _input_error)
+    app.add_exception_handler(UnknownModelError, _unknown_model)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _internal)

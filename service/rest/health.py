@@ -1,0 +1,34 @@
+"""Liveness, readiness and the Prometheus scrape endpoint: cheap, always on the event loop."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from service.rest.errors import error_response
+from service.schemas import ErrorResponse, Liveness, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health/live", response_model=Liveness, summary="The process is up")
+async def live() -> dict:
+    return {"status": "alive"}
+
+
+@router.get("/health/ready", response_model=Readiness, summary="At least one model is loaded",
+            responses={503: {"model": ErrorResponse, "description": "no model loaded"}})
+async def ready(request: Request):
+    registry = getattr(request.app.state, "registry", None)
+    failed = [] if registry is None else [{"path": f.path, "error": f.error} for f in registry.failures]
+    if registry is None or not registry.ready:
+        return error_response(503, "not_ready", "no model is loaded"
+                              + (f"; {len(failed)} artifact(s) failed to load" if failed else ""),
+                              {"failed": failed}, request=request)
+    return {"status": "ready", "models": registry.names(), "failed": failed}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)

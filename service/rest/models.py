@@ -1,0 +1,144 @@
+"""/v1/models: model cards, predict and evaluate. HTTP in, arrays to the dataplane, JSON out."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Literal, Optional
+
+from fastapi import APIRouter, Query, Request, Response
+
+from service import dataplane, inputs
+from service.rest.requests import in_thread, model_of, on_model_executor, read_payload, registry_of, settings_of
+from service.schemas import (
+    EVALUATE_BODY,
+    PREDICT_BODY,
+    ErrorResponse,
+    EvaluateResponse,
+    ModelCard,
+    ModelList,
+    PredictResponse,
+)
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 422)}
+
+
+def _summary(model) -> dict:
+    card = model.card
+    return {"name": model.name, "classes": model.classes, "temperature": model.temperature,
+            "input": card.get("input", {}), "mc_dropout": card.get("mc_dropout"),
+            "metrics": card.get("metrics", {})}
+
+
+@router.get("", response_model=ModelList, summary="Loaded models and their calibration metrics")
+async def list_models(request: Request) -> dict:
+    registry = registry_of(request)
+    return {"models": [_summary(registry.get(n)) for n in registry.names()]}
+
+
+@router.get("/{name}", response_model=ModelCard, summary="A model's card", responses={404: _ERRORS[404]})
+async def get_model(request: Request, name: str) -> dict:
+    model = model_of(request, name)
+    return {**model.card, "name": model.name}
+
+
+@router.post("/{name}/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=PREDICT_BODY,
+             summary="Calibrated class probabilities with MC-dropout uncertainty")
+async def predict(
+    request: Request,
+    name: str,
+    mc_samples: Optional[int] = Query(None, description="MC dropout samples T (0 = none); default 100"),
+    seed: Optional[int] = Query(None, description="seed of the dropout masks (random if omitted)"),
+    return_logits: bool = Query(False, description="also return raw logits and uncalibrated probabilities"),
+    resize: bool = Query(False, description="resize encoded images that are not 32x32 RGB"),
+) -> dict:
+    settings = settings_of(request)
+    model = model_of(request, name)
+    t = inputs.check_mc_samples(settings.default_mc_samples if mc_samples is None else mc_samples,
+                                settings.max_mc_samples)
+    seed = inputs.check_seed(seed)
+    if seed is None and t > 0:
+        seed = secrets.randbelow(2**31 - 1)
+    payload = await read_payload(request, max_files=settings.max_instances)
+    if payload.json is not None:
+        x = await in_thread(inputs.instances_from_json, payload.json, resize=resize,
+                            max_instances=settings.max_instances)
+    else:
+        x = await in_thread(inputs.images_from_files, payload.files, resize=resize,
+                            max_instances=settings.max_instances, max_array_bytes=_array_cap(settings))
+    result = await on_model_executor(request, dataplane.predict, model, x, mc_samples=t, seed=seed,
+                                     mc_chunk_rows=settings.mc_chunk_rows)
+    metrics = request.app.state.metrics
+    metrics.images.labels(model.name, "predict").inc(len(x))
+    metrics.mc_samples.labels(model.name).inc(t * len(x))
+    return _predict_body(model, result, t, return_logits)
+
+
+def _predict_body(model, result: dataplane.Prediction, t: int, return_logits: bool) -> dict:
+    classes = model.classes
+    probs = result.probabilities
+    index = probs.argmax(axis=1)
+    rows = []
+    for i, k in enumerate(index.tolist()):
+        row = {"class_index": k, "label": classes[k], "confidence": float(probs[i, k]),
+               "probabilities": probs[i].tolist(), "uncertainty": None}
+        if result.mc is not None:
+            mc = result.mc
+            row["uncertainty"] = {"n_samples": mc.n_samples, "mean": mc.mean[i].tolist(),
+                                  "variance": mc.variance[i].tolist(),
+                                  "predictive_entropy": float(mc.predictive_entropy[i]),
+                                  "expected_entropy": float(mc.expected_entropy[i]),
+                                  "mutual_information": float(mc.mutual_information[i])}
+        if return_logits:
+            row["logits"] = result.logits[i].astype(float).tolist()
+            row["uncalibrated_probabilities"] = result.uncalibrated[i].tolist()
+        rows.append(row)
+    return {"model": model.name, "temperature": model.temperature, "classes": classes, "mc_samples": t,
+            "seed": result.seed, "predictions": rows}
+
+
+@router.post("/{name}/evaluate", response_model=EvaluateResponse, openapi_extra=EVALUATE_BODY,
+             summary="ECE report (JSON) or reliability diagram (PNG) on a labelled batch",
+             responses={**_ERRORS, 200: {"content": {"application/json": {}, "image/png": {}},
+                                         "description": "the report, or the diagram with format=png"}})
+async def evaluate(
+    request: Request,
+    name: str,
+    bins: Optional[int] = Query(None, description="equal-width confidence bins (default 15)"),
+    fit_temperature: bool = Query(False, description="also fit T on this batch and report metrics at it"),
+    format: Literal["json", "png"] = Query("json", description="png: the reliability diagram"),
+    resize: bool = Query(False, description="resize archive images that are not 32x32 RGB"),
+    split: Optional[str] = Query(None, description="archive sub-folder holding the class folders, e.g. test"),
+):
+    settings = settings_of(request)
+    model = model_of(request, name)
+    n_bins = inputs.check_bins(settings.default_bins if bins is None else bins, settings.max_bins)
+    payload = await read_payload(request, max_files=2)
+    if payload.json is not None:
+        x, y = await in_thread(_labelled_json, payload.json, model.num_classes, resize, settings.max_eval_images)
+    else:
+        x, y = await in_thread(inputs.labelled_from_files, payload.files, class_names=model.classes,
+                               split=split, resize=resize, max_images=settings.max_eval_images,
+                               max_array_bytes=_array_cap(settings))
+    report = await on_model_executor(request, dataplane.evaluate, model, x, y, n_bins=n_bins,
+                                     fit=fit_temperature, chunk=settings.eval_chunk)
+    request.app.state.metrics.images.labels(model.name, "evaluate").inc(len(x))
+    if format == "png":
+        png = await in_thread(dataplane.diagram_png, report, model.name)
+        return Response(png, media_type="image/png",
+                        headers={"Content-Disposition": f'inline; filename="reliability-{model.name}.png"'})
+    return {"model": model.name, "n": report.n, "n_bins": report.n_bins, "temperature": report.temperature,
+            "before_temperature": report.before.to_dict(), "after_temperature": report.after.to_dict(),
+            "fitted_temperature": report.fitted_temperature,
+            "after_fitted_temperature": None if report.after_fitted is None else report.after_fitted.to_dict()}
+
+
+def _labelled_json(payload: dict, num_classes: int, resize: bool, max_images: int):
+    x = inputs.instances_from_json(payload, resize=resize, max_instances=max_images)
+    return x, inputs.labels_from_json(payload, len(x), num_classes)
+
+
+def _array_cap(settings) -> int:
+    """An uploaded array may inflate (npz compression) to at most 8x the body limit."""
+    return 8 * settings.max_body_bytes

@@ -1,0 +1,86 @@
+"""Reading request bodies (JSON or multipart) and running work off the event loop.
+
+Parsing runs in AnyIO's thread pool and the model in the app's own small executor, so neither
+a 10,000-image evaluation nor a big JSON body stalls the loop that answers health checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+import anyio
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.inputs import InputError, parse_json_object
+from service.registry import LoadedModel, ModelRegistry
+from service.settings import Settings
+
+T = TypeVar("T")
+
+
+@dataclass
+class Payload:
+    """Either `json` (a dict) or `files` [(filename, bytes)] from a multipart upload."""
+
+    json: dict | None = None
+    files: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+def settings_of(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def registry_of(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def model_of(request: Request, name: str) -> LoadedModel:
+    return registry_of(request).get(name)
+
+
+async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """CPU-bound parsing in a worker thread."""
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+async def on_model_executor(request: Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Model work in the app's bounded inference executor."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(request.app.state.executor, functools.partial(fn, *args, **kwargs))
+
+
+async def read_payload(request: Request, *, max_files: int) -> Payload:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json" or ctype.endswith("+json"):
+        body = await request.body()
+        return Payload(json=await in_thread(parse_json_object, body))
+    if ctype == "multipart/form-data":
+        return Payload(files=await _read_files(request, max_files))
+    shown = ctype or "none"
+    raise InputError("unsupported_media_type",
+                     f"Content-Type {shown}: send application/json or multipart/form-data", 415)
+
+
+async def _read_files(request: Request, max_files: int) -> list[tuple[str, bytes]]:
+    try:
+        form = await request.form(max_files=max_files, max_fields=100)
+    except StarletteHTTPException as exc:
+        detail = str(exc.detail)
+        if "Too many files" in detail:
+            raise InputError("too_many_instances", f"{detail} (CALIB_MAX_INSTANCES)") from None
+        raise InputError("malformed_multipart", f"cannot parse the multipart body: {detail}", 400) from None
+    try:
+        files = []
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files.append((value.filename or key, await value.read()))
+    finally:
+        await form.close()
+    if not files:
+        raise InputError("empty_batch", "the multipart body has no file part")
+    return files

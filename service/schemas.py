@@ -1,0 +1,151 @@
+"""Pydantic models of the responses (and hand-written request schemas for the OpenAPI doc).
+
+The request bodies are parsed by `service.inputs`, not by FastAPI, because one endpoint takes
+JSON or multipart; their schemas are still published so the generated docs show both forms.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="stable machine-readable error code, e.g. 'invalid_shape'")
+    message: str = Field(description="what was wrong, for humans")
+    status: int
+    details: Optional[dict[str, Any]] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class LoadFailureOut(BaseModel):
+    path: str
+    error: str
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="'ready'")
+    models: list[str]
+    failed: list[LoadFailureOut]
+
+
+class Liveness(BaseModel):
+    status: str = "alive"
+
+
+class ModelSummary(BaseModel):
+    name: str
+    classes: list[str]
+    temperature: float
+    input: dict[str, Any]
+    mc_dropout: Optional[dict[str, Any]] = None
+    metrics: dict[str, Any] = Field(description="test-split metrics before/after temperature")
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary]
+
+
+class ModelCard(BaseModel):
+    """The artifact's model card as written at training time (extra keys kept)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    classes: list[str]
+    temperature: float
+    input: dict[str, Any]
+    metrics: dict[str, Any]
+    model_sha256: str
+
+
+class Uncertainty(BaseModel):
+    n_samples: int = Field(description="MC dropout samples T")
+    mean: list[float] = Field(description="per-class mean of the calibrated softmax over samples")
+    variance: list[float] = Field(description="per-class variance of the calibrated softmax")
+    predictive_entropy: float = Field(description="H[mean p], nats")
+    expected_entropy: float = Field(description="mean of H[p] over samples (aleatoric), nats")
+    mutual_information: float = Field(description="predictive - expected entropy (epistemic), nats")
+
+
+class PredictionOut(BaseModel):
+    class_index: int
+    label: str
+    confidence: float = Field(description="largest calibrated probability")
+    probabilities: list[float] = Field(description="softmax(logits / T)")
+    uncertainty: Optional[Uncertainty] = Field(None, description="null when mc_samples=0")
+    logits: Optional[list[float]] = Field(None, description="raw logits (return_logits=true)")
+    uncalibrated_probabilities: Optional[list[float]] = Field(
+        None, description="softmax(logits) (return_logits=true)")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    temperature: float
+    classes: list[str]
+    mc_samples: int
+    seed: Optional[int] = Field(None, description="seed of the MC samples; send it back to reproduce them")
+    predictions: list[PredictionOut]
+
+
+class ReliabilityBinOut(BaseModel):
+    lower: float
+    upper: float
+    count: int
+    mean_confidence: Optional[float]
+    accuracy: Optional[float]
+
+
+class MetricsOut(BaseModel):
+    n: int
+    n_bins: int
+    temperature: float
+    accuracy: float
+    nll: float
+    brier: float
+    ece: float
+    mce: float
+    adaptive_ece: float
+    classwise_ece: float
+    bins: list[ReliabilityBinOut]
+
+
+class EvaluateResponse(BaseModel):
+    model: str
+    n: int
+    n_bins: int
+    temperature: float = Field(description="the model's temperature T")
+    before_temperature: MetricsOut = Field(description="softmax(logits)")
+    after_temperature: MetricsOut = Field(description="softmax(logits / T)")
+    fitted_temperature: Optional[float] = Field(None, description="T fitted on this batch (fit_temperature=true)")
+    after_fitted_temperature: Optional[MetricsOut] = None
+
+
+_PIXELS = {"type": "array", "description": "32x32x3 nested array of integers 0..255 (RGB, HWC)",
+           "items": {"type": "array", "items": {"type": "array", "items": {
+               "type": "integer", "minimum": 0, "maximum": 255}}}}
+_B64 = {"type": "object", "required": ["b64"], "additionalProperties": False,
+        "properties": {"b64": {"type": "string", "description": "base64 PNG or JPEG bytes"}}}
+_INSTANCES = {"type": "array", "items": {"oneOf": [_PIXELS, _B64]}}
+_FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
+
+PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["instances"],
+                                    "properties": {"instances": _INSTANCES}},
+                         "example": {"instances": [{"b64": "iVBORw0KGgo..."}]}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"files": {
+        **_FILES, "description": "PNG/JPEG image files, or one .npy/.npz array [N,32,32,3] uint8"}}}},
+}}}
+
+EVALUATE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["instances", "labels"],
+                                    "properties": {"instances": _INSTANCES,
+                                                   "labels": {"type": "array", "items": {"type": "integer"}}}}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
+        "type": "string", "format": "binary",
+        "description": ".npz with x uint8 [N,32,32,3] and y int [N], or a .tar.gz/.zip of "
+                       "<class>/<image> folders"}}}},
+}}}

@@ -1,0 +1,40 @@
+"""Service settings, read from the environment (prefix ``CALIB_``) by pydantic-settings.
+
+Defaults make ``python -m service`` work on a fresh checkout or install: the model directory
+is resolved relative to the installed packages, never the working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# `models/shipped` sits next to this package both in the repo and in site-packages.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "shipped"
+ENV_PREFIX = "CALIB_"
+
+
+class Settings(BaseSettings):
+    """Every knob of the server; e.g. ``CALIB_PORT=9000 python -m service``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="a folder of artifacts, or one artifact")
+    host: str = Field("127.0.0.1", description="bind address (the container sets 0.0.0.0)")
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="larger bodies get 413")
+    max_instances: int = Field(512, ge=1, description="images per predict request")
+    max_eval_images: int = Field(50_000, ge=1, description="images per evaluate request")
+    default_mc_samples: int = Field(100, ge=0)
+    max_mc_samples: int = Field(1000, ge=1)
+    default_bins: int = Field(15, ge=1)
+    max_bins: int = Field(100, ge=1)
+    eval_chunk: int = Field(500, ge=1, description="images per forward pass when evaluating")
+    mc_chunk_rows: int = Field(65_536, ge=1, description="T x images per batched MC head call")
+    inference_threads: int = Field(2, ge=1, description="worker threads that run the model")
+    warmup: bool = Field(True, description="trace the model functions once at startup")
