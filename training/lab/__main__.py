@@ -1,0 +1,76 @@
+"""`python -m training.lab SECTION|all [--quick] [--out DIR] [--data SRC] [--epochs N] ...`
+
+One command runs one section (or all, one after another) and writes its report to
+`<out>/<section>/`. `--quick` runs a small version on the shared sample (for CI and tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # 1.5x faster on this CPU; never bf16 here
+
+import argparse
+import importlib
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from training.lab import SECTIONS
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m training.lab", description=__doc__.split("\n")[2])
+    parser.add_argument("section", choices=[*SECTIONS, "all"])
+    parser.add_argument("--quick", action="store_true",
+                        help="small settings on the shared sample; a minute or two for all sections")
+    parser.add_argument("--out", default="reports/lab", help="reports go to OUT/<section>/")
+    parser.add_argument("--data", default=None,
+                        help="CIFAR-10 source for load_cifar10 (default: the shared sample with "
+                             "--quick, else 'keras')")
+    parser.add_argument("--epochs", type=int, default=None, help="override the section's default")
+    parser.add_argument("--width", type=int, default=None, help="network width (override)")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="seeded subset of the training split (override)")
+    parser.add_argument("--test-size", type=int, default=None,
+                        help="seeded subset of the test split (override)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name in ("epochs", "width", "train_size", "test_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+def run_section(section: str, args: argparse.Namespace, command: str) -> Path:
+    from training.lab.context import LabContext, seed_everything
+    from training.lab.report import Report
+
+    ctx = LabContext(quick=args.quick, data=args.data, epochs=args.epochs, width=args.width,
+                     train_size=args.train_size, test_size=args.test_size, seed=args.seed)
+    report = Report(section, Path(args.out) / section, command=command, seed=args.seed,
+                    quick=args.quick, arguments=ctx.picked)
+    seed_everything(args.seed)
+    module = importlib.import_module(SECTIONS[section])
+    started = time.time()
+    module.run(ctx, report)
+    path = report.write()
+    print(f"[{section}] report written to {path} ({time.time() - started:.0f} s)", flush=True)
+    return path
+
+
+def main(argv=None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(raw)
+    command = " ".join(["python", "-m", "training.lab", *map(shlex.quote, raw)])
+    sections = list(SECTIONS) if args.section == "all" else [args.section]
+    for section in sections:
+        run_section(section, args, command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

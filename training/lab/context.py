@@ -1,0 +1,149 @@
+"""What a lab run is given: its arguments, its data, its seed, and a few shared helpers.
+
+`--quick` picks each section's small settings (the shared 2,000-image sample, 1-2 epochs, tiny
+widths) so all six sections finish in a couple of minutes; otherwise a section uses its own
+defaults unless `--epochs`, `--width`, `--train-size` or `--test-size` say otherwise. Whatever
+was picked is written into the report's `arguments`, so a report says exactly what ran.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_SAMPLE = REPO.parent / "shared" / "data" / "cifar10-jpeg-sample.tar.gz"
+
+
+@dataclass
+class LabContext:
+    quick: bool = False
+    data: str | None = None          # None: the shared sample with --quick, else "keras"
+    epochs: int | None = None
+    width: int | None = None
+    train_size: int | None = None    # a seeded subset of the training split (None: all)
+    test_size: int | None = None
+    seed: int = 0
+    picked: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def data_source(self) -> str:
+        if self.data:
+            return self.data
+        return str(SHARED_SAMPLE) if self.quick else "keras"
+
+    def pick(self, name: str, *, quick, full):
+        """The user's value for `name` if given, else the section's quick or full default."""
+        given = getattr(self, name, None)
+        value = given if given is not None else (quick if self.quick else full)
+        self.picked[name] = value
+        return value
+
+    def setting(self, name: str, *, quick, full):
+        """A section constant that differs between quick and full runs (recorded, not a flag)."""
+        value = quick if self.quick else full
+        self.picked[name] = value
+        return value
+
+    def cifar(self, report, *, train_quick=None, train_full=None, test_quick=None, test_full=None):
+        """CIFAR-10 arrays (seeded subsets if sizes are set); records the provenance in `report`."""
+        data = _load(self.data_source)
+        self.picked["data"] = self.data_source
+        n_train = self.pick("train_size", quick=train_quick, full=train_full)
+        n_test = self.pick("test_size", quick=test_quick, full=test_full)
+        x_train, y_train = _subset(data.x_train, data.y_train, n_train, self.seed)
+        x_test, y_test = _subset(data.x_test, data.y_test, n_test, self.seed + 1)
+        report.data = {"source": data.source, "checksum": data.checksum,
+                       "available": {"train": int(len(data.x_train)), "test": int(len(data.x_test))},
+                       "used": {"train": int(len(x_train)), "test": int(len(x_test))},
+                       "subset_seed": self.seed}
+        return Cifar(x_train, y_train, x_test, y_test, len(data.class_names))
+
+
+@dataclass(frozen=True)
+class Cifar:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+
+@functools.lru_cache(maxsize=2)
+def _load(source: str):
+    from training.data import load_cifar10
+
+    return load_cifar10(source)
+
+
+def _subset(x: np.ndarray, y: np.ndarray, n: int | None, seed: int):
+    if n is None or n >= len(x):
+        return x, y
+    index = np.sort(np.random.default_rng(seed).permutation(len(x))[:n])
+    return x[index], y[index]
+
+
+# --- helpers shared by the CIFAR sections -------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    import keras
+
+    keras.utils.set_random_seed(seed)
+
+
+def lab_network(width: int, num_classes: int, *, dropout: float = 0.0, l2: float = 0.0,
+                batchnorm: str = "keras"):
+    """The project's residual CNN (models.network), training graph: no flip TTA."""
+    from models.network import NetworkConfig, build_classifier
+
+    cfg = NetworkConfig(width=width, num_classes=num_classes, dropout=dropout, l2=l2,
+                        batchnorm=batchnorm, flip_tta=False)
+    return build_classifier(cfg, flip_tta=False), cfg
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int):
+    """Index batches of one epoch: a permutation seeded by (seed, epoch); last batch may be short."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+_PREDICTORS: dict[tuple[int, bool], tuple[object, object]] = {}
+
+
+def compiled_call(model, *, training: bool):
+    """`model(x, training=training)` as a tf.function, built once per model and flag."""
+    import tensorflow as tf
+
+    key = (id(model), bool(training))
+    if key not in _PREDICTORS or _PREDICTORS[key][0] is not model:
+        fn = tf.function(lambda x: model(x, training=training), reduce_retracing=True)
+        _PREDICTORS[key] = (model, fn)
+    return _PREDICTORS[key][1]
+
+
+def predict_logits(model, x: np.ndarray, *, training: bool = False, batch_size: int = 500):
+    """Logits in chunks of `batch_size`, with an explicit `training` flag (see batchnorm.py)."""
+    import tensorflow as tf
+
+    call = compiled_call(model, training=training)
+    out = [call(tf.convert_to_tensor(x[i:i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
+    return np.concatenate(out).astype(np.float64)
+
+
+def accuracy(model, x: np.ndarray, y: np.ndarray, **kwargs) -> float:
+    return float(np.mean(predict_logits(model, x, **kwargs).argmax(axis=1) == y))
+
+
+def kernel_weights(model):
+    """The conv/dense kernels (what `kernel_regularizer` penalises), by path."""
+    return [w for w in model.trainable_weights if w.path.endswith("kernel")]
+
+
+def global_norm(weights) -> float:
+    """sqrt(sum of squares) over Keras variables or NumPy arrays."""
+    arrays = [w.numpy() if hasattr(w, "numpy") else np.asarray(w) for w in weights]
+    return float(np.sqrt(sum(np.sum(np.square(a)) for a in arrays)))
