@@ -1,7 +1,9 @@
-"""`create_app(settings)`: the FastAPI app, its lifespan (model registry, executor) and wiring."""
+"""`create_app(settings)`: the FastAPI app, its lifespan (model registry, executor, predict
+micro-batchers) and wiring."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -9,6 +11,7 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
+from service.batching import BatchedPredictor
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.registry import load_registry
 from service.rest import errors, health, models
@@ -38,19 +41,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = registry
         app.state.metrics.models_loaded.set(len(registry.models))
         app.state.metrics.load_failures.set(len(registry.failures))
+        if settings.gc_freeze:  # the models live as long as the app: keep full collections off them
+            gc.collect()
+            gc.freeze()
         app.state.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="inference")
+        predictor = BatchedPredictor(registry.models.values(), app.state.executor,
+                                     max_images=settings.batch_max_images, wait_ms=settings.batch_wait_ms,
+                                     observer=app.state.metrics.observe_batch)
+        predictor.start()
+        app.state.predictor = predictor
         logger.info("serving %d model(s) from %s: %s", len(registry.models), settings.model_dir,
                     ", ".join(registry.names()) or "none")
         try:
             yield
         finally:
+            await predictor.aclose()  # before the executor: no batch is submitted to a closed pool
             app.state.executor.shutdown(wait=True, cancel_futures=True)
+            if settings.gc_freeze:
+                gc.unfreeze()  # collectable again once the app is gone (tests build many apps)
 
     app = FastAPI(title="Calibrated CIFAR-10 service", version="0.1.0", description=DESCRIPTION,
                   lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     app.state.registry = None
+    app.state.predictor = None
     errors.install(app)
     app.include_router(health.router)
     app.include_router(models.router)

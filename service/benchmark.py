@@ -1,8 +1,9 @@
 """`python -m service.benchmark`: what MC dropout and HTTP cost, side by side in one run.
 
 In-process on one batch: deterministic predict vs MC T=100 vectorised vs the naive T-pass
-loop. Then a real uvicorn process on loopback (the Docker CMD's command): one-image latency,
-throughput at 16 concurrent clients, and a 10,000-image .npz evaluation against the in-process
+loop. Then a real uvicorn process on loopback (the Docker CMD's command): one-image latency and
+throughput sequentially and at 16 concurrent clients (whose requests the predict micro-batcher
+merges into shared backbone passes), and a 10,000-image .npz evaluation against the in-process
 forward pass over the same images. Bounded loops; prints, never asserts.
 """
 
@@ -119,12 +120,15 @@ def http(url: str, model: str, requests: int, concurrency: int, eval_x, eval_y, 
         for _ in range(5):
             client.post(path, json=body).raise_for_status()
         lat = []
+        wall_start = time.perf_counter()
         for _ in range(requests):
             start = time.perf_counter()
             client.post(path, json=body).raise_for_status()
             lat.append(time.perf_counter() - start)
+        seq_wall = time.perf_counter() - wall_start
     print("\nHTTP on loopback (uvicorn, one process), one-image predict with MC T=100 (server default)")
-    print(f"  sequential, {requests} requests:  p50 {_pct(lat, 50) * 1e3:.1f} ms   p95 {_pct(lat, 95) * 1e3:.1f} ms")
+    print(f"  sequential, {requests} requests: {requests / seq_wall:.1f} req/s   "
+          f"p50 {_pct(lat, 50) * 1e3:.1f} ms   p95 {_pct(lat, 95) * 1e3:.1f} ms")
 
     async def load() -> tuple[float, list[float]]:
         per_client = max(1, requests // concurrency)
@@ -140,9 +144,17 @@ def http(url: str, model: str, requests: int, concurrency: int, eval_x, eval_y, 
             await asyncio.gather(*[worker() for _ in range(concurrency)])
             return time.perf_counter() - start, latencies
 
+    before = _batch_counts(url, model)
     wall, lat = asyncio.run(load())
+    passes, batched_requests, batched_images = (a - b for a, b in zip(_batch_counts(url, model), before))
     print(f"  {concurrency} concurrent clients, {len(lat)} requests: {len(lat) / wall:.1f} req/s   "
-          f"p50 {_pct(lat, 50) * 1e3:.1f} ms   p95 {_pct(lat, 95) * 1e3:.1f} ms")
+          f"p50 {_pct(lat, 50) * 1e3:.1f} ms   p95 {_pct(lat, 95) * 1e3:.1f} ms   "
+          f"({len(lat) / wall * seq_wall / requests:.2f}x sequential throughput)")
+    if passes:
+        print(f"    micro-batcher: {int(batched_requests)} requests in {int(passes)} backbone passes, "
+              f"{batched_images / passes:.1f} images per pass on average")
+    else:
+        print("    micro-batcher: off (CALIB_BATCH_WAIT_MS=0)")
 
     buf = io.BytesIO()
     np.savez(buf, x=eval_x, y=eval_y)
@@ -155,6 +167,20 @@ def http(url: str, model: str, requests: int, concurrency: int, eval_x, eval_y, 
     print(f"  evaluate {len(eval_x):,} images (.npz upload, {len(data) / 2**20:.1f} MiB): {seconds:.2f} s   vs "
           f"in-process forward pass {forward_seconds:.2f} s   ({seconds / forward_seconds:.2f}x)   "
           f"ECE {r.json()['before_temperature']['ece']:.4f} -> {r.json()['after_temperature']['ece']:.4f}")
+
+
+def _batch_counts(url: str, model: str) -> tuple[float, float, float]:
+    """(backbone passes, requests, images) of the server's predict micro-batcher, from /metrics."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    values = dict.fromkeys(("images_count", "requests_sum", "images_sum"), 0.0)
+    for line in text.splitlines():
+        for key in values:
+            prefix = f'calib_predict_batch_{key}{{model="{model}"}} '
+            if line.startswith(prefix):
+                values[key] = float(line[len(prefix):])
+    return values["images_count"], values["requests_sum"], values["images_sum"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 MC dropout reuses the deterministic pass's backbone features: the backbone runs once per image
 and only the cheap head is sampled T times (`SplitClassifier.mc_logits_from_features`), in
 chunks of at most `mc_chunk_rows` = T x images so memory stays bounded for any T and batch.
+The backbone may also have run earlier, on several requests' images at once (`service.batching`).
 """
 
 from __future__ import annotations
@@ -49,10 +50,17 @@ class Evaluation:
 
 
 def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
-            mc_chunk_rows: int = 65_536, batch_size: int = 500) -> Prediction:
+            mc_chunk_rows: int = 65_536, batch_size: int = 500,
+            features: np.ndarray | None = None) -> Prediction:
+    """`features`: the backbone's output for `x` when already computed (the micro-batcher,
+    `service.batching`, runs it for several requests at once); the head and the MC sampling
+    depend only on the features and the seed, never on which other images shared the pass."""
     clf = model.classifier
     t = model.temperature
-    features = clf.features(x, batch_size)
+    if features is None:
+        features = clf.features(x, batch_size)
+    elif len(features) != len(x):
+        raise ValueError(f"{len(features)} feature rows for {len(x)} images")
     logits = clf.head_logits(features)
     summary = None
     if mc_samples > 0:

@@ -22,6 +22,7 @@ from prometheus_client import (
 disable_created_metrics()  # no *_created series: they double the scrape for no use here
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class ServiceMetrics:
@@ -38,8 +39,18 @@ class ServiceMetrics:
                               ["model", "endpoint"], registry=r)
         self.mc_samples = Counter("calib_mc_samples_drawn", "MC dropout samples drawn (T x images)",
                                   ["model"], registry=r)
+        self.batch_images = Histogram("calib_predict_batch_images",
+                                      "Images per shared backbone pass of the predict micro-batcher",
+                                      ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.batch_requests = Histogram("calib_predict_batch_requests",
+                                        "Requests per shared backbone pass of the predict micro-batcher",
+                                        ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.models_loaded = Gauge("calib_models_loaded", "Models in the registry", registry=r)
         self.load_failures = Gauge("calib_model_load_failures", "Artifacts skipped at startup", registry=r)
+
+    def observe_batch(self, model: str, images: int, requests: int) -> None:
+        self.batch_images.labels(model).observe(images)
+        self.batch_requests.labels(model).observe(requests)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

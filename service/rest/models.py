@@ -8,7 +8,15 @@ from typing import Literal, Optional
 from fastapi import APIRouter, Query, Request, Response
 
 from service import dataplane, inputs
-from service.rest.requests import in_thread, model_of, on_model_executor, read_payload, registry_of, settings_of
+from service.rest.requests import (
+    in_thread,
+    model_of,
+    on_model_executor,
+    predictor_of,
+    read_payload,
+    registry_of,
+    settings_of,
+)
 from service.schemas import (
     EVALUATE_BODY,
     PREDICT_BODY,
@@ -67,8 +75,8 @@ async def predict(
     else:
         x = await in_thread(inputs.images_from_files, payload.files, resize=resize,
                             max_instances=settings.max_instances, max_array_bytes=_array_cap(settings))
-    result = await on_model_executor(request, dataplane.predict, model, x, mc_samples=t, seed=seed,
-                                     mc_chunk_rows=settings.mc_chunk_rows)
+    result = await predictor_of(request).predict(model, x, mc_samples=t, seed=seed,
+                                                 mc_chunk_rows=settings.mc_chunk_rows)
     metrics = request.app.state.metrics
     metrics.images.labels(model.name, "predict").inc(len(x))
     metrics.mc_samples.labels(model.name).inc(t * len(x))

@@ -16,6 +16,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.batching import BatchedPredictor
 from service.inputs import InputError, parse_json_object
 from service.registry import LoadedModel, ModelRegistry
 from service.settings import Settings
@@ -37,6 +38,10 @@ def settings_of(request: Request) -> Settings:
 
 def registry_of(request: Request) -> ModelRegistry:
     return request.app.state.registry
+
+
+def predictor_of(request: Request) -> BatchedPredictor:
+    return request.app.state.predictor
 
 
 def model_of(request: Request, name: str) -> LoadedModel:

@@ -1,0 +1,219 @@
+"""Dynamic micro-batching: concurrent predict requests to one model share one backbone pass.
+
+Each loaded model gets a `MicroBatcher`: a request of at most `batch_max_images` images puts
+(images, future) on the model's queue; the worker coroutine takes the oldest waiting request,
+keeps the batch open until `batch_wait_ms` after that request arrived (or until
+`batch_max_images` images are in), runs the backbone once on the concatenation in the inference
+executor and resolves each request's future with its own rows of the features. Everything else
+(head, MC dropout with the request's seed and T, options) then runs per request in
+`dataplane.predict`, so the MC masks never depend on the other requests. What batching can change
+is the backbone's rounding: float32 kernels may pick a different code path for a batch of one
+than for a larger batch (on the shipped model, up to ~4e-6 absolute on features of magnitude ~8).
+
+Requests with more images than `batch_max_images`, and every request when `batch_wait_ms` is 0,
+skip the queue and run `dataplane.predict` in the executor as before. A failing forward pass fails
+each request of its batch (a 500, as without batching); a client that goes away only drops its
+own entry. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+
+from service import dataplane
+from service.registry import LoadedModel
+
+logger = logging.getLogger("service.batching")
+
+# Called after each shared backbone pass with (model name, images, requests): metrics.
+BatchObserver = Callable[[str, int, int], None]
+
+
+class BatchForwardError(RuntimeError):
+    """The shared backbone pass of a batch failed; the model's exception is the __cause__."""
+
+
+@dataclass(eq=False)
+class _Entry:
+    images: np.ndarray
+    future: asyncio.Future
+    enqueued: float  # loop time
+
+
+class MicroBatcher:
+    """One model's queue and the worker coroutine that drains it (start/aclose on one loop)."""
+
+    def __init__(self, model: LoadedModel, executor: Executor, *, max_images: int, wait_seconds: float,
+                 batch_size: int = 500, observer: BatchObserver | None = None):
+        if max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {max_images}")
+        self.model = model
+        self.max_images = max_images
+        self.wait_seconds = max(0.0, float(wait_seconds))
+        self.batch_size = batch_size
+        self._executor = executor
+        self._observer = observer
+        self._queue: asyncio.Queue[_Entry] | None = None
+        self._worker: asyncio.Task | None = None
+        self._open: list[_Entry] = []      # the batch being collected or computed
+        self._carry: _Entry | None = None  # taken from the queue, did not fit the previous batch
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.get_running_loop().create_task(
+            self._run(), name=f"micro-batcher[{self.model.name}]")
+
+    async def aclose(self) -> None:
+        """Stop the worker; requests still waiting are cancelled (the server drains requests
+        before its lifespan ends, so normally there are none)."""
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        worker.cancel()
+        await asyncio.wait([worker])
+        waiting = [*self._open, *([self._carry] if self._carry else [])]
+        while self._queue is not None and not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        for entry in waiting:
+            entry.future.cancel()
+        self._open, self._carry = [], None
+
+    async def features(self, images: np.ndarray) -> np.ndarray:
+        """The backbone features of `images` (1..max_images of them), computed in a shared pass."""
+        if not self.running:
+            raise RuntimeError(f"the micro-batcher of model {self.model.name!r} is not running")
+        if not 0 < len(images) <= self.max_images:
+            raise ValueError(f"{len(images)} images: the batcher takes 1..{self.max_images}")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put_nowait(_Entry(images, future, loop.time()))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                future.exception()  # resolved just as the client went away: mark it retrieved
+            raise
+
+    # --- the worker ----------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._collect()
+                await self._forward()
+            except Exception as exc:  # a bug here must neither hang the batch nor stop the worker
+                logger.exception("micro-batcher of model %r failed", self.model.name)
+                self._fail(self._open, exc)
+            self._open = []
+
+    async def _collect(self) -> None:
+        """Fill `_open`: the oldest waiting request, then whatever arrives before its deadline."""
+        loop = asyncio.get_running_loop()
+        first = self._carry if self._carry is not None else await self._queue.get()
+        self._carry = None
+        self._open = [first]
+        n = len(first.images)
+        deadline = first.enqueued + self.wait_seconds
+        while n < self.max_images:
+            if self._queue.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        entry = await self._queue.get()
+                except TimeoutError:
+                    break
+            else:
+                entry = self._queue.get_nowait()
+            if entry.future.done():
+                continue  # its client went away while it was queued
+            if n + len(entry.images) > self.max_images:
+                self._carry = entry  # first in line for the next batch
+                break
+            self._open.append(entry)
+            n += len(entry.images)
+
+    async def _forward(self) -> None:
+        live = [e for e in self._open if not e.future.done()]
+        if not live:
+            return
+        x = live[0].images if len(live) == 1 else np.concatenate([e.images for e in live])
+        loop = asyncio.get_running_loop()
+        try:
+            features = await loop.run_in_executor(
+                self._executor, functools.partial(self.model.classifier.features, x, self.batch_size))
+        except Exception as exc:
+            self._fail(live, exc)
+            return
+        start = 0
+        for entry in live:
+            stop = start + len(entry.images)
+            if not entry.future.done():
+                entry.future.set_result(features[start:stop])
+            start = stop
+        if self._observer is not None:
+            try:
+                self._observer(self.model.name, len(x), len(live))
+            except Exception:
+                logger.exception("batch observer failed")
+
+    def _fail(self, entries: list[_Entry], exc: Exception) -> None:
+        n = sum(len(e.images) for e in entries)
+        for entry in entries:
+            if not entry.future.done():
+                err = BatchForwardError(f"backbone pass of model {self.model.name!r} on {n} images "
+                                        f"failed: {type(exc).__name__}: {exc}")
+                err.__cause__ = exc
+                entry.future.set_exception(err)
+
+
+class BatchedPredictor:
+    """The predict path of an app: a micro-batcher per model (none when `wait_ms` is 0) and the
+    inference executor shared with them."""
+
+    def __init__(self, models: Iterable[LoadedModel], executor: Executor, *, max_images: int, wait_ms: float,
+                 batch_size: int = 500, observer: BatchObserver | None = None):
+        self.enabled = wait_ms > 0
+        self.max_images = max_images
+        self._executor = executor
+        self._batchers: dict[str, MicroBatcher] = {}
+        if self.enabled:
+            self._batchers = {m.name: MicroBatcher(m, executor, max_images=max_images, wait_seconds=wait_ms / 1000,
+                                                   batch_size=batch_size, observer=observer)
+                              for m in models}
+
+    def batcher(self, name: str) -> MicroBatcher | None:
+        return self._batchers.get(name)
+
+    def start(self) -> None:
+        for batcher in self._batchers.values():
+            batcher.start()
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(b.aclose() for b in self._batchers.values()))
+
+    async def predict(self, model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
+                      mc_chunk_rows: int) -> dataplane.Prediction:
+        """`dataplane.predict`, with the backbone pass shared with concurrent requests when the
+        request is small enough; the head and MC sampling always run per request."""
+        batcher = self._batchers.get(model.name)
+        features = None
+        if batcher is not None and 0 < len(x) <= batcher.max_images:
+            features = await batcher.features(x)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(
+            dataplane.predict, model, x, mc_samples=mc_samples, seed=seed, mc_chunk_rows=mc_chunk_rows,
+            features=features))
