@@ -224,48 +224,39 @@ def _directory_entries(root: Path, keep: Keep, counter: _Counter) -> list[_Entry
     return entries
 
 
+def _archive_members(fileobj: BinaryIO, kind: str):
+    """(name, size, read) for each regular file of a tar or zip, streamed in archive order."""
+    if kind == "tar":
+        with tarfile.open(fileobj=fileobj, mode="r:*") as archive:
+            for info in archive:
+                if info.isreg():
+                    yield info.name, info.size, archive.extractfile(info).read
+    else:
+        with zipfile.ZipFile(fileobj) as archive:
+            for info in archive.infolist():
+                if not info.is_dir():
+                    yield info.filename, info.file_size, (lambda i=info: archive.read(i))
+
+
 def _archive_entries(fileobj: BinaryIO, kind: str, display: str, keep: Keep, counter: _Counter,
                      max_member_bytes: int) -> list[_Entry]:
     """Read the kept members of a tar/zip archive into memory."""
     entries: list[_Entry] = []
     member = "?"
     try:
-        if kind == "tar":
-            with tarfile.open(fileobj=fileobj, mode="r:*") as tf:
-                for info in tf:  # streaming: members are read in archive order
-                    if not info.isreg():
-                        continue
-                    parts = _clean_parts(info.name)
-                    if parts is None or not keep(parts):
-                        continue
-                    member = info.name
-                    if info.size > max_member_bytes:
-                        raise DataSourceError(
-                            f"{display}:{member} is {info.size} bytes, more than {max_member_bytes}")
-                    if _is_image(parts):
-                        counter.add()
-                    fh = tf.extractfile(info)
-                    assert fh is not None
-                    data = fh.read()
-                    if len(data) != info.size:
-                        raise DataSourceError(f"{display}:{member} is truncated")
-                    entries.append(_Entry(parts, f"{display}:{member}", data=data))
-        else:
-            with zipfile.ZipFile(fileobj) as zf:
-                for info in zf.infolist():
-                    if info.is_dir():
-                        continue
-                    parts = _clean_parts(info.filename)
-                    if parts is None or not keep(parts):
-                        continue
-                    member = info.filename
-                    if info.file_size > max_member_bytes:
-                        raise DataSourceError(
-                            f"{display}:{member} is {info.file_size} bytes, more than {max_member_bytes}")
-                    if _is_image(parts):
-                        counter.add()
-                    data = zf.read(info)
-                    entries.append(_Entry(parts, f"{display}:{member}", data=data))
+        for name, size, read in _archive_members(fileobj, kind):
+            parts = _clean_parts(name)
+            if parts is None or not keep(parts):
+                continue
+            member = name
+            if size > max_member_bytes:
+                raise DataSourceError(f"{display}:{member} is {size} bytes, more than {max_member_bytes}")
+            if _is_image(parts):
+                counter.add()
+            data = read()
+            if len(data) != size:
+                raise DataSourceError(f"{display}:{member} is truncated")
+            entries.append(_Entry(parts, f"{display}:{member}", data=data))
     except DataSourceError:
         raise
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError,
