@@ -62,8 +62,8 @@ def test_weight_decay_quick(tmp_path, sample_archive):
     assert f["variants"]["l2_fit"]["final_kernel_norm"] < f["variants"]["none"]["final_kernel_norm"]
 
 
-def test_dropout_quick(tmp_path, sample_archive):
-    r = _run("dropout", tmp_path, "--data", str(sample_archive))
+def test_dropout_quick(tmp_path, sample_archive, tiny_artifact):
+    r = _run("dropout", tmp_path, "--data", str(sample_archive), "--artifact", str(tiny_artifact))
     _cifar_provenance(r)
     f = r["figures"]
     u = f["mc_dropout_uncertainty"]
@@ -71,6 +71,9 @@ def test_dropout_quick(tmp_path, sample_archive):
                       "random_noise_images"}
     for stats in u.values():
         assert stats["mean_mutual_information"] >= 0 and 0 < stats["mean_top_probability"] <= 1
+    trained = f["mc_dropout_uncertainty_trained_artifact"]
+    assert trained["artifact"] == str(tiny_artifact) and set(trained["sets"]) == set(u)
+    assert "trained artifact" in (tmp_path / "dropout" / "report.md").read_text()
     comp = f["training_true_batch_composition"]
     assert 0 <= comp["alone_vs_clean_batch_argmax_agreement"] <= 1
     drift = f["training_true_moving_stat_updates"]

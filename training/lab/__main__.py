@@ -37,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test-size", type=int, default=None,
                         help="seeded subset of the test split (override)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--artifact", default=None,
+                        help="dropout section: also measure MC uncertainty of this trained artifact "
+                             "(e.g. models/shipped/cifar10-resnet)")
     args = parser.parse_args(argv)
     for name in ("epochs", "width", "train_size", "test_size"):
         value = getattr(args, name)
@@ -50,7 +53,8 @@ def run_section(section: str, args: argparse.Namespace, command: str) -> Path:
     from training.lab.report import Report
 
     ctx = LabContext(quick=args.quick, data=args.data, epochs=args.epochs, width=args.width,
-                     train_size=args.train_size, test_size=args.test_size, seed=args.seed)
+                     train_size=args.train_size, test_size=args.test_size, seed=args.seed,
+                     artifact=args.artifact)
     report = Report(section, Path(args.out) / section, command=command, seed=args.seed,
                     quick=args.quick, arguments=ctx.picked)
     seed_everything(args.seed)

@@ -28,6 +28,7 @@ class LabContext:
     train_size: int | None = None    # a seeded subset of the training split (None: all)
     test_size: int | None = None
     seed: int = 0
+    artifact: str | None = None      # a trained model artifact for the dropout section's MC part
     picked: dict[str, Any] = field(default_factory=dict)
 
     @property
