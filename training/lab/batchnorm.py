@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.lab.context import accuracy, lab_network, predict_logits, seed_everything
+from training.lab.context import (accuracy, lab_network, predict_logits, seed_everything,
+                                  tape_training)
 
 BATCH = 128
 LEARNING_RATE = 2e-3
@@ -26,28 +27,9 @@ LEARNING_RATE = 2e-3
 
 def train(model, data, *, epochs: int, seed: int, training_flag: bool | None, log) -> None:
     """GradientTape loop; `training_flag` is what the step passes to the model."""
-    import keras
-    import tensorflow as tf
-
-    from training.pipeline import training_dataset
-
-    ds = training_dataset(data.x_train, data.y_train, batch_size=BATCH,
-                          num_classes=data.num_classes, seed=seed, pad=2)
-    optimizer = keras.optimizers.Adam(LEARNING_RATE)
-    loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True)
-
-    @tf.function
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            if training_flag is None:
-                logits = model(x)                  # the bug: no flag -> inference mode
-            else:
-                logits = model(x, training=training_flag)
-            loss = loss_fn(y, logits)
-        grads = tape.gradient(loss, model.trainable_weights)
-        optimizer.apply_gradients(zip(grads, model.trainable_weights))
-        return loss
-
+    flag = {} if training_flag is None else {"training": training_flag}  # None: the bug, no flag
+    ds, train_step = tape_training(model, data, seed=seed, batch_size=BATCH,
+                                   learning_rate=LEARNING_RATE, **flag)
     for epoch in range(epochs):
         losses = [float(train_step(x, y)) for x, y in ds]
         log(epoch, float(np.mean(losses)), accuracy(model, data.x_test, data.y_test, training=False))

@@ -115,6 +115,38 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int):
 _PREDICTORS: dict[tuple[int, bool], tuple[object, object]] = {}
 
 
+_NO_FLAG = object()
+
+
+def tape_training(model, data, *, seed: int, batch_size: int, learning_rate: float,
+                  training=_NO_FLAG):
+    """Augmented batches and a GradientTape step (Adam, soft-label cross-entropy).
+
+    `training` is passed to the model exactly as given; leave it out to call `model(x)` with no
+    flag at all (Keras then runs BatchNorm in inference mode: the forgotten-flag bug).
+    """
+    import keras
+    import tensorflow as tf
+
+    from training.pipeline import training_dataset
+
+    ds = training_dataset(data.x_train, data.y_train, batch_size=batch_size,
+                          num_classes=data.num_classes, seed=seed, pad=2)
+    optimizer = keras.optimizers.Adam(learning_rate)
+    loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            logits = model(x) if training is _NO_FLAG else model(x, training=training)
+            loss = loss_fn(y, logits)
+        grads = tape.gradient(loss, model.trainable_weights)
+        optimizer.apply_gradients(zip(grads, model.trainable_weights))
+        return loss
+
+    return ds, train_step
+
+
 def compiled_call(model, *, training: bool):
     """`model(x, training=training)` as a tf.function, built once per model and flag."""
     import tensorflow as tf

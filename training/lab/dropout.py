@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.lab.context import lab_network, seed_everything
+from training.lab.context import lab_network, seed_everything, tape_training
 
 DROPOUT = 0.3
 MC_SAMPLES = 100
@@ -27,25 +27,13 @@ LEARNING_RATE = 2e-3
 
 def train(model, data, *, epochs: int, seed: int, log) -> None:
     """Custom loop: `training=True` in the step, `training=False` for evaluation."""
-    import keras
     import tensorflow as tf
 
     from models.inference import SplitClassifier
-    from training.pipeline import training_dataset
 
-    ds = training_dataset(data.x_train, data.y_train, batch_size=BATCH,
-                          num_classes=data.num_classes, seed=seed, pad=2)
-    optimizer = keras.optimizers.Adam(LEARNING_RATE)
-    loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True)
-
-    @tf.function
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            logits = model(x, training=True)      # BN: batch statistics, moving stats updated
-            loss = loss_fn(y, logits)
-        grads = tape.gradient(loss, model.trainable_weights)
-        optimizer.apply_gradients(zip(grads, model.trainable_weights))
-        return loss
+    # training=True in the step: BN uses batch statistics and updates its moving statistics
+    ds, train_step = tape_training(model, data, seed=seed, batch_size=BATCH,
+                                   learning_rate=LEARNING_RATE, training=True)
 
     @tf.function
     def predict(x):
