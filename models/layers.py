@@ -48,6 +48,66 @@ class HorizontalFlip(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+class ReflectShift(keras.layers.Layer):
+    """Shift images by (dy, dx) pixels with a reflected border (translate test-time augmentation)."""
+
+    def __init__(self, dy: int, dx: int, **kwargs):
+        super().__init__(**kwargs)
+        self.dy, self.dx = int(dy), int(dx)
+
+    def call(self, inputs):
+        pad = max(abs(self.dy), abs(self.dx))
+        if pad == 0:
+            return inputs
+        height, width = inputs.shape[1], inputs.shape[2]
+        padded = ops.pad(inputs, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="reflect")
+        top, left = pad - self.dy, pad - self.dx
+        return padded[:, top:top + height, left:left + width, :]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "dy": self.dy, "dx": self.dx}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PatchWhitening(keras.layers.Layer):
+    """A k x k 'valid' convolution with frozen patch-whitening filters and a trainable bias.
+
+    The filters (see `models.whitening`) are set from training images with `set_filters`
+    before training; they are a non-trainable weight, so they are saved with the model.
+    """
+
+    def __init__(self, kernel_size: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_size = int(kernel_size)
+
+    def build(self, input_shape):
+        channels = int(input_shape[-1])
+        filters = 2 * channels * self.kernel_size ** 2
+        self.kernel = self.add_weight(name="kernel", trainable=False, initializer="glorot_uniform",
+                                      shape=(self.kernel_size, self.kernel_size, channels, filters))
+        self.bias = self.add_weight(name="bias", shape=(filters,), initializer="zeros")
+
+    def set_filters(self, kernel) -> None:
+        self.kernel.assign(ops.convert_to_tensor(kernel, dtype=self.kernel.dtype))
+
+    def call(self, inputs):
+        x = ops.conv(ops.cast(inputs, self.compute_dtype), ops.cast(self.kernel, self.compute_dtype),
+                     padding="valid")
+        return x + ops.cast(self.bias, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        k = self.kernel_size
+        return (input_shape[0], input_shape[1] - k + 1, input_shape[2] - k + 1,
+                2 * int(input_shape[-1]) * k * k)
+
+    def get_config(self):
+        return {**super().get_config(), "kernel_size": self.kernel_size}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class MCDropout(keras.layers.Layer):
     """Dropout that stays on at inference, so repeated calls are Monte Carlo samples.
 

@@ -1,7 +1,11 @@
-"""The classifier: a compact residual CNN (ResNet-9 shape) with an MC-dropout head.
+"""The classifier: a compact CNN backbone with an MC-dropout head.
 
-The model is built from three named parts so inference can split it:
-  "features"    - the backbone output, one vector per image (after flip averaging if enabled),
+Two backbones: "resnet9" (Page's DAWNBench ResNet-9 shape) and "airbench" (Jordan's airbench93
+shape: a frozen patch-whitening stem and three conv groups, Dirac-initialised), which reaches
+a given accuracy in fewer CPU-minutes. The model is built from three named parts so inference
+can split it:
+  "features"    - the backbone output, one vector per image (averaged over the test-time views:
+                  mirror, and optionally 1-pixel shifts),
   "head"        - MCDropout -> Dense, the only stochastic part, sampled T times for MC dropout,
   "temperature" - TemperatureScaling, logits / T.
 The service runs the backbone once per image and draws all dropout masks on the head only.
@@ -14,7 +18,10 @@ from dataclasses import asdict, dataclass
 import keras
 from keras import layers
 
-from models.layers import HorizontalFlip, MCDropout, MyBatchNorm, PixelNormalization, TemperatureScaling
+import numpy as np
+
+from models.layers import (HorizontalFlip, MCDropout, MyBatchNorm, PatchWhitening, PixelNormalization,
+                          ReflectShift, TemperatureScaling)
 
 IMAGE_SHAPE = (32, 32, 3)
 
@@ -31,16 +38,19 @@ class NetworkConfig:
     bn_momentum: float = 0.9
     logit_scale: float = 0.125     # ResNet-9's fixed logit scaling; keeps early logits small
     flip_tta: bool = True          # average backbone features of x and its mirror image
+    arch: str = "resnet9"          # "resnet9", or "airbench": whitened 2x2 stem + 3 conv groups
+    activation: str = "relu"       # "relu" or "gelu"
+    translate_tta: bool = False    # also average the views shifted by (1,1) and (-1,-1) pixels
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _bn(cfg: NetworkConfig, name: str):
+def _bn(cfg: NetworkConfig, name: str, scale: bool = True):
     if cfg.batchnorm == "custom":
         return MyBatchNorm(momentum=cfg.bn_momentum, epsilon=1e-5, name=name)
     if cfg.batchnorm == "keras":
-        return layers.BatchNormalization(momentum=cfg.bn_momentum, epsilon=1e-5, name=name)
+        return layers.BatchNormalization(momentum=cfg.bn_momentum, epsilon=1e-5, scale=scale, name=name)
     raise ValueError(f"batchnorm must be 'keras' or 'custom', got {cfg.batchnorm!r}")
 
 
@@ -51,7 +61,7 @@ def _conv_bn(x, filters: int, cfg: NetworkConfig, name: str, pool: bool = False)
     if pool:
         x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
     x = _bn(cfg, f"{name}_bn")(x)
-    return layers.Activation("relu", name=f"{name}_relu")(x)
+    return layers.Activation(cfg.activation, name=f"{name}_{cfg.activation}")(x)
 
 
 def _residual(x, filters: int, cfg: NetworkConfig, name: str):
@@ -61,7 +71,16 @@ def _residual(x, filters: int, cfg: NetworkConfig, name: str):
 
 
 def build_backbone(cfg: NetworkConfig) -> keras.Model:
-    """uint8 images [B,32,32,3] -> pooled features [B, 8*width]."""
+    """uint8 images [B,32,32,3] -> pooled features [B, D]."""
+    if cfg.arch == "airbench":
+        return _airbench_backbone(cfg)
+    if cfg.arch != "resnet9":
+        raise ValueError(f"arch must be 'resnet9' or 'airbench', got {cfg.arch!r}")
+    return _resnet9_backbone(cfg)
+
+
+def _resnet9_backbone(cfg: NetworkConfig) -> keras.Model:
+    """ResNet-9 shape (Page's DAWNBench net): widths w, 2w, 4w, 8w; features [B, 8w]."""
     w = cfg.width
     inputs = keras.Input(IMAGE_SHAPE, dtype="uint8", name="pixels")
     x = PixelNormalization(name="normalize")(inputs)
@@ -73,6 +92,59 @@ def build_backbone(cfg: NetworkConfig) -> keras.Model:
     x = _residual(x, 8 * w, cfg, "res3")
     x = layers.GlobalMaxPooling2D(name="pool")(x)
     return keras.Model(inputs, x, name="backbone")
+
+
+def _conv_group(x, filters: int, cfg: NetworkConfig, name: str):
+    """airbench's block: conv -> pool -> BN -> act -> conv -> BN -> act (BN without scale)."""
+    reg = keras.regularizers.L2(cfg.l2) if cfg.l2 > 0 else None
+    for i, pool in ((1, True), (2, False)):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_regularizer=reg,
+                          name=f"{name}_conv{i}")(x)
+        if pool:
+            x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+        x = _bn(cfg, f"{name}_bn{i}", scale=False)(x)
+        x = layers.Activation(cfg.activation, name=f"{name}_{cfg.activation}{i}")(x)
+    return x
+
+
+def _airbench_backbone(cfg: NetworkConfig) -> keras.Model:
+    """airbench93's shape (Jordan 2024): a frozen 2x2 whitening stem, groups w, 2w, 2w.
+
+    Call `set_whitening(backbone, images)` before training. Convolutions start as partial
+    identities (Dirac init), an implicit residual path, as in airbench.
+    """
+    w = cfg.width
+    inputs = keras.Input(IMAGE_SHAPE, dtype="uint8", name="pixels")
+    x = PixelNormalization(name="normalize")(inputs)
+    x = PatchWhitening(2, name="whiten")(x)
+    x = layers.Activation(cfg.activation, name=f"whiten_{cfg.activation}")(x)
+    for i, filters in enumerate((w, 2 * w, 2 * w), start=1):
+        x = _conv_group(x, filters, cfg, f"group{i}")
+    x = layers.GlobalMaxPooling2D(name="pool")(x)
+    backbone = keras.Model(inputs, x, name="backbone")
+    _dirac_init(backbone)
+    return backbone
+
+
+def _dirac_init(model: keras.Model) -> None:
+    """Make the first C_in filters of every 3x3 conv an identity map (torch.nn.init.dirac_)."""
+    for layer in model.layers:
+        if isinstance(layer, layers.Conv2D) and layer.kernel_size == (3, 3):
+            kernel = np.array(layer.kernel.numpy())
+            c_in, c_out = kernel.shape[2], kernel.shape[3]
+            n = min(c_in, c_out)
+            kernel[:, :, :, :n] = 0.0
+            kernel[1, 1, np.arange(n), np.arange(n)] = 1.0
+            layer.kernel.assign(kernel)
+
+
+def set_whitening(backbone: keras.Model, images: np.ndarray, eps: float = 5e-4) -> None:
+    """Fit the whitening stem's filters on uint8 training images (airbench uses 5,000)."""
+    from models.whitening import patch_whitening_kernel
+
+    stem = backbone.get_layer("whiten")
+    normalized = keras.ops.convert_to_numpy(backbone.get_layer("normalize")(images))
+    stem.set_filters(patch_whitening_kernel(normalized, stem.kernel_size, eps))
 
 
 def build_head(cfg: NetworkConfig, feature_dim: int) -> keras.Sequential:
@@ -90,24 +162,43 @@ def build_head(cfg: NetworkConfig, feature_dim: int) -> keras.Sequential:
     )
 
 
-def build_classifier(cfg: NetworkConfig, *, flip_tta: bool | None = None,
+def _tta_views(inputs, flip: bool, translate: bool) -> list:
+    """Test-time views whose backbone features are averaged (airbench's TTA levels 1 and 2).
+
+    With `translate`, the unshifted views are listed twice so they carry half the weight and
+    the (1,1)/(-1,-1) reflect-shifted views the other half, as in airbench.
+    """
+    base = [inputs]
+    if flip:
+        base.append(HorizontalFlip(name="mirror")(inputs))
+    if not translate:
+        return base
+    shifted = []
+    for dy, name in ((1, "shift_pos"), (-1, "shift_neg")):
+        view = ReflectShift(dy, dy, name=name)(inputs)
+        shifted.append(view)
+        if flip:
+            shifted.append(HorizontalFlip(name=f"mirror_{name}")(view))
+    return base + base + shifted
+
+
+def build_classifier(cfg: NetworkConfig, *, test_time_views: bool = True,
                      backbone: keras.Model | None = None, head: keras.Model | None = None,
                      temperature: float = 1.0) -> keras.Model:
     """Assemble pixels -> features -> head -> logits / T.
 
-    Training uses `flip_tta=False` (augmentation already flips); the exported model reuses the
-    same trained backbone and head with `flip_tta=cfg.flip_tta`.
+    Training uses `test_time_views=False` (one view: augmentation already flips and shifts);
+    the exported model reuses the same trained backbone and head with the config's views.
     """
-    flip_tta = cfg.flip_tta if flip_tta is None else flip_tta
     backbone = backbone or build_backbone(cfg)
     feature_dim = int(backbone.output.shape[-1])
     head = head or build_head(cfg, feature_dim)
     inputs = keras.Input(IMAGE_SHAPE, dtype="uint8", name="pixels")
-    if flip_tta:
-        mirrored = HorizontalFlip(name="mirror")(inputs)
-        features = layers.Average(name="features")([backbone(inputs), backbone(mirrored)])
+    views = _tta_views(inputs, cfg.flip_tta and test_time_views, cfg.translate_tta and test_time_views)
+    if len(views) == 1:
+        features = layers.Identity(name="features")(backbone(views[0]))
     else:
-        features = layers.Identity(name="features")(backbone(inputs))
+        features = layers.Average(name="features")([backbone(v) for v in views])
     logits = head(features)
     outputs = TemperatureScaling(temperature, name="temperature")(logits)
     return keras.Model(inputs, outputs, name="calibrated_classifier")

@@ -18,7 +18,18 @@ def test_flags_parse():
         ("adamw", 0.01, "cutmix", False, True, 8, 3)
 
 
+def test_airbench_recipe_flags_parse():
+    c = parse_args(["--arch", "airbench", "--activation", "gelu", "--bias-lr-scale", "64",
+                    "--lookahead", "--lr-start-factor", "0.2", "--lr-end-factor", "0.07",
+                    "--translate-tta", "--bn-momentum", "0.6", "--logit-scale", "0.111"])
+    assert (c.arch, c.activation, c.bias_lr_scale, c.lookahead, c.translate_tta) == \
+        ("airbench", "gelu", 64.0, True, True)
+    assert (c.lr_start_factor, c.lr_end_factor, c.bn_momentum, c.logit_scale) == (0.2, 0.07, 0.6, 0.111)
+    assert (parse_args([]).arch, parse_args([]).lookahead) == ("resnet9", False)
+
+
 @pytest.mark.parametrize("argv", [["--optimizer", "rmsprop"], ["--mix", "blend"],
+                                  ["--arch", "vgg"], ["--activation", "tanh"],
                                   ["--label-smoothing", "1.5"], ["--epochs", "0"]])
 def test_bad_flags_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -36,7 +36,7 @@ def training_throughput(card: dict, steps: int = 10) -> float:
 
     net = NetworkConfig(**card["training"]["network"])
     batch = card["training"]["config"]["batch_size"]
-    model = build_classifier(net, flip_tta=False)
+    model = build_classifier(net, test_time_views=False)
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True),
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1))
     rng = np.random.default_rng(0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass
@@ -14,18 +14,27 @@ class TrainConfig:
     epochs: int = 16
     batch_size: int = 512
     width: int = 16
+    arch: str = "resnet9"            # "resnet9" or "airbench" (whitened stem, see models.network)
+    activation: str = "relu"         # "relu" or "gelu"
+    bn_momentum: float = 0.9
+    logit_scale: float = 0.125
     dropout: float = 0.2
     label_smoothing: float = 0.1
     optimizer: str = "sgd"           # "sgd" (Nesterov, with L2 kernel_regularizer) or "adamw"
-    learning_rate: float = 0.4       # peak of the one-cycle schedule
+    learning_rate: float = 0.4       # peak of the piecewise-linear schedule
     warmup_fraction: float = 0.25
+    lr_start_factor: float = 0.0     # schedule starts at this fraction of the peak
+    lr_end_factor: float = 0.0       # and ends at this fraction
     momentum: float = 0.9
+    bias_lr_scale: float = 1.0       # BatchNorm shifts step this many times larger (airbench: 64)
+    lookahead: bool = False          # airbench's Lookahead EMA of the weights, every 5 steps
     l2: float = 2.5e-4               # kernel_regularizer=L2(l2); gradient 2*l2*w (torch wd 5e-4)
     weight_decay: float = 0.05       # AdamW decoupled decay (only with --optimizer adamw)
     mix: str = "none"                # "none", "mixup" or "cutmix"
     mix_alpha: float = 1.0
     pad: int = 4                     # pad-crop translation in pixels
     flip_tta: bool = True
+    translate_tta: bool = False      # also average 1-pixel shifted views at test time (3x cost)
     n_validation: int = 5000
     seed: int = 0
     mixed_precision: bool = False    # mixed_bfloat16 (slow on CPUs without native bf16)
@@ -52,6 +61,10 @@ def parse_args(argv=None) -> TrainConfig:
     config = TrainConfig(**vars(args))
     if config.optimizer not in ("sgd", "adamw"):
         parser.error("--optimizer must be sgd or adamw")
+    if config.arch not in ("resnet9", "airbench"):
+        parser.error("--arch must be resnet9 or airbench")
+    if config.activation not in ("relu", "gelu"):
+        parser.error("--activation must be relu or gelu")
     if config.mix not in ("none", "mixup", "cutmix"):
         parser.error("--mix must be none, mixup or cutmix")
     if not 0.0 <= config.label_smoothing < 1.0:

@@ -33,50 +33,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def one_cycle(peak: float, total_steps: int, warmup_fraction: float):
-    import keras
-
-    warmup = max(1, int(total_steps * warmup_fraction))
-
-    @keras.saving.register_keras_serializable(package="calibrated_cifar")
-    class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
-        """Linear warm-up to the peak, then linear decay to zero."""
-
-        def __call__(self, step):
-            step = keras.ops.cast(step, "float32")
-            up = peak * step / warmup
-            down = peak * keras.ops.maximum(0.0, (total_steps - step) / max(1, total_steps - warmup))
-            return keras.ops.where(step < warmup, up, down)
-
-        def get_config(self):
-            return {}
-
-    return OneCycle()
-
-
-def build_optimizer(config, total_steps: int):
-    import keras
-
-    schedule = one_cycle(config.learning_rate, total_steps, config.warmup_fraction)
-    if config.optimizer == "adamw":
-        opt = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
-                                     beta_1=config.momentum, epsilon=1e-8)
-        # Decay kernels only, as in the AdamW paper's practice: not BN scales/shifts or biases.
-        opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
-        return opt
-    return keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum, nesterov=True)
-
-
 def run(config) -> Path:
     import keras
-    import tensorflow as tf
 
     from models.artifact import save_artifact
     from models.calibration import compute_metrics, fit_temperature
     from models.inference import SplitClassifier
     from models.mixing import CutMix, MixUp
-    from models.network import NetworkConfig, build_backbone, build_classifier, build_head
+    from models.network import NetworkConfig, build_backbone, build_classifier, build_head, set_whitening
     from training.data import load_cifar10, train_validation_split
+    from training.optimization import Lookahead, build_optimizer
     from training.pipeline import training_dataset
 
     started = time.time()
@@ -104,10 +70,14 @@ def run(config) -> Path:
 
     # 2. Model and training ----------------------------------------------------------------
     net = NetworkConfig(width=config.width, num_classes=num_classes, dropout=config.dropout,
-                        l2=config.l2 if config.optimizer == "sgd" else 0.0, flip_tta=config.flip_tta)
+                        l2=config.l2 if config.optimizer == "sgd" else 0.0, flip_tta=config.flip_tta,
+                        arch=config.arch, activation=config.activation, bn_momentum=config.bn_momentum,
+                        logit_scale=config.logit_scale, translate_tta=config.translate_tta)
     backbone = build_backbone(net)
+    if net.arch == "airbench":
+        set_whitening(backbone, x_train[:5000])
     head = build_head(net, int(backbone.output.shape[-1]))
-    train_model = build_classifier(net, flip_tta=False, backbone=backbone, head=head)
+    train_model = build_classifier(net, test_time_views=False, backbone=backbone, head=head)
     train_model.compile(
         optimizer=build_optimizer(config, steps_per_epoch * config.epochs),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True,
@@ -119,8 +89,12 @@ def run(config) -> Path:
     if len(x_val):
         validation = (x_val, keras.utils.to_categorical(y_val, num_classes))
     fit_started = time.time()
+    total_steps = steps_per_epoch * config.epochs
+    callbacks = []
+    if config.lookahead:
+        callbacks.append(Lookahead(total_steps, start_step=min(3, config.epochs - 1) * steps_per_epoch))
     history = train_model.fit(train_ds, epochs=config.epochs, validation_data=validation,
-                              validation_batch_size=1000, verbose=config.verbose)
+                              validation_batch_size=1000, verbose=config.verbose, callbacks=callbacks)
     train_seconds = time.time() - fit_started
 
     # 3. Temperature on the validation split -------------------------------------------------

@@ -103,7 +103,7 @@ def lab_network(width: int, num_classes: int, *, dropout: float = 0.0, l2: float
 
     cfg = NetworkConfig(width=width, num_classes=num_classes, dropout=dropout, l2=l2,
                         batchnorm=batchnorm, flip_tta=False)
-    return build_classifier(cfg, flip_tta=False), cfg
+    return build_classifier(cfg, test_time_views=False), cfg
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int):

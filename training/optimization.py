@@ -1,0 +1,102 @@
+"""How the training command updates weights: schedule, optimizer, and Lookahead averaging.
+
+The schedule is piecewise linear (start -> peak -> end, as fractions of the peak). With start and
+end 0 it is the one-cycle ramp of ResNet-9 training; airbench uses start 0.2, a peak at 23% of
+training and end 0.07. `bias_lr_scale` gives BatchNorm shifts (`beta`) a larger step, airbench's
+"bias scaler", which Keras optimizers cannot express with parameter groups.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+
+@keras.saving.register_keras_serializable(package="calibrated_cifar")
+class PiecewiseLinearSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear from `start*peak` to `peak` over the warm-up, then linear to `end*peak`."""
+
+    def __init__(self, peak: float, total_steps: int, warmup_fraction: float,
+                 start: float = 0.0, end: float = 0.0):
+        self.peak, self.total_steps = float(peak), max(1, int(total_steps))
+        self.warmup = max(1, int(self.total_steps * warmup_fraction))
+        self.start, self.end = float(start), float(end)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        up = self.start + (1.0 - self.start) * step / self.warmup
+        frac = keras.ops.minimum(1.0, (step - self.warmup) / max(1, self.total_steps - self.warmup))
+        down = 1.0 + (self.end - 1.0) * frac
+        return self.peak * keras.ops.where(step < self.warmup, up, down)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps,
+                "warmup_fraction": self.warmup / self.total_steps, "start": self.start, "end": self.end}
+
+
+class BiasScaledSGD(keras.optimizers.SGD):
+    """SGD whose BatchNorm `beta` variables take steps `bias_lr_scale` times larger."""
+
+    def __init__(self, *args, bias_lr_scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bias_lr_scale = float(bias_lr_scale)
+
+    def update_step(self, gradient, variable, learning_rate):
+        # Keras passes its own variable ("beta") or, on the TF backend, the tf.Variable
+        # ("group1_bn1/beta:0"): compare the last path component without the ":0".
+        short_name = variable.name.split(":")[0].rsplit("/", 1)[-1]
+        if self.bias_lr_scale != 1.0 and short_name == "beta":
+            learning_rate = keras.ops.cast(learning_rate, variable.dtype) * self.bias_lr_scale
+        return super().update_step(gradient, variable, learning_rate)
+
+
+def build_optimizer(config, total_steps: int):
+    schedule = PiecewiseLinearSchedule(config.learning_rate, total_steps, config.warmup_fraction,
+                                       start=config.lr_start_factor, end=config.lr_end_factor)
+    if config.optimizer == "adamw":
+        opt = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
+                                     beta_1=config.momentum, epsilon=1e-8)
+        # Decay kernels only, as in the AdamW paper's practice: not BN scales/shifts or biases.
+        opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+        return opt
+    return BiasScaledSGD(learning_rate=schedule, momentum=config.momentum, nesterov=True,
+                         bias_lr_scale=config.bias_lr_scale)
+
+
+class Lookahead(keras.callbacks.Callback):
+    """airbench's Lookahead: every `every` steps, pull the weights into a slow EMA and copy it back.
+
+    The EMA decay ramps up as (step / total)**power, so training moves fast early and averages
+    strongly at the end. It covers every float weight, BatchNorm statistics included, and starts
+    after `start_step` steps.
+    """
+
+    def __init__(self, total_steps: int, start_step: int, every: int = 5,
+                 base_decay: float = 0.95 ** 5, power: float = 3.0):
+        super().__init__()
+        self.total_steps, self.start_step, self.every = int(total_steps), int(start_step), int(every)
+        self.base_decay, self.power = float(base_decay), float(power)
+        self.step = 0
+        self.slow = None
+
+    def _variables(self):
+        return [v for v in self.model.weights if "float" in str(v.dtype)]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step < self.start_step or self.step % self.every:
+            return
+        if self.slow is None:
+            self.slow = [np.array(v.numpy()) for v in self._variables()]
+            return
+        self._pull(self.base_decay * (self.step / self.total_steps) ** self.power)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.slow is not None:
+            self._pull(1.0)
+
+    def _pull(self, decay: float) -> None:
+        for slow, variable in zip(self.slow, self._variables()):
+            slow *= decay
+            slow += (1.0 - decay) * variable.numpy()
+            variable.assign(slow)
