@@ -25,7 +25,7 @@ COPY clients/ clients/
 # DL3013: this installs the project itself; its dependency pins live in pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[service]" \
-    && python -I -c "import service.settings as s; assert (s.DEFAULT_MODEL_DIR / 'cifar10-resnet' / 'model_card.json').is_file(), s.DEFAULT_MODEL_DIR"
+    && python -I -c "import service.settings as s; assert (s.DEFAULT_MODEL_DIR / 'cifar10-airbench' / 'model_card.json').is_file(), s.DEFAULT_MODEL_DIR"
 
 USER 10001
 EXPOSE 8000

@@ -20,5 +20,5 @@ test: $(VENV)/.installed-$(EXTRAS)
 	$(PY) -m pytest -q
 
 benchmark: $(VENV)/.installed-$(EXTRAS)
-	$(PY) -m training.benchmark models/shipped/cifar10-resnet --throughput
+	$(PY) -m training.benchmark models/shipped/cifar10-airbench --throughput
 	$(PY) -m service.benchmark

@@ -54,9 +54,22 @@ def test_evaluate_cli_check_and_png(tiny_artifact, sample_archive, tmp_path, cap
     from training.evaluate import main
 
     png = tmp_path / "diagram.png"
-    assert main([str(tiny_artifact), "--data", str(sample_archive), "--check", "--png", str(png)]) == 0
+    assert main([str(tiny_artifact), "--data", str(sample_archive), "--check", "--png", str(png),
+                 "--views"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "ece" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ece" in out and "+ mirror + shifts" in out
+
+
+def test_accuracy_by_views_reproduces_the_cards_accuracy(tiny_artifact, sample_archive):
+    from training.evaluate import accuracy_by_views
+
+    views = accuracy_by_views(str(tiny_artifact), str(sample_archive))
+    assert list(views) == ["one view", "+ mirror", "+ mirror + shifts"]
+    card = read_card(tiny_artifact)
+    # the tiny artifact exports mirror TTA only, so "+ mirror" is its own graph
+    assert views["+ mirror"] == pytest.approx(card["metrics"]["test_after_temperature"]["accuracy"])
+    assert all(0.0 <= v <= 1.0 for v in views.values())
 
 
 def test_tampered_model_file_is_refused(tiny_artifact, tmp_path):

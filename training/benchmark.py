@@ -1,6 +1,6 @@
 """Print the shipped model's figures against the project's targets (numbers, never asserts).
 
-    python -m training.benchmark models/shipped/cifar10-resnet --data /path/to/cifar10-jpeg
+    python -m training.benchmark models/shipped/cifar10-airbench --data /path/to/cifar10-jpeg
 
 Accuracy and ECE are recomputed from the artifact on the test split; the training wall time
 is the one the training run recorded in the card. `--throughput` also times a few training

@@ -1,6 +1,6 @@
 """Recompute an artifact's card figures on a data source, optionally drawing a reliability diagram.
 
-    python -m training.evaluate models/shipped/cifar10-resnet --data keras --png diagram.png
+    python -m training.evaluate models/shipped/cifar10-airbench --data keras --png diagram.png
 
 The figures printed are computed from scratch (fresh logits on the test split); with the
 artifact's own data source they must match the card, and `--check` fails if they do not.
@@ -45,6 +45,29 @@ def evaluate_artifact(artifact_dir: str, data_source: str, *, n_bins: int = 15) 
     }
 
 
+def accuracy_by_views(artifact_dir: str, data_source: str) -> dict[str, float]:
+    """Test accuracy of the artifact's weights with fewer test-time views: what each view buys."""
+    import dataclasses
+
+    from models.artifact import load_artifact
+    from models.inference import SplitClassifier
+    from models.network import NetworkConfig, build_classifier
+    from training.data import load_cifar10
+
+    artifact = load_artifact(artifact_dir)
+    data = load_cifar10(data_source)
+    net = NetworkConfig(**artifact.card["training"]["network"])
+    backbone, head = artifact.model.get_layer("backbone"), artifact.model.get_layer("head")
+    variants = {"one view": dataclasses.replace(net, flip_tta=False, translate_tta=False),
+                "+ mirror": dataclasses.replace(net, flip_tta=True, translate_tta=False),
+                "+ mirror + shifts": dataclasses.replace(net, flip_tta=True, translate_tta=True)}
+    out = {}
+    for name, cfg in variants.items():
+        classifier = SplitClassifier(build_classifier(cfg, backbone=backbone, head=head))
+        out[name] = float((classifier.logits(data.x_test).argmax(axis=1) == data.y_test).mean())
+    return out
+
+
 def card_mismatches(result: dict, tolerance: float = 1e-4) -> list[str]:
     """Names of figures that differ from the card (same data source assumed)."""
     card_metrics = result["card"]["metrics"]
@@ -74,6 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bins", type=int, default=15)
     parser.add_argument("--png", help="write a reliability diagram (before/after) to this PNG")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--views", action="store_true",
+                        help="also print test accuracy with one view, + mirror, + 1-px shifts")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 unless the figures equal the card's (same data source)")
     args = parser.parse_args(argv)
@@ -88,6 +113,9 @@ def main(argv=None) -> int:
                          indent=2))
     else:
         print(format_table(result))
+    if args.views:
+        for name, accuracy in accuracy_by_views(args.artifact, source).items():
+            print(f"test accuracy, {name:<18}{accuracy:.4f}")
     if args.png:
         from models.calibration import reliability_diagram_png
         Path(args.png).write_bytes(reliability_diagram_png(

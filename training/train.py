@@ -1,9 +1,11 @@
 """Train a calibrated CIFAR-10 classifier, top to bottom.
 
-    python -m training.train --data /path/to/cifar10-jpeg --output models/shipped/cifar10-resnet
+    python -m training.train --data /path/to/cifar10-jpeg --output runs/my-model
+    (the shipped model's full command is in the README and in its model card)
 
 1. load CIFAR-10 and split 45,000 train / 5,000 validation (seeded, Guo et al. 2017);
-2. train the residual CNN with label smoothing, a one-cycle schedule and a weight penalty;
+2. train the CNN with label smoothing, a piecewise-linear schedule and a weight penalty
+   (airbench backbone: fit its whitening stem on 5,000 training images first);
 3. fit the temperature on the validation split (never the test split);
 4. evaluate on the test split before and after temperature scaling;
 5. write `model.keras` + model card atomically.

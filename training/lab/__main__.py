@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--artifact", default=None,
                         help="dropout section: also measure MC uncertainty of this trained artifact "
-                             "(e.g. models/shipped/cifar10-resnet)")
+                             "(e.g. models/shipped/cifar10-airbench)")
     args = parser.parse_args(argv)
     for name in ("epochs", "width", "train_size", "test_size"):
         value = getattr(args, name)
