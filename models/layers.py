@@ -202,7 +202,7 @@ class MyBatchNorm(keras.layers.Layer):
     def call(self, inputs, training=None):
         x = ops.cast(inputs, self.compute_dtype)
         axes = list(range(len(x.shape) - 1))
-        if training:
+        if training and self.trainable:   # a frozen BN runs in inference mode, as Keras' does
             mean = ops.mean(ops.cast(x, "float32"), axis=axes)
             var = ops.var(ops.cast(x, "float32"), axis=axes)
             m = self.momentum

@@ -289,6 +289,23 @@ def test_my_batchnorm_equals_keras_batchnorm_in_both_modes(shape, momentum, epsi
     np.testing.assert_array_equal(mine.running_mean.numpy(), before)
 
 
+def test_frozen_my_batchnorm_runs_in_inference_mode_like_keras():
+    """Fine-tuning semantics: with trainable=False, training=True uses and keeps the running stats."""
+    from models.layers import MyBatchNorm
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(3.0, 2.0, (16, 5)).astype(np.float32)
+    mine, ref = MyBatchNorm(momentum=0.9, epsilon=1e-5), keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    for layer in (mine, ref):
+        layer.build(x.shape)
+        layer(x, training=True)                      # move the running statistics off their init
+        layer.trainable = False
+    before = mine.running_mean.numpy().copy()
+    np.testing.assert_allclose(mine(x, training=True).numpy(), ref(x, training=True).numpy(), rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(mine(x, training=True).numpy(), mine(x, training=False).numpy())
+    np.testing.assert_array_equal(mine.running_mean.numpy(), before)
+
+
 def test_calling_a_model_without_training_flag_is_inference_mode():
     from training.lab.context import lab_network
 
