@@ -21,10 +21,12 @@ def test_flags_parse():
 def test_airbench_recipe_flags_parse():
     c = parse_args(["--arch", "airbench", "--activation", "gelu", "--bias-lr-scale", "64",
                     "--lookahead", "--lr-start-factor", "0.2", "--lr-end-factor", "0.07",
-                    "--translate-tta", "--bn-momentum", "0.6", "--logit-scale", "0.111"])
+                    "--translate-tta", "--bn-momentum", "0.6", "--logit-scale", "0.111",
+                    "--whiten-eps", "0.05"])
     assert (c.arch, c.activation, c.bias_lr_scale, c.lookahead, c.translate_tta) == \
         ("airbench", "gelu", 64.0, True, True)
     assert (c.lr_start_factor, c.lr_end_factor, c.bn_momentum, c.logit_scale) == (0.2, 0.07, 0.6, 0.111)
+    assert c.whiten_eps == 0.05
     assert (parse_args([]).arch, parse_args([]).lookahead) == ("resnet9", False)
 
 

@@ -16,6 +16,7 @@ class TrainConfig:
     width: int = 16
     arch: str = "resnet9"            # "resnet9" or "airbench" (whitened stem, see models.network)
     activation: str = "relu"         # "relu" or "gelu"
+    whiten_eps: float = 5e-4         # airbench stem: filter gain 1/sqrt(eigenvalue + eps)
     bn_momentum: float = 0.9
     logit_scale: float = 0.125
     dropout: float = 0.2

@@ -77,7 +77,7 @@ def run(config) -> Path:
                         logit_scale=config.logit_scale, translate_tta=config.translate_tta)
     backbone = build_backbone(net)
     if net.arch == "airbench":
-        set_whitening(backbone, x_train[:5000])
+        set_whitening(backbone, x_train[:5000], eps=config.whiten_eps)
     head = build_head(net, int(backbone.output.shape[-1]))
     train_model = build_classifier(net, test_time_views=False, backbone=backbone, head=head)
     train_model.compile(
