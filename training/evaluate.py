@@ -42,11 +42,15 @@ def evaluate_artifact(artifact_dir: str, data_source: str, *, n_bins: int = 15) 
         "before": compute_metrics(logits, data.y_test, temperature=1.0, n_bins=n_bins),
         "after": compute_metrics(logits, data.y_test, temperature=t, n_bins=n_bins),
         "card": artifact.card,
+        "dataset": data,
     }
 
 
-def accuracy_by_views(artifact_dir: str, data_source: str) -> dict[str, float]:
-    """Test accuracy of the artifact's weights with fewer test-time views: what each view buys."""
+def accuracy_by_views(artifact_dir: str, data_source: str, *, data=None) -> dict[str, float]:
+    """Test accuracy of the artifact's weights with fewer test-time views: what each view buys.
+
+    Pass `data` (already loaded, e.g. `evaluate_artifact(...)["dataset"]`) to skip decoding again.
+    """
     import dataclasses
 
     from models.artifact import load_artifact
@@ -55,7 +59,7 @@ def accuracy_by_views(artifact_dir: str, data_source: str) -> dict[str, float]:
     from training.data import load_cifar10
 
     artifact = load_artifact(artifact_dir)
-    data = load_cifar10(data_source)
+    data = data if data is not None else load_cifar10(data_source)
     net = NetworkConfig(**artifact.card["training"]["network"])
     backbone, head = artifact.model.get_layer("backbone"), artifact.model.get_layer("head")
     variants = {"one view": dataclasses.replace(net, flip_tta=False, translate_tta=False),
@@ -114,7 +118,7 @@ def main(argv=None) -> int:
     else:
         print(format_table(result))
     if args.views:
-        for name, accuracy in accuracy_by_views(args.artifact, source).items():
+        for name, accuracy in accuracy_by_views(args.artifact, source, data=result["dataset"]).items():
             print(f"test accuracy, {name:<18}{accuracy:.4f}")
     if args.png:
         from models.calibration import reliability_diagram_png
