@@ -41,6 +41,7 @@ class NetworkConfig:
     arch: str = "resnet9"          # "resnet9", or "airbench": whitened 2x2 stem + 3 conv groups
     activation: str = "relu"       # "relu" or "gelu"
     translate_tta: bool = False    # also average the views shifted by (1,1) and (-1,-1) pixels
+    group_widths: tuple = ()       # airbench: channels of the three groups; () means (w, 2w, 2w)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,15 +111,21 @@ def _conv_group(x, filters: int, cfg: NetworkConfig, name: str):
 def _airbench_backbone(cfg: NetworkConfig) -> keras.Model:
     """airbench93's shape (Jordan 2024): a frozen 2x2 whitening stem, groups w, 2w, 2w.
 
+    `group_widths` overrides the three widths: on a CPU, channels at 15x15 and 7x7 are cheaper
+    per multiply-add than channels at 31x31 (airbench94 itself uses 64, 256, 256).
+
     Call `set_whitening(backbone, images)` before training. Convolutions start as partial
     identities (Dirac init), an implicit residual path, as in airbench.
     """
     w = cfg.width
+    widths = tuple(cfg.group_widths) or (w, 2 * w, 2 * w)
+    if len(widths) != 3 or min(widths) < 1:
+        raise ValueError(f"group_widths must be three positive channel counts, got {widths!r}")
     inputs = keras.Input(IMAGE_SHAPE, dtype="uint8", name="pixels")
     x = PixelNormalization(name="normalize")(inputs)
     x = PatchWhitening(2, name="whiten")(x)
     x = layers.Activation(cfg.activation, name=f"whiten_{cfg.activation}")(x)
-    for i, filters in enumerate((w, 2 * w, 2 * w), start=1):
+    for i, filters in enumerate(widths, start=1):
         x = _conv_group(x, filters, cfg, f"group{i}")
     x = layers.GlobalMaxPooling2D(name="pool")(x)
     backbone = keras.Model(inputs, x, name="backbone")

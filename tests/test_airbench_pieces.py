@@ -151,7 +151,9 @@ def test_lookahead_pulls_weights_into_the_slow_average():
     callback.on_train_batch_end(1)                        # slow = 0.5*2 + 0.5*4 = 3, copied back
     np.testing.assert_allclose(kernel.numpy(), 3.0)
     kernel.assign(np.full((2, 1), 5.0, np.float32))
-    callback.on_epoch_end(0)                              # end of epoch: weights = slow average
+    callback.on_epoch_end(0)                              # an epoch end leaves the fast weights
+    np.testing.assert_allclose(kernel.numpy(), 5.0)
+    callback.on_train_end()                               # end of training: weights = slow average
     np.testing.assert_allclose(kernel.numpy(), 3.0)
 
 
@@ -166,12 +168,147 @@ def test_airbench_recipe_trains_end_to_end(sample_archive, tmp_path):
         "--data", str(sample_archive), "--output", str(out), "--epochs", "2", "--batch-size", "100",
         "--width", "4", "--arch", "airbench", "--bias-lr-scale", "64", "--lookahead",
         "--lr-start-factor", "0.2", "--lr-end-factor", "0.07", "--translate-tta",
+        "--group-widths", "4,8,6", "--alternate-flip", "--validate-every", "5",
         "--n-validation", "200", "--seed", "3", "--verbose", "0"])
     run(config)
     card = read_card(out)
     assert card["training"]["network"]["arch"] == "airbench"
     assert card["training"]["network"]["translate_tta"] is True
+    assert card["training"]["network"]["group_widths"] == [4, 8, 6]
     assert len(card["training"]["history"]["loss"]) == 2
+    assert len(card["training"]["history"]["val_loss"]) == 1   # only after the last epoch
     assert np.isfinite(card["training"]["history"]["loss"]).all()
     assert card_mismatches(evaluate_artifact(str(out), str(sample_archive))) == []
     load_artifact(out)
+
+
+def test_group_widths_set_the_three_conv_groups():
+    backbone = build_backbone(NetworkConfig(width=4, arch="airbench", group_widths=(4, 16, 12)))
+    assert [backbone.get_layer(f"group{i}_conv2").filters for i in (1, 2, 3)] == [4, 16, 12]
+    assert backbone.output.shape[-1] == 12
+    with pytest.raises(ValueError, match="group_widths"):
+        build_backbone(NetworkConfig(width=4, arch="airbench", group_widths=(4, 16)))
+
+
+def _flip_history(ds, left_value):
+    """image tag -> list of 'was mirrored' per appearance; the tag sits in the top-left pixel."""
+    seen = {}
+    for images, _ in ds:
+        for im in images.numpy():
+            mirrored = im[5, 0, 0] != left_value
+            tag = int(im[0, 31, 0] if mirrored else im[0, 0, 0])
+            seen.setdefault(tag, []).append(bool(mirrored))
+    return seen
+
+
+def test_alternate_flip_mirrors_each_image_in_every_other_epoch():
+    from training.pipeline import training_dataset
+
+    x = np.zeros((12, 32, 32, 3), np.uint8)
+    x[:, :, :16] = 200                                     # bright left half shows the orientation
+    x[:, 0, 0, 0] = np.arange(12) + 1                      # a tag per image
+    ds = training_dataset(x, np.arange(12) % 10, batch_size=4, num_classes=10, seed=5, pad=0,
+                          alternate_flip=True, epochs=5)
+    seen = _flip_history(ds, left_value=200)
+    assert sorted(seen) == list(range(1, 13))
+    for flips in seen.values():
+        assert len(flips) == 5
+        assert all(a != b for a, b in zip(flips, flips[1:]))   # strictly alternating
+    assert {flips[0] for flips in seen.values()} == {True, False}  # random phase per image
+    with pytest.raises(ValueError, match="epochs"):
+        training_dataset(x, np.arange(12) % 10, batch_size=4, num_classes=10, seed=5,
+                         alternate_flip=True)
+
+
+def test_multi_epoch_dataset_draws_fresh_crops_every_epoch():
+    """With `epochs`, the step counter runs on, so epoch 2 does not replay epoch 1's crops."""
+    import tensorflow as tf
+
+    from training.pipeline import training_dataset
+
+    x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    ds = training_dataset(x, np.zeros(8, np.int64), batch_size=8, num_classes=10, seed=1, pad=2,
+                          epochs=3)
+    batches = [images.numpy() for images, _ in ds]
+    assert len(batches) == 3
+    # The same 8 images each epoch (one batch), but the augmented pixels differ between epochs.
+    sums = [np.sort(b.reshape(8, -1).astype(np.int64).sum(1)) for b in batches]
+    assert not all(np.array_equal(sums[0], s) for s in sums[1:])
+    assert isinstance(ds, tf.data.Dataset)
+
+
+def test_orthogonalize_keeps_singular_vectors_and_flattens_singular_values():
+    from training.optimization import orthogonalize
+
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    v, _ = np.linalg.qr(rng.normal(size=(72, 16)))
+    g = (u * np.geomspace(1.0, 20.0, 16)) @ v.T            # condition number 20
+    for matrix, left, right in [(g, u, v), (g.T, v, u)]:   # wide and tall
+        x = keras.ops.convert_to_numpy(orthogonalize(keras.ops.convert_to_tensor(matrix.astype(np.float32))))
+        core = left.T @ x @ right                          # diagonal if singular vectors are kept
+        assert np.abs(core - np.diag(np.diag(core))).max() < 1e-3
+        assert 0.6 < np.diag(core).min() and np.diag(core).max() < 1.3   # 1..20 squeezed to ~0.7..1.2
+
+
+def _muon_step(kernel, gradient, **kw):
+    from training.optimization import MuonSGD
+
+    var = keras.Variable(kernel, name="kernel")
+    opt = MuonSGD(learning_rate=0.5, momentum=0.85, nesterov=True, muon_lr=0.2, peak_lr=0.5, **kw)
+    opt.apply_gradients([(keras.ops.convert_to_tensor(gradient), var)])
+    return var.numpy()
+
+
+def test_muon_normalises_conv_kernels_and_ignores_radial_gradients():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(3, 3, 4, 8)).astype(np.float32)
+    # A gradient along w (an L2 penalty's 2*l2*w) moves nothing but the norm: w -> w*sqrt(8)/|w|.
+    np.testing.assert_allclose(_muon_step(w, 3.0 * w), w * np.sqrt(8) / np.linalg.norm(w), rtol=1e-5)
+    # A tangential gradient: the step is lr_muon * (an orthogonalised matrix) and goes downhill.
+    g = rng.normal(size=w.shape).astype(np.float32)
+    g -= (g * w).sum() / (w * w).sum() * w
+    new = _muon_step(w, g)
+    start = w * np.sqrt(8) / np.linalg.norm(w)
+    step = (start - new).reshape(-1, 8)
+    s = np.linalg.svd(step, compute_uv=False)
+    assert 0.2 * 0.3 < s.min() and s.max() < 0.2 * 1.6 * (1 + 0.6)   # lr 0.2, Nesterov factor
+    assert (step * g.reshape(-1, 8)).sum() > 0
+
+
+def test_muon_leaves_dense_kernels_and_biases_to_sgd():
+    from training.optimization import MuonSGD
+
+    dense = keras.Variable(np.ones((4, 2), np.float32), name="kernel")
+    beta = keras.Variable(np.zeros(3, np.float32), name="beta")
+    opt = MuonSGD(learning_rate=0.1, momentum=0.9, nesterov=False, bias_lr_scale=10.0,
+                  muon_lr=0.2, peak_lr=0.1)
+    opt.apply_gradients([(np.full((4, 2), 1.0, np.float32), dense), (np.ones(3, np.float32), beta)])
+    np.testing.assert_allclose(dense.numpy(), 1.0 - 0.1)          # plain SGD step
+    np.testing.assert_allclose(beta.numpy(), -0.1 * 10.0)          # bias-scaled SGD step
+    with pytest.raises(ValueError, match="momentum"):
+        MuonSGD(learning_rate=0.1, momentum=0.0)
+
+
+def test_muon_inside_fit_keeps_conv_kernel_norms_near_sqrt_out():
+    """Through `fit` the TF backend hands the optimizer tf.Variables: the 4-D test still routes."""
+    from training.optimization import MuonSGD
+
+    keras.utils.set_random_seed(0)
+    net = NetworkConfig(width=4, arch="airbench", group_widths=(4, 8, 8), l2=1e-3)
+    model = build_classifier(net, test_time_views=False)
+    set_whitening(model.get_layer("backbone"), np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8))
+    model.compile(optimizer=MuonSGD(learning_rate=0.05, momentum=0.85, nesterov=True, muon_lr=0.05, peak_lr=0.05),
+                  loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    convs = [l for l in model.get_layer("backbone").layers if isinstance(l, keras.layers.Conv2D)]
+    for conv in convs:                                     # start far from norm sqrt(out)
+        conv.kernel.assign(conv.kernel.numpy() * 3.0)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8)
+    y = keras.utils.to_categorical(rng.integers(0, 10, 128), 10)
+    history = model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    for conv in convs:
+        out = conv.kernel.shape[-1]
+        norm = np.linalg.norm(conv.kernel.numpy())
+        assert abs(norm / np.sqrt(out) - 1.0) < 0.3, (conv.name, norm)

@@ -27,12 +27,19 @@ def test_airbench_recipe_flags_parse():
         ("airbench", "gelu", 64.0, True, True)
     assert (c.lr_start_factor, c.lr_end_factor, c.bn_momentum, c.logit_scale) == (0.2, 0.07, 0.6, 0.111)
     assert c.whiten_eps == 0.05
+    c = parse_args(["--group-widths", "32,128,128", "--alternate-flip", "--validate-every", "4"])
+    assert (c.group_widths_tuple(), c.alternate_flip, c.validate_every) == ((32, 128, 128), True, 4)
+    assert parse_args([]).group_widths_tuple() == ()
+    c = parse_args(["--optimizer", "muon", "--muon-lr", "0.2", "--muon-momentum", "0.5"])
+    assert (c.optimizer, c.muon_lr, c.muon_momentum) == ("muon", 0.2, 0.5)
     assert (parse_args([]).arch, parse_args([]).lookahead) == ("resnet9", False)
 
 
 @pytest.mark.parametrize("argv", [["--optimizer", "rmsprop"], ["--mix", "blend"],
                                   ["--arch", "vgg"], ["--activation", "tanh"],
-                                  ["--label-smoothing", "1.5"], ["--epochs", "0"]])
+                                  ["--label-smoothing", "1.5"], ["--epochs", "0"],
+                                  ["--group-widths", "32,128"], ["--group-widths", "32,x,128"],
+                                  ["--group-widths", "0,8,8"], ["--validate-every", "0"]])
 def test_bad_flags_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)

@@ -21,12 +21,15 @@ class TrainConfig:
     logit_scale: float = 0.125
     dropout: float = 0.2
     label_smoothing: float = 0.1
-    optimizer: str = "sgd"           # "sgd" (Nesterov, with L2 kernel_regularizer) or "adamw"
+    optimizer: str = "sgd"           # "sgd" (Nesterov, L2 kernel_regularizer), "adamw", or "muon"
+                                     # (Muon on conv filters, that SGD on the rest)
     learning_rate: float = 0.4       # peak of the piecewise-linear schedule
     warmup_fraction: float = 0.25
     lr_start_factor: float = 0.0     # schedule starts at this fraction of the peak
     lr_end_factor: float = 0.0       # and ends at this fraction
     momentum: float = 0.9
+    muon_lr: float = 0.24            # Muon's peak step (airbench94_muon), same schedule shape
+    muon_momentum: float = 0.6
     bias_lr_scale: float = 1.0       # BatchNorm shifts step this many times larger (airbench: 64)
     lookahead: bool = False          # airbench's Lookahead EMA of the weights, every 5 steps
     l2: float = 2.5e-4               # kernel_regularizer=L2(l2); gradient 2*l2*w (torch wd 5e-4)
@@ -34,6 +37,9 @@ class TrainConfig:
     mix: str = "none"                # "none", "mixup" or "cutmix"
     mix_alpha: float = 1.0
     pad: int = 4                     # pad-crop translation in pixels
+    alternate_flip: bool = False     # airbench: mirror each image in every other epoch
+    group_widths: str = ""           # airbench: "32,128,128"; empty means (w, 2w, 2w)
+    validate_every: int = 1          # epochs between validation passes (the last epoch always)
     flip_tta: bool = True
     translate_tta: bool = False      # also average 1-pixel shifted views at test time (3x cost)
     n_validation: int = 5000
@@ -44,6 +50,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def group_widths_tuple(self) -> tuple:
+        if not self.group_widths:
+            return ()
+        widths = tuple(int(v) for v in self.group_widths.split(","))
+        if len(widths) != 3 or min(widths) < 1:
+            raise ValueError(f"group widths must be three positive integers, got {self.group_widths!r}")
+        return widths
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -60,8 +74,8 @@ def parse_args(argv=None) -> TrainConfig:
             parser.add_argument(flag, type=type(default), default=default)
     args = parser.parse_args(argv)
     config = TrainConfig(**vars(args))
-    if config.optimizer not in ("sgd", "adamw"):
-        parser.error("--optimizer must be sgd or adamw")
+    if config.optimizer not in ("sgd", "adamw", "muon"):
+        parser.error("--optimizer must be sgd, adamw or muon")
     if config.arch not in ("resnet9", "airbench"):
         parser.error("--arch must be resnet9 or airbench")
     if config.activation not in ("relu", "gelu"):
@@ -70,6 +84,10 @@ def parse_args(argv=None) -> TrainConfig:
         parser.error("--mix must be none, mixup or cutmix")
     if not 0.0 <= config.label_smoothing < 1.0:
         parser.error("--label-smoothing must be in [0, 1)")
-    if config.epochs < 1 or config.batch_size < 1 or config.width < 1:
-        parser.error("--epochs, --batch-size and --width must be positive")
+    if config.epochs < 1 or config.batch_size < 1 or config.width < 1 or config.validate_every < 1:
+        parser.error("--epochs, --batch-size, --width and --validate-every must be positive")
+    try:
+        config.group_widths_tuple()
+    except ValueError:
+        parser.error("--group-widths must be three positive integers, e.g. 32,128,128")
     return config

@@ -3,7 +3,9 @@
 The schedule is piecewise linear (start -> peak -> end, as fractions of the peak). With start and
 end 0 it is the one-cycle ramp of ResNet-9 training; airbench uses start 0.2, a peak at 23% of
 training and end 0.07. `bias_lr_scale` gives BatchNorm shifts (`beta`) a larger step, airbench's
-"bias scaler", which Keras optimizers cannot express with parameter groups.
+"bias scaler", which Keras optimizers cannot express with parameter groups. `MuonSGD` updates the
+3x3 convolution filters with Muon (orthogonalised momentum, airbench94_muon) and everything else
+with the same SGD.
 """
 
 from __future__ import annotations
@@ -50,6 +52,65 @@ class BiasScaledSGD(keras.optimizers.SGD):
         return super().update_step(gradient, variable, learning_rate)
 
 
+def orthogonalize(g, steps: int = 3, eps: float = 1e-7):
+    """Newton-Schulz approximation of U V^T for g = U S V^T (Muon's quintic, 3 steps).
+
+    The coefficients push singular values towards ~[0.5, 1.5] rather than exactly 1, which
+    airbench94_muon found as good as the exact polar factor and cheaper.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (keras.ops.sqrt(keras.ops.sum(keras.ops.square(g))) + eps)
+    wide = g.shape[0] <= g.shape[1]
+    if not wide:
+        x = keras.ops.transpose(x)
+    for _ in range(steps):
+        gram = keras.ops.matmul(x, keras.ops.transpose(x))
+        poly = b * gram + c * keras.ops.matmul(gram, gram)
+        x = a * x + keras.ops.matmul(poly, x)
+    return x if wide else keras.ops.transpose(x)
+
+
+class MuonSGD(BiasScaledSGD):
+    """Muon on 4-D convolution kernels, bias-scaled SGD on the rest (airbench94_muon's split).
+
+    For a kernel w [kh, kw, in, out] with gradient g:
+      g  <- g minus its component along w. With BatchNorm after the conv the loss gradient has
+            none, so this removes exactly the L2 penalty's 2*l2*w, which Muon's own weight
+            normalisation makes redundant;
+      m  <- mu*m + g;  u = g + mu*m (Nesterov);
+      w  <- w * sqrt(out) / |w|  (fixed norm, as airbench94_muon);  w <- w - lr_muon * NS(u).
+    `lr_muon` follows the same schedule as the SGD rate: lr_muon = muon_lr * lr / peak_lr.
+    """
+
+    def __init__(self, *args, muon_lr: float = 0.24, muon_momentum: float = 0.6,
+                 peak_lr: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.momentum:
+            raise ValueError("MuonSGD keeps Muon's momentum in SGD's slot: momentum must be > 0")
+        self.muon_lr, self.muon_momentum, self.peak_lr = float(muon_lr), float(muon_momentum), float(peak_lr)
+
+    def update_step(self, gradient, variable, learning_rate):
+        if len(variable.shape) != 4:
+            return super().update_step(gradient, variable, learning_rate)
+        ops = keras.ops
+        w = ops.convert_to_tensor(variable)
+        g = ops.cast(gradient, variable.dtype)
+        g = g - ops.sum(g * w) / ops.sum(w * w) * w
+        m = self.momentums[self._get_variable_index(variable)]
+        mu = self.muon_momentum
+        self.assign(m, m * mu + g)
+        u = g + mu * ops.convert_to_tensor(m)
+        out_channels = variable.shape[-1]
+        update = ops.reshape(orthogonalize(ops.reshape(u, (-1, out_channels))), variable.shape)
+        rate = ops.cast(learning_rate, variable.dtype) * (self.muon_lr / self.peak_lr)
+        w = w * (out_channels ** 0.5) / ops.sqrt(ops.sum(w * w))
+        self.assign(variable, w - rate * update)
+
+    def get_config(self):
+        return {**super().get_config(), "muon_lr": self.muon_lr,
+                "muon_momentum": self.muon_momentum, "peak_lr": self.peak_lr}
+
+
 def build_optimizer(config, total_steps: int):
     schedule = PiecewiseLinearSchedule(config.learning_rate, total_steps, config.warmup_fraction,
                                        start=config.lr_start_factor, end=config.lr_end_factor)
@@ -59,6 +120,10 @@ def build_optimizer(config, total_steps: int):
         # Decay kernels only, as in the AdamW paper's practice: not BN scales/shifts or biases.
         opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
         return opt
+    if config.optimizer == "muon":
+        return MuonSGD(learning_rate=schedule, momentum=config.momentum, nesterov=True,
+                       bias_lr_scale=config.bias_lr_scale, muon_lr=config.muon_lr,
+                       muon_momentum=config.muon_momentum, peak_lr=config.learning_rate)
     return BiasScaledSGD(learning_rate=schedule, momentum=config.momentum, nesterov=True,
                          bias_lr_scale=config.bias_lr_scale)
 
@@ -68,7 +133,8 @@ class Lookahead(keras.callbacks.Callback):
 
     The EMA decay ramps up as (step / total)**power, so training moves fast early and averages
     strongly at the end. It covers every float weight, BatchNorm statistics included, and starts
-    after `start_step` steps.
+    after `start_step` steps. The weights become the slow average once more when training ends
+    (airbench's final `decay=1.0` update); between pulls the fast weights are left alone.
     """
 
     def __init__(self, total_steps: int, start_step: int, every: int = 5,
@@ -91,7 +157,7 @@ class Lookahead(keras.callbacks.Callback):
             return
         self._pull(self.base_decay * (self.step / self.total_steps) ** self.power)
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_train_end(self, logs=None):
         if self.slow is not None:
             self._pull(1.0)
 

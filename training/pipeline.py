@@ -11,12 +11,15 @@ import numpy as np
 import tensorflow as tf
 
 
-def random_flip_and_crop(images: tf.Tensor, *, pad: int, seed: tf.Tensor) -> tf.Tensor:
-    """Per-image random horizontal flip and random crop after reflect-padding by `pad` pixels."""
+def random_flip_and_crop(images: tf.Tensor, *, pad: int, seed: tf.Tensor,
+                         flip: tf.Tensor | None = None) -> tf.Tensor:
+    """Per-image horizontal flip (random unless `flip` is given) and random crop after
+    reflect-padding by `pad` pixels."""
     batch = tf.shape(images)[0]
     size = images.shape[1]
     s_flip, s_y, s_x = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    flip = tf.random.stateless_uniform([batch], s_flip) < 0.5
+    if flip is None:
+        flip = tf.random.stateless_uniform([batch], s_flip) < 0.5
     images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
     if pad <= 0:
         return images
@@ -34,21 +37,36 @@ def one_hot(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
 
 
 def training_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, num_classes: int,
-                     seed: int, pad: int = 4, mix_layer=None) -> tf.data.Dataset:
+                     seed: int, pad: int = 4, mix_layer=None,
+                     alternate_flip: bool = False, epochs: int | None = None) -> tf.data.Dataset:
     """Shuffled, augmented batches of (uint8 images, one-hot labels), reshuffled every epoch.
 
     `mix_layer` (Mixup/CutMix) maps a batch of (images, one-hot labels) to mixed soft labels.
+    `alternate_flip` is airbench's derandomised flip: each image gets a random flip phase once,
+    then is mirrored in every other epoch, so any two consecutive epochs show both orientations.
+    With `epochs`, the dataset holds all epochs in one pass (`fit(..., steps_per_epoch=...)`), so
+    the step counter and with it the random crops and the flip phase run on across epochs;
+    without it, each iteration is one epoch and the counter starts again at 0.
     """
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    phase = np.random.default_rng(seed).integers(0, 2, len(x), dtype=np.int64)
+    steps_per_epoch = max(1, len(x) // batch_size)
+    ds = tf.data.Dataset.from_tensor_slices((x, y, phase))
     ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=True)
+    if epochs is not None:
+        ds = ds.repeat(epochs)
+    elif alternate_flip:
+        raise ValueError("alternate_flip needs `epochs`: the epoch is counted across the whole run")
     counter = tf.data.Dataset.counter()
     ds = tf.data.Dataset.zip((ds, counter))
 
     def augment(batch, step):
-        images, labels = batch
+        images, labels, image_phase = batch
         seed_pair = tf.stack([tf.constant(seed, tf.int64), step])
-        images = random_flip_and_crop(images, pad=pad, seed=seed_pair)
+        flip = None
+        if alternate_flip:
+            flip = tf.math.floormod(image_phase + step // steps_per_epoch, 2) == 1
+        images = random_flip_and_crop(images, pad=pad, seed=seed_pair, flip=flip)
         return images, one_hot(labels, num_classes)
 
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)

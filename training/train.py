@@ -67,14 +67,16 @@ def run(config) -> Path:
         mix_layer = CutMix(alpha=config.mix_alpha, seed=config.seed)
     train_ds = training_dataset(x_train, y_train, batch_size=min(config.batch_size, len(x_train)),
                                 num_classes=num_classes, seed=config.seed, pad=config.pad,
-                                mix_layer=mix_layer)
+                                mix_layer=mix_layer, alternate_flip=config.alternate_flip,
+                                epochs=config.epochs)
     steps_per_epoch = max(1, len(x_train) // config.batch_size)
 
     # 2. Model and training ----------------------------------------------------------------
     net = NetworkConfig(width=config.width, num_classes=num_classes, dropout=config.dropout,
-                        l2=config.l2 if config.optimizer == "sgd" else 0.0, flip_tta=config.flip_tta,
+                        l2=config.l2 if config.optimizer != "adamw" else 0.0, flip_tta=config.flip_tta,
                         arch=config.arch, activation=config.activation, bn_momentum=config.bn_momentum,
-                        logit_scale=config.logit_scale, translate_tta=config.translate_tta)
+                        logit_scale=config.logit_scale, translate_tta=config.translate_tta,
+                        group_widths=config.group_widths_tuple())
     backbone = build_backbone(net)
     if net.arch == "airbench":
         set_whitening(backbone, x_train[:5000], eps=config.whiten_eps)
@@ -86,7 +88,8 @@ def run(config) -> Path:
                                                   label_smoothing=config.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
-    print(f"model: {train_model.count_params():,} parameters, width {config.width}", flush=True)
+    widths = net.group_widths or config.width
+    print(f"model: {train_model.count_params():,} parameters, {net.arch}, width {widths}", flush=True)
     validation = None
     if len(x_val):
         validation = (x_val, keras.utils.to_categorical(y_val, num_classes))
@@ -95,8 +98,13 @@ def run(config) -> Path:
     callbacks = []
     if config.lookahead:
         callbacks.append(Lookahead(total_steps, start_step=min(3, config.epochs - 1) * steps_per_epoch))
+    # Validate every `validate_every` epochs and always after the last one.
+    validation_freq = sorted({*range(config.validate_every, config.epochs + 1, config.validate_every),
+                              config.epochs})
     history = train_model.fit(train_ds, epochs=config.epochs, validation_data=validation,
-                              validation_batch_size=1000, verbose=config.verbose, callbacks=callbacks)
+                              steps_per_epoch=steps_per_epoch,
+                              validation_freq=validation_freq, validation_batch_size=1000,
+                              verbose=config.verbose, callbacks=callbacks)
     train_seconds = time.time() - fit_started
 
     # 3. Temperature on the validation split -------------------------------------------------
