@@ -55,10 +55,17 @@ def test_evaluate_cli_check_and_png(tiny_artifact, sample_archive, tmp_path, cap
 
     png = tmp_path / "diagram.png"
     assert main([str(tiny_artifact), "--data", str(sample_archive), "--check", "--png", str(png),
-                 "--views"]) == 0
+                 "--views", "--bootstrap", "50"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "ece" in out and "+ mirror + shifts" in out
+    ece_line = next(line for line in out.splitlines() if "bootstrap" in line and " ece " in line)
+    estimate, low, high = (float(v) for v in ece_line.replace("[", " ").replace("]", " ")
+                           .replace(",", " ").split()[-3:])
+    card_ece = read_card(tiny_artifact)["metrics"]["test_after_temperature"]["ece"]
+    assert estimate == pytest.approx(card_ece, abs=1e-4) and low < high
+    with pytest.raises(SystemExit):
+        main([str(tiny_artifact), "--bootstrap", "1"])
 
 
 def test_accuracy_by_views_reproduces_the_cards_accuracy(tiny_artifact, sample_archive):

@@ -43,6 +43,7 @@ def evaluate_artifact(artifact_dir: str, data_source: str, *, n_bins: int = 15) 
         "after": compute_metrics(logits, data.y_test, temperature=t, n_bins=n_bins),
         "card": artifact.card,
         "dataset": data,
+        "logits": logits,
     }
 
 
@@ -93,6 +94,17 @@ def format_table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def bootstrap_lines(result: dict, n_resamples: int, n_bins: int) -> list[tuple[str, str]]:
+    """95% percentile-bootstrap intervals of the after-T test figures, one printable line each."""
+    from models.calibration import bootstrap_intervals
+
+    intervals = bootstrap_intervals(result["logits"], result["dataset"].y_test,
+                                    temperature=result["temperature"], n_bins=n_bins,
+                                    n_resamples=n_resamples)
+    return [(name, f"after T, 95% bootstrap ({n_resamples} resamples) {name:<9}{iv.estimate:.4f}"
+                   f"  [{iv.low:.4f}, {iv.high:.4f}]") for name, iv in intervals.items()]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="calib-evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("artifact", help="artifact folder (model.keras + model_card.json)")
@@ -103,9 +115,14 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--views", action="store_true",
                         help="also print test accuracy with one view, + mirror, + 1-px shifts")
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                        help="also print 95%% bootstrap intervals (N resamples) of accuracy, NLL and "
+                             "ECE after T: how much a fresh test set of this size could differ")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 unless the figures equal the card's (same data source)")
     args = parser.parse_args(argv)
+    if args.bootstrap and args.bootstrap < 2:
+        parser.error("--bootstrap needs at least 2 resamples")
 
     from models.artifact import read_card
     source = args.data or read_card(args.artifact)["training"]["config"]["data"]
@@ -120,6 +137,9 @@ def main(argv=None) -> int:
     if args.views:
         for name, accuracy in accuracy_by_views(args.artifact, source, data=result["dataset"]).items():
             print(f"test accuracy, {name:<18}{accuracy:.4f}")
+    if args.bootstrap:
+        for name, line in bootstrap_lines(result, args.bootstrap, args.bins):
+            print(line)
     if args.png:
         from models.calibration import reliability_diagram_png
         Path(args.png).write_bytes(reliability_diagram_png(

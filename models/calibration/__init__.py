@@ -1,5 +1,6 @@
 """Calibration math shared by training, the service and the lab (NumPy only, no TensorFlow)."""
 
+from .bootstrap import Interval, bootstrap_intervals
 from .diagram import reliability_diagram_png
 from .metrics import (
     CalibrationMetrics,
@@ -15,9 +16,11 @@ from .temperature import TemperatureFitError, fit_temperature, nll_at_temperatur
 
 __all__ = [
     "CalibrationMetrics",
+    "Interval",
     "ReliabilityBin",
     "TemperatureFitError",
     "adaptive_calibration_error",
+    "bootstrap_intervals",
     "compute_metrics",
     "expected_calibration_error",
     "fit_temperature",
