@@ -94,15 +94,15 @@ def format_table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def bootstrap_lines(result: dict, n_resamples: int, n_bins: int) -> list[tuple[str, str]]:
+def bootstrap_lines(result: dict, n_resamples: int, n_bins: int) -> list[str]:
     """95% percentile-bootstrap intervals of the after-T test figures, one printable line each."""
     from models.calibration import bootstrap_intervals
 
     intervals = bootstrap_intervals(result["logits"], result["dataset"].y_test,
                                     temperature=result["temperature"], n_bins=n_bins,
                                     n_resamples=n_resamples)
-    return [(name, f"after T, 95% bootstrap ({n_resamples} resamples) {name:<9}{iv.estimate:.4f}"
-                   f"  [{iv.low:.4f}, {iv.high:.4f}]") for name, iv in intervals.items()]
+    return [f"after T, 95% bootstrap ({n_resamples} resamples) {name:<9}{iv.estimate:.4f}"
+            f"  [{iv.low:.4f}, {iv.high:.4f}]" for name, iv in intervals.items()]
 
 
 def main(argv=None) -> int:
@@ -138,8 +138,7 @@ def main(argv=None) -> int:
         for name, accuracy in accuracy_by_views(args.artifact, source, data=result["dataset"]).items():
             print(f"test accuracy, {name:<18}{accuracy:.4f}")
     if args.bootstrap:
-        for name, line in bootstrap_lines(result, args.bootstrap, args.bins):
-            print(line)
+        print("\n".join(bootstrap_lines(result, args.bootstrap, args.bins)))
     if args.png:
         from models.calibration import reliability_diagram_png
         Path(args.png).write_bytes(reliability_diagram_png(

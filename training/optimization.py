@@ -95,7 +95,8 @@ class MuonSGD(BiasScaledSGD):
         ops = keras.ops
         w = ops.convert_to_tensor(variable)
         g = ops.cast(gradient, variable.dtype)
-        g = g - ops.sum(g * w) / ops.sum(w * w) * w
+        norm_sq = ops.sum(w * w)
+        g = g - ops.sum(g * w) / norm_sq * w
         m = self.momentums[self._get_variable_index(variable)]
         mu = self.muon_momentum
         self.assign(m, m * mu + g)
@@ -103,7 +104,7 @@ class MuonSGD(BiasScaledSGD):
         out_channels = variable.shape[-1]
         update = ops.reshape(orthogonalize(ops.reshape(u, (-1, out_channels))), variable.shape)
         rate = ops.cast(learning_rate, variable.dtype) * (self.muon_lr / self.peak_lr)
-        w = w * (out_channels ** 0.5) / ops.sqrt(ops.sum(w * w))
+        w = w * (out_channels ** 0.5) / ops.sqrt(norm_sq)
         self.assign(variable, w - rate * update)
 
     def get_config(self):
