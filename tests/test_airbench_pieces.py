@@ -157,6 +157,32 @@ def test_lookahead_pulls_weights_into_the_slow_average():
     np.testing.assert_allclose(kernel.numpy(), 3.0)
 
 
+def test_freeze_layer_after_stops_one_layer_and_trains_the_rest():
+    from training.optimization import FreezeLayerAfter
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="first"),
+                              keras.layers.Dense(2, name="second")])
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+    snapshots = []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            snapshots.append([np.array(model.get_layer(n).kernel.numpy()) for n in ("first", "second")])
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 3)), rng.normal(size=(64, 2))
+    initial = np.array(model.get_layer("first").kernel.numpy())
+    model.fit(x, y, batch_size=16, epochs=4, verbose=0,
+              callbacks=[FreezeLayerAfter(model.get_layer("first"), epochs=2), Record()])
+    first = [s[0] for s in snapshots]
+    second = [s[1] for s in snapshots]
+    assert not np.allclose(first[1], initial)              # trained in epochs 1 and 2
+    np.testing.assert_array_equal(first[3], first[1])     # then frozen
+    assert not np.allclose(second[3], second[1])           # the other layer keeps training
+    assert not model.get_layer("first").trainable
+
+
 def test_airbench_recipe_trains_end_to_end(sample_archive, tmp_path):
     from models.artifact import load_artifact, read_card
     from training.config import parse_args
@@ -168,7 +194,7 @@ def test_airbench_recipe_trains_end_to_end(sample_archive, tmp_path):
         "--data", str(sample_archive), "--output", str(out), "--epochs", "2", "--batch-size", "100",
         "--width", "4", "--arch", "airbench", "--bias-lr-scale", "64", "--lookahead",
         "--lr-start-factor", "0.2", "--lr-end-factor", "0.07", "--translate-tta",
-        "--group-widths", "4,8,6", "--alternate-flip", "--validate-every", "5",
+        "--group-widths", "4,8,6", "--alternate-flip", "--validate-every", "5", "--whiten-bias-epochs", "1",
         "--n-validation", "200", "--seed", "3", "--verbose", "0"])
     run(config)
     card = read_card(out)

@@ -17,6 +17,7 @@ class TrainConfig:
     arch: str = "resnet9"            # "resnet9" or "airbench" (whitened stem, see models.network)
     activation: str = "relu"         # "relu" or "gelu"
     whiten_eps: float = 5e-4         # airbench stem: filter gain 1/sqrt(eigenvalue + eps)
+    whiten_bias_epochs: int = 0      # airbench stem: freeze its bias after this many epochs (0: never)
     bn_momentum: float = 0.9
     logit_scale: float = 0.125
     dropout: float = 0.2
@@ -86,6 +87,8 @@ def parse_args(argv=None) -> TrainConfig:
         parser.error("--label-smoothing must be in [0, 1)")
     if config.epochs < 1 or config.batch_size < 1 or config.width < 1 or config.validate_every < 1:
         parser.error("--epochs, --batch-size, --width and --validate-every must be positive")
+    if config.whiten_bias_epochs < 0:
+        parser.error("--whiten-bias-epochs must be 0 (never freeze) or a positive number of epochs")
     try:
         config.group_widths_tuple()
     except ValueError:

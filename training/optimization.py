@@ -167,3 +167,22 @@ class Lookahead(keras.callbacks.Callback):
             slow *= decay
             slow += (1.0 - decay) * variable.numpy()
             variable.assign(slow)
+
+
+class FreezeLayerAfter(keras.callbacks.Callback):
+    """Stop training `layer` after `epochs` epochs (airbench trains the whitening bias for 3).
+
+    Besides copying airbench, this saves time: with the stem frozen, backpropagation stops at
+    the first conv group and TF skips the gradient with respect to its 31x31 input. The train
+    function is rebuilt once, so the next step is traced without the layer's variables; the
+    optimizer keeps its state for the rest.
+    """
+
+    def __init__(self, layer: keras.layers.Layer, epochs: int):
+        super().__init__()
+        self.layer, self.epochs = layer, int(epochs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epochs and self.layer.trainable:
+            self.layer.trainable = False
+            self.model.make_train_function(force=True)

@@ -44,7 +44,7 @@ def run(config) -> Path:
     from models.mixing import CutMix, MixUp
     from models.network import NetworkConfig, build_backbone, build_classifier, build_head, set_whitening
     from training.data import load_cifar10, train_validation_split
-    from training.optimization import Lookahead, build_optimizer
+    from training.optimization import FreezeLayerAfter, Lookahead, build_optimizer
     from training.pipeline import training_dataset
 
     started = time.time()
@@ -98,6 +98,8 @@ def run(config) -> Path:
     callbacks = []
     if config.lookahead:
         callbacks.append(Lookahead(total_steps, start_step=min(3, config.epochs - 1) * steps_per_epoch))
+    if net.arch == "airbench" and 0 < config.whiten_bias_epochs < config.epochs:
+        callbacks.append(FreezeLayerAfter(backbone.get_layer("whiten"), config.whiten_bias_epochs))
     # Validate every `validate_every` epochs and always after the last one.
     validation_freq = sorted({*range(config.validate_every, config.epochs + 1, config.validate_every),
                               config.epochs})
