@@ -33,7 +33,8 @@ def test_airbench_recipe_flags_parse():
     c = parse_args(["--optimizer", "muon", "--muon-lr", "0.2", "--muon-momentum", "0.5"])
     assert (c.optimizer, c.muon_lr, c.muon_momentum) == ("muon", 0.2, 0.5)
     assert (parse_args([]).arch, parse_args([]).lookahead) == ("resnet9", False)
-    assert (parse_args(["--whiten-bias-epochs", "3"]).whiten_bias_epochs, parse_args([]).whiten_bias_epochs) == (3, 0)
+    frozen = parse_args(["--arch", "airbench", "--whiten-bias-epochs", "3"])
+    assert (frozen.whiten_bias_epochs, parse_args([]).whiten_bias_epochs) == (3, 0)
 
 
 @pytest.mark.parametrize("argv", [["--optimizer", "rmsprop"], ["--mix", "blend"],
@@ -41,7 +42,7 @@ def test_airbench_recipe_flags_parse():
                                   ["--label-smoothing", "1.5"], ["--epochs", "0"],
                                   ["--group-widths", "32,128"], ["--group-widths", "32,x,128"],
                                   ["--group-widths", "0,8,8"], ["--validate-every", "0"],
-                                  ["--whiten-bias-epochs", "-1"]])
+                                  ["--whiten-bias-epochs", "-1"], ["--whiten-bias-epochs", "3"]])
 def test_bad_flags_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)

@@ -89,6 +89,8 @@ def parse_args(argv=None) -> TrainConfig:
         parser.error("--epochs, --batch-size, --width and --validate-every must be positive")
     if config.whiten_bias_epochs < 0:
         parser.error("--whiten-bias-epochs must be 0 (never freeze) or a positive number of epochs")
+    if config.whiten_bias_epochs and config.arch != "airbench":
+        parser.error("--whiten-bias-epochs needs --arch airbench (only its stem has a whitening bias)")
     try:
         config.group_widths_tuple()
     except ValueError:
