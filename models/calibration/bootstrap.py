@@ -14,9 +14,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats
 
-from .metrics import _check_n_bins, _check_temperature, _ece, _validate_logits_labels, log_softmax
-
-METRICS = ("accuracy", "nll", "ece")
+from .metrics import _check_n_bins, _check_temperature, _ece, _top_label, _validate_logits_labels
 
 
 @dataclass(frozen=True)
@@ -24,9 +22,6 @@ class Interval:
     estimate: float
     low: float
     high: float
-
-    def to_dict(self) -> dict:
-        return {"estimate": self.estimate, "low": self.low, "high": self.high}
 
 
 def bootstrap_intervals(logits: ArrayLike, labels: ArrayLike, *, temperature: float = 1.0,
@@ -42,18 +37,13 @@ def bootstrap_intervals(logits: ArrayLike, labels: ArrayLike, *, temperature: fl
     x, y = _validate_logits_labels(logits, labels)
     if len(y) < 2:
         raise ValueError("a bootstrap needs at least 2 samples")
-    rows = np.arange(len(y))
-    logp = log_softmax(x, t)
-    pred = np.argmax(x, axis=1)
-    conf = np.exp(logp[rows, pred])
-    correct = (pred == y).astype(np.float64)
-    nll = -logp[rows, y]
+    logp, conf, correct = _top_label(x, y, t)
+    nll = -logp[np.arange(len(y)), y]
     statistics = {"accuracy": lambda c, k, l: float(k.mean()),
                   "nll": lambda c, k, l: float(l.mean()),
                   "ece": lambda c, k, l: _ece(c, k, b)}
     out = {}
-    for name in METRICS:
-        fn = statistics[name]
+    for name, fn in statistics.items():
         result = stats.bootstrap((conf, correct, nll), fn, paired=True, vectorized=False,
                                  n_resamples=int(n_resamples), confidence_level=float(confidence),
                                  method="percentile", random_state=np.random.default_rng(seed))

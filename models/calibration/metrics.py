@@ -145,6 +145,18 @@ def _shifted(logits: ArrayLike, temperature: float) -> np.ndarray:
     return (x - x.max(axis=-1, keepdims=True)) / temperature
 
 
+def _top_label(x: np.ndarray, y: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(log-probabilities [N, K], top-label confidence [N], correct [N] as 0/1 floats).
+
+    The prediction is the argmax of the raw logits: exactly invariant to T > 0 (the map is
+    monotone). Shared by `compute_metrics` and the bootstrap, so both read one definition.
+    """
+    logp = log_softmax(x, t)
+    pred = np.argmax(x, axis=1)
+    conf = np.exp(logp[np.arange(len(y)), pred])
+    return logp, conf, (pred == y).astype(np.float64)
+
+
 def log_softmax(logits: ArrayLike, temperature: float = 1.0) -> np.ndarray:
     """log softmax(logits / temperature) over the last axis, float64."""
     z = _shifted(logits, _check_temperature(temperature))
@@ -359,12 +371,8 @@ def compute_metrics(
     n, k = x.shape
     rows = np.arange(n)
 
-    logp = log_softmax(x, t)
+    logp, conf, correct = _top_label(x, y, t)
     p = np.exp(logp)
-    # argmax of the raw logits: exactly invariant to T > 0 (the map is monotone).
-    pred = np.argmax(x, axis=1)
-    conf = p[rows, pred]
-    correct = (pred == y).astype(np.float64)
 
     nll = float(-np.mean(logp[rows, y]))
     resid = p.copy()
