@@ -169,24 +169,36 @@ def build_head(cfg: NetworkConfig, feature_dim: int) -> keras.Sequential:
     )
 
 
-def _tta_views(inputs, flip: bool, translate: bool) -> list:
+def _tta_view_groups(inputs, flip: bool, translate: bool) -> list[list]:
     """Test-time views whose backbone features are averaged (airbench's TTA levels 1 and 2).
 
-    With `translate`, the unshifted views are listed twice so they carry half the weight and
-    the (1,1)/(-1,-1) reflect-shifted views the other half, as in airbench.
+    Features are averaged within each group, then the groups are averaged. With `translate`,
+    the unshifted views form one group and the (1,1)/(-1,-1) reflect-shifted views the other,
+    so each half carries half the weight, as in airbench, and every view runs the backbone once.
     """
     base = [inputs]
     if flip:
         base.append(HorizontalFlip(name="mirror")(inputs))
     if not translate:
-        return base
+        return [base]
     shifted = []
     for dy, name in ((1, "shift_pos"), (-1, "shift_neg")):
         view = ReflectShift(dy, dy, name=name)(inputs)
         shifted.append(view)
         if flip:
             shifted.append(HorizontalFlip(name=f"mirror_{name}")(view))
-    return base + base + shifted
+    return [base, shifted]
+
+
+def _averaged_features(backbone: keras.Model, groups: list[list]):
+    """Mean of the backbone features within each view group, then across groups."""
+    if len(groups) == 1 and len(groups[0]) == 1:
+        return layers.Identity(name="features")(backbone(groups[0][0]))
+    if len(groups) == 1:
+        return layers.Average(name="features")([backbone(v) for v in groups[0]])
+    means = [layers.Average(name=f"views{i}_mean")([backbone(v) for v in views]) if len(views) > 1
+             else backbone(views[0]) for i, views in enumerate(groups)]
+    return layers.Average(name="features")(means)
 
 
 def build_classifier(cfg: NetworkConfig, *, test_time_views: bool = True,
@@ -201,11 +213,9 @@ def build_classifier(cfg: NetworkConfig, *, test_time_views: bool = True,
     feature_dim = int(backbone.output.shape[-1])
     head = head or build_head(cfg, feature_dim)
     inputs = keras.Input(IMAGE_SHAPE, dtype="uint8", name="pixels")
-    views = _tta_views(inputs, cfg.flip_tta and test_time_views, cfg.translate_tta and test_time_views)
-    if len(views) == 1:
-        features = layers.Identity(name="features")(backbone(views[0]))
-    else:
-        features = layers.Average(name="features")([backbone(v) for v in views])
+    groups = _tta_view_groups(inputs, cfg.flip_tta and test_time_views,
+                              cfg.translate_tta and test_time_views)
+    features = _averaged_features(backbone, groups)
     logits = head(features)
     outputs = TemperatureScaling(temperature, name="temperature")(logits)
     return keras.Model(inputs, outputs, name="calibrated_classifier")

@@ -91,6 +91,17 @@ def test_translate_tta_averages_six_views_with_airbench_weights():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(single(x)), feats(x), rtol=1e-5, atol=1e-6)
 
 
+def test_each_test_time_view_runs_the_backbone_once():
+    """Six distinct views: the unshifted pair carries half the weight without being run twice."""
+    cfg = NetworkConfig(width=4, arch="airbench", translate_tta=True, dropout=0.0)
+    backbone = build_backbone(cfg)
+    build_classifier(cfg, backbone=backbone)
+    assert len(backbone._inbound_nodes) == 6   # one graph node per backbone call
+    mirror_only = build_backbone(cfg)
+    build_classifier(NetworkConfig(width=4, arch="airbench", dropout=0.0), backbone=mirror_only)
+    assert len(mirror_only._inbound_nodes) == 2
+
+
 def test_airbench_artifact_round_trip(tmp_path):
     from models.artifact import load_artifact, save_artifact
     from models.inference import SplitClassifier
