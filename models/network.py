@@ -20,8 +20,8 @@ from keras import layers
 
 import numpy as np
 
-from models.layers import (HorizontalFlip, MCDropout, MyBatchNorm, PatchWhitening, PixelNormalization,
-                          ReflectShift, TemperatureScaling)
+from models.layers import (FusedBatchNorm, HorizontalFlip, MCDropout, MyBatchNorm, PatchWhitening,
+                          PixelNormalization, ReflectShift, TemperatureScaling, quick_gelu)
 
 IMAGE_SHAPE = (32, 32, 3)
 
@@ -34,12 +34,12 @@ class NetworkConfig:
     num_classes: int = 10
     dropout: float = 0.2           # MC-dropout rate on the pooled features
     l2: float = 0.0                # kernel_regularizer=L2(l2) on conv/dense kernels (0 = off)
-    batchnorm: str = "keras"       # "keras" (fused) or "custom" (MyBatchNorm)
+    batchnorm: str = "keras"       # "keras", "fused" (FusedBatchNorm) or "custom" (MyBatchNorm)
     bn_momentum: float = 0.9
     logit_scale: float = 0.125     # ResNet-9's fixed logit scaling; keeps early logits small
     flip_tta: bool = True          # average backbone features of x and its mirror image
     arch: str = "resnet9"          # "resnet9", or "airbench": whitened 2x2 stem + 3 conv groups
-    activation: str = "relu"       # "relu" or "gelu"
+    activation: str = "relu"       # "relu", "gelu" or "quick_gelu" (x * sigmoid(1.702 x))
     translate_tta: bool = False    # also average the views shifted by (1,1) and (-1,-1) pixels
     group_widths: tuple = ()       # airbench: channels of the three groups; () means (w, 2w, 2w)
 
@@ -52,7 +52,18 @@ def _bn(cfg: NetworkConfig, name: str, scale: bool = True):
         return MyBatchNorm(momentum=cfg.bn_momentum, epsilon=1e-5, name=name)
     if cfg.batchnorm == "keras":
         return layers.BatchNormalization(momentum=cfg.bn_momentum, epsilon=1e-5, scale=scale, name=name)
-    raise ValueError(f"batchnorm must be 'keras' or 'custom', got {cfg.batchnorm!r}")
+    if cfg.batchnorm == "fused":
+        return FusedBatchNorm(momentum=cfg.bn_momentum, epsilon=1e-5, scale=scale, name=name)
+    raise ValueError(f"batchnorm must be 'keras', 'fused' or 'custom', got {cfg.batchnorm!r}")
+
+
+ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "quick_gelu": quick_gelu}
+
+
+def _activation(cfg: NetworkConfig, name: str):
+    if cfg.activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {cfg.activation!r}")
+    return layers.Activation(ACTIVATIONS[cfg.activation], name=name)
 
 
 def _conv_bn(x, filters: int, cfg: NetworkConfig, name: str, pool: bool = False):
@@ -62,7 +73,7 @@ def _conv_bn(x, filters: int, cfg: NetworkConfig, name: str, pool: bool = False)
     if pool:
         x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
     x = _bn(cfg, f"{name}_bn")(x)
-    return layers.Activation(cfg.activation, name=f"{name}_{cfg.activation}")(x)
+    return _activation(cfg, f"{name}_{cfg.activation}")(x)
 
 
 def _residual(x, filters: int, cfg: NetworkConfig, name: str):
@@ -104,7 +115,7 @@ def _conv_group(x, filters: int, cfg: NetworkConfig, name: str):
         if pool:
             x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
         x = _bn(cfg, f"{name}_bn{i}", scale=False)(x)
-        x = layers.Activation(cfg.activation, name=f"{name}_{cfg.activation}{i}")(x)
+        x = _activation(cfg, f"{name}_{cfg.activation}{i}")(x)
     return x
 
 
@@ -124,7 +135,7 @@ def _airbench_backbone(cfg: NetworkConfig) -> keras.Model:
     inputs = keras.Input(IMAGE_SHAPE, dtype="uint8", name="pixels")
     x = PixelNormalization(name="normalize")(inputs)
     x = PatchWhitening(2, name="whiten")(x)
-    x = layers.Activation(cfg.activation, name=f"whiten_{cfg.activation}")(x)
+    x = _activation(cfg, f"whiten_{cfg.activation}")(x)
     for i, filters in enumerate(widths, start=1):
         x = _conv_group(x, filters, cfg, f"group{i}")
     x = layers.GlobalMaxPooling2D(name="pool")(x)

@@ -205,18 +205,30 @@ def test_airbench_recipe_trains_end_to_end(sample_archive, tmp_path):
         "--data", str(sample_archive), "--output", str(out), "--epochs", "2", "--batch-size", "100",
         "--width", "4", "--arch", "airbench", "--bias-lr-scale", "64", "--lookahead",
         "--lr-start-factor", "0.2", "--lr-end-factor", "0.07", "--translate-tta",
-        "--group-widths", "4,8,6", "--alternate-flip", "--validate-every", "5", "--whiten-bias-epochs", "1",
+        "--group-widths", "4,8,6", "--alternate-flip", "--validate-every", "0", "--whiten-bias-epochs", "1",
+        "--activation", "quick_gelu", "--batchnorm", "fused",
         "--n-validation", "200", "--seed", "3", "--verbose", "0"])
     run(config)
     card = read_card(out)
-    assert card["training"]["network"]["arch"] == "airbench"
-    assert card["training"]["network"]["translate_tta"] is True
-    assert card["training"]["network"]["group_widths"] == [4, 8, 6]
+    network = card["training"]["network"]
+    assert (network["arch"], network["activation"], network["batchnorm"]) == ("airbench", "quick_gelu", "fused")
+    assert network["translate_tta"] is True
+    assert network["group_widths"] == [4, 8, 6]
     assert len(card["training"]["history"]["loss"]) == 2
-    assert len(card["training"]["history"]["val_loss"]) == 1   # only after the last epoch
+    assert "val_loss" not in card["training"]["history"]      # no validation passes during fit
+    assert card["metrics"]["validation_after_temperature"]["n"] == 200   # but T was fitted on it
     assert np.isfinite(card["training"]["history"]["loss"]).all()
     assert card_mismatches(evaluate_artifact(str(out), str(sample_archive))) == []
     load_artifact(out)
+
+
+def test_validation_epochs_every_n_and_always_the_last_or_none():
+    from training.train import validation_epochs
+
+    assert validation_epochs(12, 100) == [12]
+    assert validation_epochs(5, 2) == [2, 4, 5]
+    assert validation_epochs(4, 1) == [1, 2, 3, 4]
+    assert validation_epochs(12, 0) == []
 
 
 def test_group_widths_set_the_three_conv_groups():

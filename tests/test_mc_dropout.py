@@ -46,7 +46,7 @@ def test_rate_zero_mc_mean_equals_deterministic_prediction():
     np.testing.assert_allclose(mc.mutual_information, 0.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("batchnorm", ["keras", "custom"])
+@pytest.mark.parametrize("batchnorm", ["keras", "fused", "custom"])
 def test_mc_sampling_leaves_batchnorm_statistics_unchanged(batchnorm):
     from models.inference import SplitClassifier
 

@@ -29,20 +29,24 @@ def test_airbench_recipe_flags_parse():
     assert c.whiten_eps == 0.05
     c = parse_args(["--group-widths", "32,128,128", "--alternate-flip", "--validate-every", "4"])
     assert (c.group_widths_tuple(), c.alternate_flip, c.validate_every) == ((32, 128, 128), True, 4)
+    assert parse_args(["--validate-every", "0"]).validate_every == 0
     assert parse_args([]).group_widths_tuple() == ()
     c = parse_args(["--optimizer", "muon", "--muon-lr", "0.2", "--muon-momentum", "0.5"])
     assert (c.optimizer, c.muon_lr, c.muon_momentum) == ("muon", 0.2, 0.5)
     assert (parse_args([]).arch, parse_args([]).lookahead) == ("resnet9", False)
     frozen = parse_args(["--arch", "airbench", "--whiten-bias-epochs", "3"])
     assert (frozen.whiten_bias_epochs, parse_args([]).whiten_bias_epochs) == (3, 0)
+    fast = parse_args(["--activation", "quick_gelu", "--batchnorm", "fused"])
+    assert (fast.activation, fast.batchnorm, parse_args([]).batchnorm) == ("quick_gelu", "fused", "keras")
 
 
 @pytest.mark.parametrize("argv", [["--optimizer", "rmsprop"], ["--mix", "blend"],
                                   ["--arch", "vgg"], ["--activation", "tanh"],
                                   ["--label-smoothing", "1.5"], ["--epochs", "0"],
                                   ["--group-widths", "32,128"], ["--group-widths", "32,x,128"],
-                                  ["--group-widths", "0,8,8"], ["--validate-every", "0"],
-                                  ["--whiten-bias-epochs", "-1"], ["--whiten-bias-epochs", "3"]])
+                                  ["--group-widths", "0,8,8"], ["--validate-every", "-1"],
+                                  ["--whiten-bias-epochs", "-1"], ["--whiten-bias-epochs", "3"],
+                                  ["--batchnorm", "group"]])
 def test_bad_flags_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)

@@ -15,7 +15,8 @@ class TrainConfig:
     batch_size: int = 512
     width: int = 16
     arch: str = "resnet9"            # "resnet9" or "airbench" (whitened stem, see models.network)
-    activation: str = "relu"         # "relu" or "gelu"
+    activation: str = "relu"         # "relu", "gelu" or "quick_gelu" (x * sigmoid(1.702 x), faster)
+    batchnorm: str = "keras"         # "keras", "fused" (TF's one-kernel op, faster) or "custom"
     whiten_eps: float = 5e-4         # airbench stem: filter gain 1/sqrt(eigenvalue + eps)
     whiten_bias_epochs: int = 0      # airbench stem: freeze its bias after this many epochs (0: never)
     bn_momentum: float = 0.9
@@ -40,7 +41,8 @@ class TrainConfig:
     pad: int = 4                     # pad-crop translation in pixels
     alternate_flip: bool = False     # airbench: mirror each image in every other epoch
     group_widths: str = ""           # airbench: "32,128,128"; empty means (w, 2w, 2w)
-    validate_every: int = 1          # epochs between validation passes (the last epoch always)
+    validate_every: int = 1          # epochs between validation passes (the last epoch always;
+                                     # 0: none during fit, the temperature fit still uses the split)
     flip_tta: bool = True
     translate_tta: bool = False      # also average 1-pixel shifted views at test time (3x cost)
     n_validation: int = 5000
@@ -79,14 +81,18 @@ def parse_args(argv=None) -> TrainConfig:
         parser.error("--optimizer must be sgd, adamw or muon")
     if config.arch not in ("resnet9", "airbench"):
         parser.error("--arch must be resnet9 or airbench")
-    if config.activation not in ("relu", "gelu"):
-        parser.error("--activation must be relu or gelu")
+    if config.activation not in ("relu", "gelu", "quick_gelu"):
+        parser.error("--activation must be relu, gelu or quick_gelu")
+    if config.batchnorm not in ("keras", "fused", "custom"):
+        parser.error("--batchnorm must be keras, fused or custom")
     if config.mix not in ("none", "mixup", "cutmix"):
         parser.error("--mix must be none, mixup or cutmix")
     if not 0.0 <= config.label_smoothing < 1.0:
         parser.error("--label-smoothing must be in [0, 1)")
-    if config.epochs < 1 or config.batch_size < 1 or config.width < 1 or config.validate_every < 1:
-        parser.error("--epochs, --batch-size, --width and --validate-every must be positive")
+    if config.epochs < 1 or config.batch_size < 1 or config.width < 1:
+        parser.error("--epochs, --batch-size and --width must be positive")
+    if config.validate_every < 0:
+        parser.error("--validate-every must be 0 (no validation passes during fit) or positive")
     if config.whiten_bias_epochs < 0:
         parser.error("--whiten-bias-epochs must be 0 (never freeze) or a positive number of epochs")
     if config.whiten_bias_epochs and config.arch != "airbench":

@@ -74,7 +74,8 @@ def run(config) -> Path:
     # 2. Model and training ----------------------------------------------------------------
     net = NetworkConfig(width=config.width, num_classes=num_classes, dropout=config.dropout,
                         l2=config.l2 if config.optimizer != "adamw" else 0.0, flip_tta=config.flip_tta,
-                        arch=config.arch, activation=config.activation, bn_momentum=config.bn_momentum,
+                        arch=config.arch, activation=config.activation, batchnorm=config.batchnorm,
+                        bn_momentum=config.bn_momentum,
                         logit_scale=config.logit_scale, translate_tta=config.translate_tta,
                         group_widths=config.group_widths_tuple())
     backbone = build_backbone(net)
@@ -91,7 +92,8 @@ def run(config) -> Path:
     widths = net.group_widths or config.width
     print(f"model: {train_model.count_params():,} parameters, {net.arch}, width {widths}", flush=True)
     validation = None
-    if len(x_val):
+    validation_freq = validation_epochs(config.epochs, config.validate_every)
+    if len(x_val) and validation_freq:
         validation = (x_val, keras.utils.to_categorical(y_val, num_classes))
     fit_started = time.time()
     total_steps = steps_per_epoch * config.epochs
@@ -100,12 +102,9 @@ def run(config) -> Path:
         callbacks.append(Lookahead(total_steps, start_step=min(3, config.epochs - 1) * steps_per_epoch))
     if net.arch == "airbench" and 0 < config.whiten_bias_epochs < config.epochs:
         callbacks.append(FreezeLayerAfter(backbone.get_layer("whiten"), config.whiten_bias_epochs))
-    # Validate every `validate_every` epochs and always after the last one.
-    validation_freq = sorted({*range(config.validate_every, config.epochs + 1, config.validate_every),
-                              config.epochs})
     history = train_model.fit(train_ds, epochs=config.epochs, validation_data=validation,
                               steps_per_epoch=steps_per_epoch,
-                              validation_freq=validation_freq, validation_batch_size=1000,
+                              validation_freq=validation_freq or 1, validation_batch_size=1000,
                               verbose=config.verbose, callbacks=callbacks)
     train_seconds = time.time() - fit_started
 
@@ -136,6 +135,14 @@ def run(config) -> Path:
     save_artifact(model, card, out, overwrite=config.overwrite)
     print(f"artifact written to {out}", flush=True)
     return out
+
+
+def validation_epochs(epochs: int, every: int) -> list[int]:
+    """Epochs (1-based) after which `fit` validates: every `every` epochs and after the last one;
+    none for `every` = 0 (the temperature fit after training still uses the validation split)."""
+    if every == 0:
+        return []
+    return sorted({*range(every, epochs + 1, every), epochs})
 
 
 def build_card(config, net, data, temperature, before, after, validation_after, history,
