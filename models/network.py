@@ -47,6 +47,10 @@ class NetworkConfig:
         return asdict(self)
 
 
+BATCHNORMS = ("keras", "fused", "custom")
+ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "quick_gelu": quick_gelu}
+
+
 def _bn(cfg: NetworkConfig, name: str, scale: bool = True):
     if cfg.batchnorm == "custom":
         return MyBatchNorm(momentum=cfg.bn_momentum, epsilon=1e-5, name=name)
@@ -57,7 +61,6 @@ def _bn(cfg: NetworkConfig, name: str, scale: bool = True):
     raise ValueError(f"batchnorm must be 'keras', 'fused' or 'custom', got {cfg.batchnorm!r}")
 
 
-ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "quick_gelu": quick_gelu}
 
 
 def _activation(cfg: NetworkConfig, name: str):

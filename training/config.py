@@ -81,10 +81,12 @@ def parse_args(argv=None) -> TrainConfig:
         parser.error("--optimizer must be sgd, adamw or muon")
     if config.arch not in ("resnet9", "airbench"):
         parser.error("--arch must be resnet9 or airbench")
-    if config.activation not in ("relu", "gelu", "quick_gelu"):
-        parser.error("--activation must be relu, gelu or quick_gelu")
-    if config.batchnorm not in ("keras", "fused", "custom"):
-        parser.error("--batchnorm must be keras, fused or custom")
+    from models.network import ACTIVATIONS, BATCHNORMS   # the network's own lists of choices
+
+    if config.activation not in ACTIVATIONS:
+        parser.error(f"--activation must be one of {', '.join(ACTIVATIONS)}")
+    if config.batchnorm not in BATCHNORMS:
+        parser.error(f"--batchnorm must be one of {', '.join(BATCHNORMS)}")
     if config.mix not in ("none", "mixup", "cutmix"):
         parser.error("--mix must be none, mixup or cutmix")
     if not 0.0 <= config.label_smoothing < 1.0:
