@@ -100,7 +100,8 @@ class PatchWhitening(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         k = self.kernel_size
-        return (input_shape[0], input_shape[1] - k + 1, input_shape[2] - k + 1,
+        valid = lambda n: None if n is None else n - k + 1
+        return (input_shape[0], valid(input_shape[1]), valid(input_shape[2]),
                 2 * int(input_shape[-1]) * k * k)
 
     def get_config(self):

@@ -85,19 +85,23 @@ def _residual(x, filters: int, cfg: NetworkConfig, name: str):
     return layers.Add(name=f"{name}_add")([x, y])
 
 
-def build_backbone(cfg: NetworkConfig) -> keras.Model:
-    """uint8 images [B,32,32,3] -> pooled features [B, D]."""
-    if cfg.arch == "airbench":
-        return _airbench_backbone(cfg)
-    if cfg.arch != "resnet9":
+def build_backbone(cfg: NetworkConfig, *, any_size: bool = False) -> keras.Model:
+    """uint8 images [B,32,32,3] -> pooled features [B, D].
+
+    `any_size` builds it for images of any height and width (training on smaller crops); its
+    weights are the same list as the 32x32 backbone's, so `set_weights` moves them across.
+    """
+    if cfg.arch not in ("resnet9", "airbench"):
         raise ValueError(f"arch must be 'resnet9' or 'airbench', got {cfg.arch!r}")
-    return _resnet9_backbone(cfg)
+    inputs = keras.Input((None, None, 3) if any_size else IMAGE_SHAPE, dtype="uint8", name="pixels")
+    if cfg.arch == "airbench":
+        return _airbench_backbone(cfg, inputs)
+    return _resnet9_backbone(cfg, inputs)
 
 
-def _resnet9_backbone(cfg: NetworkConfig) -> keras.Model:
+def _resnet9_backbone(cfg: NetworkConfig, inputs) -> keras.Model:
     """ResNet-9 shape (Page's DAWNBench net): widths w, 2w, 4w, 8w; features [B, 8w]."""
     w = cfg.width
-    inputs = keras.Input(IMAGE_SHAPE, dtype="uint8", name="pixels")
     x = PixelNormalization(name="normalize")(inputs)
     x = _conv_bn(x, w, cfg, "prep")
     x = _conv_bn(x, 2 * w, cfg, "stage1", pool=True)
@@ -122,7 +126,7 @@ def _conv_group(x, filters: int, cfg: NetworkConfig, name: str):
     return x
 
 
-def _airbench_backbone(cfg: NetworkConfig) -> keras.Model:
+def _airbench_backbone(cfg: NetworkConfig, inputs) -> keras.Model:
     """airbench93's shape (Jordan 2024): a frozen 2x2 whitening stem, groups w, 2w, 2w.
 
     `group_widths` overrides the three widths: on a CPU, channels at 15x15 and 7x7 are cheaper
@@ -135,7 +139,6 @@ def _airbench_backbone(cfg: NetworkConfig) -> keras.Model:
     widths = tuple(cfg.group_widths) or (w, 2 * w, 2 * w)
     if len(widths) != 3 or min(widths) < 1:
         raise ValueError(f"group_widths must be three positive channel counts, got {widths!r}")
-    inputs = keras.Input(IMAGE_SHAPE, dtype="uint8", name="pixels")
     x = PixelNormalization(name="normalize")(inputs)
     x = PatchWhitening(2, name="whiten")(x)
     x = _activation(cfg, f"whiten_{cfg.activation}")(x)
@@ -226,7 +229,7 @@ def build_classifier(cfg: NetworkConfig, *, test_time_views: bool = True,
     backbone = backbone or build_backbone(cfg)
     feature_dim = int(backbone.output.shape[-1])
     head = head or build_head(cfg, feature_dim)
-    inputs = keras.Input(IMAGE_SHAPE, dtype="uint8", name="pixels")
+    inputs = keras.Input(backbone.input.shape[1:], dtype="uint8", name="pixels")
     groups = _tta_view_groups(inputs, cfg.flip_tta and test_time_views,
                               cfg.translate_tta and test_time_views)
     features = _averaged_features(backbone, groups)

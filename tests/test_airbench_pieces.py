@@ -206,7 +206,7 @@ def test_airbench_recipe_trains_end_to_end(sample_archive, tmp_path):
         "--width", "4", "--arch", "airbench", "--bias-lr-scale", "64", "--lookahead",
         "--lr-start-factor", "0.2", "--lr-end-factor", "0.07", "--translate-tta",
         "--group-widths", "4,8,6", "--alternate-flip", "--validate-every", "0", "--whiten-bias-epochs", "1",
-        "--activation", "quick_gelu", "--batchnorm", "fused",
+        "--activation", "quick_gelu", "--batchnorm", "fused", "--low-res-epochs", "1",
         "--n-validation", "200", "--seed", "3", "--verbose", "0"])
     run(config)
     card = read_card(out)
@@ -216,6 +216,8 @@ def test_airbench_recipe_trains_end_to_end(sample_archive, tmp_path):
     assert network["group_widths"] == [4, 8, 6]
     assert len(card["training"]["history"]["loss"]) == 2
     assert "val_loss" not in card["training"]["history"]      # no validation passes during fit
+    assert card["training"]["config"]["low_res_epochs"] == 1   # epoch 1 on 24x24 crops
+    assert tuple(load_artifact(out).model.input.shape) == (None, 32, 32, 3)
     assert card["metrics"]["validation_after_temperature"]["n"] == 200   # but T was fitted on it
     assert np.isfinite(card["training"]["history"]["loss"]).all()
     assert card_mismatches(evaluate_artifact(str(out), str(sample_archive))) == []
@@ -284,6 +286,39 @@ def test_multi_epoch_dataset_draws_fresh_crops_every_epoch():
     sums = [np.sort(b.reshape(8, -1).astype(np.int64).sum(1)) for b in batches]
     assert not all(np.array_equal(sums[0], s) for s in sums[1:])
     assert isinstance(ds, tf.data.Dataset)
+
+
+def test_low_res_steps_are_random_crops_of_the_padded_images_then_full_size():
+    from training.pipeline import training_dataset
+
+    x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    ds = training_dataset(x, np.zeros(8, np.int64), batch_size=4, num_classes=10, seed=1, pad=2,
+                          epochs=2, low_res_size=24, low_res_steps=3)
+    batches = [images.numpy() for images, _ in ds]
+    assert [b.shape[1:3] for b in batches] == [(24, 24)] * 3 + [(32, 32)]
+    padded = [np.pad(im, [(2, 2), (2, 2), (0, 0)], mode="reflect") for im in (*x, *x[:, :, ::-1])]
+    windows = {padded_im[oy:oy + 24, ox:ox + 24].tobytes()
+               for padded_im in padded for oy in range(13) for ox in range(13)}
+    crops = [crop.tobytes() for b in batches[:3] for crop in b]
+    assert all(c in windows for c in crops)               # each one a window of a (mirrored) image
+    offsets = {(oy, ox) for padded_im in padded for oy in range(13) for ox in range(13)
+               if padded_im[oy:oy + 24, ox:ox + 24].tobytes() in crops}
+    assert len(offsets) > 3                               # at random places, not one fixed window
+
+
+def test_any_size_backbone_trains_on_small_crops_and_moves_its_weights_to_32px():
+    cfg = NetworkConfig(width=4, arch="airbench", group_widths=(4, 8, 6))
+    images = np.random.default_rng(2).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    flexible = build_backbone(cfg, any_size=True)
+    set_whitening(flexible, images)
+    assert tuple(flexible.input.shape) == (None, None, None, 3)
+    small = keras.ops.convert_to_numpy(flexible(images[:, 4:28, 4:28], training=False))
+    assert small.shape == (6, 6) and np.isfinite(small).all()
+    fixed = build_backbone(cfg)
+    fixed.set_weights(flexible.get_weights())
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(fixed(images, training=False)),
+                               keras.ops.convert_to_numpy(flexible(images, training=False)),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_orthogonalize_keeps_singular_vectors_and_flattens_singular_values():

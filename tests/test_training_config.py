@@ -38,6 +38,8 @@ def test_airbench_recipe_flags_parse():
     assert (frozen.whiten_bias_epochs, parse_args([]).whiten_bias_epochs) == (3, 0)
     fast = parse_args(["--activation", "quick_gelu", "--batchnorm", "fused"])
     assert (fast.activation, fast.batchnorm, parse_args([]).batchnorm) == ("quick_gelu", "fused", "keras")
+    low = parse_args(["--epochs", "14", "--low-res-epochs", "6", "--low-res-size", "20"])
+    assert (low.low_res_epochs, low.low_res_size, parse_args([]).low_res_epochs) == (6, 20, 0)
 
 
 @pytest.mark.parametrize("argv", [["--optimizer", "rmsprop"], ["--mix", "blend"],
@@ -46,7 +48,9 @@ def test_airbench_recipe_flags_parse():
                                   ["--group-widths", "32,128"], ["--group-widths", "32,x,128"],
                                   ["--group-widths", "0,8,8"], ["--validate-every", "-1"],
                                   ["--whiten-bias-epochs", "-1"], ["--whiten-bias-epochs", "3"],
-                                  ["--batchnorm", "group"]])
+                                  ["--batchnorm", "group"], ["--epochs", "4", "--low-res-epochs", "4"],
+                                  ["--low-res-epochs", "-1"], ["--low-res-epochs", "2", "--low-res-size", "8"],
+                                  ["--low-res-epochs", "2", "--low-res-size", "32"]])
 def test_bad_flags_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)

@@ -39,6 +39,8 @@ class TrainConfig:
     mix: str = "none"                # "none", "mixup" or "cutmix"
     mix_alpha: float = 1.0
     pad: int = 4                     # pad-crop translation in pixels
+    low_res_epochs: int = 0          # train the first N epochs on random low_res_size crops
+    low_res_size: int = 24           # (a conv's cost scales with the pixels: 24x24 is ~0.56x)
     alternate_flip: bool = False     # airbench: mirror each image in every other epoch
     group_widths: str = ""           # airbench: "32,128,128"; empty means (w, 2w, 2w)
     validate_every: int = 1          # epochs between validation passes (the last epoch always;
@@ -99,6 +101,11 @@ def parse_args(argv=None) -> TrainConfig:
         parser.error("--whiten-bias-epochs must be 0 (never freeze) or a positive number of epochs")
     if config.whiten_bias_epochs and config.arch != "airbench":
         parser.error("--whiten-bias-epochs needs --arch airbench (only its stem has a whitening bias)")
+    if not 0 <= config.low_res_epochs < config.epochs:
+        parser.error("--low-res-epochs must be 0 (off) or fewer than --epochs: the last epochs "
+                     "must see whole 32x32 images")
+    if config.low_res_epochs and not 12 <= config.low_res_size < 32:
+        parser.error("--low-res-size must be between 12 and 31 pixels (the net pools three times)")
     try:
         config.group_widths_tuple()
     except ValueError:

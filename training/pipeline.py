@@ -12,20 +12,22 @@ import tensorflow as tf
 
 
 def random_flip_and_crop(images: tf.Tensor, *, pad: int, seed: tf.Tensor,
-                         flip: tf.Tensor | None = None) -> tf.Tensor:
-    """Per-image horizontal flip (random unless `flip` is given) and random crop after
-    reflect-padding by `pad` pixels."""
+                         flip: tf.Tensor | None = None, size: int | None = None) -> tf.Tensor:
+    """Per-image horizontal flip (random unless `flip` is given) and a random `size` x `size`
+    crop (default: the input size) after reflect-padding by `pad` pixels."""
     batch = tf.shape(images)[0]
-    size = images.shape[1]
+    in_size = images.shape[1]
+    size = in_size if size is None else int(size)
     s_flip, s_y, s_x = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     if flip is None:
         flip = tf.random.stateless_uniform([batch], s_flip) < 0.5
     images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
-    if pad <= 0:
+    if pad <= 0 and size == in_size:
         return images
-    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-    oy = tf.random.stateless_uniform([batch], s_y, minval=0, maxval=2 * pad + 1, dtype=tf.int32)
-    ox = tf.random.stateless_uniform([batch], s_x, minval=0, maxval=2 * pad + 1, dtype=tf.int32)
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT") if pad > 0 else images
+    span = in_size + 2 * pad - size + 1           # number of crop positions per axis
+    oy = tf.random.stateless_uniform([batch], s_y, minval=0, maxval=span, dtype=tf.int32)
+    ox = tf.random.stateless_uniform([batch], s_x, minval=0, maxval=span, dtype=tf.int32)
     rows = oy[:, None] + tf.range(size)[None, :]
     cols = ox[:, None] + tf.range(size)[None, :]
     out = tf.gather(padded, rows, axis=1, batch_dims=1)
@@ -38,7 +40,8 @@ def one_hot(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
 
 def training_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, num_classes: int,
                      seed: int, pad: int = 4, mix_layer=None,
-                     alternate_flip: bool = False, epochs: int | None = None) -> tf.data.Dataset:
+                     alternate_flip: bool = False, epochs: int | None = None,
+                     low_res_size: int = 0, low_res_steps: int = 0) -> tf.data.Dataset:
     """Shuffled, augmented batches of (uint8 images, one-hot labels), reshuffled every epoch.
 
     `mix_layer` (Mixup/CutMix) maps a batch of (images, one-hot labels) to mixed soft labels.
@@ -47,6 +50,10 @@ def training_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, num_class
     With `epochs`, the dataset holds all epochs in one pass (`fit(..., steps_per_epoch=...)`), so
     the step counter and with it the random crops and the flip phase run on across epochs;
     without it, each iteration is one epoch and the counter starts again at 0.
+    With `low_res_steps`, the first that many batches are random `low_res_size` crops (as
+    cuda-convnet trained on 24x24 crops of CIFAR): a convolution's cost scales with the pixels,
+    so early epochs cost about (size/32)**2 of a full one. Objects keep their scale (crops, not
+    resizing), and the full-size epochs that follow adapt the net to whole images.
     """
     phase = np.random.default_rng(seed).integers(0, 2, len(x), dtype=np.int64)
     steps_per_epoch = max(1, len(x) // batch_size)
@@ -66,8 +73,12 @@ def training_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, num_class
         flip = None
         if alternate_flip:
             flip = tf.math.floormod(image_phase + step // steps_per_epoch, 2) == 1
-        images = random_flip_and_crop(images, pad=pad, seed=seed_pair, flip=flip)
-        return images, one_hot(labels, num_classes)
+        full = lambda: random_flip_and_crop(images, pad=pad, seed=seed_pair, flip=flip)
+        if low_res_steps > 0:
+            low = lambda: random_flip_and_crop(images, pad=pad, seed=seed_pair, flip=flip,
+                                               size=low_res_size)
+            return tf.cond(step < low_res_steps, low, full), one_hot(labels, num_classes)
+        return full(), one_hot(labels, num_classes)
 
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     if mix_layer is not None:

@@ -65,11 +65,13 @@ def run(config) -> Path:
         mix_layer = MixUp(alpha=config.mix_alpha, seed=config.seed)
     elif config.mix == "cutmix":
         mix_layer = CutMix(alpha=config.mix_alpha, seed=config.seed)
+    steps_per_epoch = max(1, len(x_train) // config.batch_size)
+    low_res_steps = steps_per_epoch * config.low_res_epochs
     train_ds = training_dataset(x_train, y_train, batch_size=min(config.batch_size, len(x_train)),
                                 num_classes=num_classes, seed=config.seed, pad=config.pad,
                                 mix_layer=mix_layer, alternate_flip=config.alternate_flip,
-                                epochs=config.epochs)
-    steps_per_epoch = max(1, len(x_train) // config.batch_size)
+                                epochs=config.epochs, low_res_size=config.low_res_size,
+                                low_res_steps=low_res_steps)
 
     # 2. Model and training ----------------------------------------------------------------
     net = NetworkConfig(width=config.width, num_classes=num_classes, dropout=config.dropout,
@@ -78,7 +80,7 @@ def run(config) -> Path:
                         bn_momentum=config.bn_momentum,
                         logit_scale=config.logit_scale, translate_tta=config.translate_tta,
                         group_widths=config.group_widths_tuple())
-    backbone = build_backbone(net)
+    backbone = build_backbone(net, any_size=low_res_steps > 0)   # any size: low-res crops first
     if net.arch == "airbench":
         set_whitening(backbone, x_train[:5000], eps=config.whiten_eps)
     head = build_head(net, int(backbone.output.shape[-1]))
@@ -109,6 +111,9 @@ def run(config) -> Path:
     train_seconds = time.time() - fit_started
 
     # 3. Temperature on the validation split -------------------------------------------------
+    if low_res_steps:   # export the usual 32x32 graph: same layers, same weights
+        trained, backbone = backbone, build_backbone(net)
+        backbone.set_weights(trained.get_weights())
     model = build_classifier(net, backbone=backbone, head=head)  # export graph (flip TTA if on)
     classifier = SplitClassifier(model)
     if len(x_val) < 2:
