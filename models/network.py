@@ -61,8 +61,6 @@ def _bn(cfg: NetworkConfig, name: str, scale: bool = True):
     raise ValueError(f"batchnorm must be 'keras', 'fused' or 'custom', got {cfg.batchnorm!r}")
 
 
-
-
 def _activation(cfg: NetworkConfig, name: str):
     if cfg.activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {cfg.activation!r}")

@@ -73,12 +73,13 @@ def training_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, num_class
         flip = None
         if alternate_flip:
             flip = tf.math.floormod(image_phase + step // steps_per_epoch, 2) == 1
-        full = lambda: random_flip_and_crop(images, pad=pad, seed=seed_pair, flip=flip)
+        crop = lambda size=None: random_flip_and_crop(images, pad=pad, seed=seed_pair, flip=flip,  # noqa: E731
+                                                      size=size)
         if low_res_steps > 0:
-            low = lambda: random_flip_and_crop(images, pad=pad, seed=seed_pair, flip=flip,
-                                               size=low_res_size)
-            return tf.cond(step < low_res_steps, low, full), one_hot(labels, num_classes)
-        return full(), one_hot(labels, num_classes)
+            images = tf.cond(step < low_res_steps, lambda: crop(low_res_size), crop)
+        else:
+            images = crop()
+        return images, one_hot(labels, num_classes)
 
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     if mix_layer is not None:
