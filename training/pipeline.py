@@ -73,8 +73,10 @@ def training_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, num_class
         flip = None
         if alternate_flip:
             flip = tf.math.floormod(image_phase + step // steps_per_epoch, 2) == 1
-        crop = lambda size=None: random_flip_and_crop(images, pad=pad, seed=seed_pair, flip=flip,  # noqa: E731
-                                                      size=size)
+
+        def crop(size=None):
+            return random_flip_and_crop(images, pad=pad, seed=seed_pair, flip=flip, size=size)
+
         if low_res_steps > 0:
             images = tf.cond(step < low_res_steps, lambda: crop(low_res_size), crop)
         else:
