@@ -168,30 +168,33 @@ def test_lookahead_pulls_weights_into_the_slow_average():
     np.testing.assert_allclose(kernel.numpy(), 3.0)
 
 
-def test_freeze_layer_after_stops_one_layer_and_trains_the_rest():
-    from training.optimization import FreezeLayerAfter
+def test_freeze_layers_after_stops_them_together_and_trains_the_rest():
+    from training.optimization import FreezeLayersAfter
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="first"),
+                              keras.layers.BatchNormalization(name="norm"),
                               keras.layers.Dense(2, name="second")])
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
     snapshots = []
 
     class Record(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            snapshots.append([np.array(model.get_layer(n).kernel.numpy()) for n in ("first", "second")])
+            snapshots.append({"first": np.array(model.get_layer("first").kernel.numpy()),
+                              "mean": np.array(model.get_layer("norm").moving_mean.numpy()),
+                              "second": np.array(model.get_layer("second").kernel.numpy())})
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(64, 3)), rng.normal(size=(64, 2))
     initial = np.array(model.get_layer("first").kernel.numpy())
+    frozen = [model.get_layer("first"), model.get_layer("norm")]
     model.fit(x, y, batch_size=16, epochs=4, verbose=0,
-              callbacks=[FreezeLayerAfter(model.get_layer("first"), epochs=2), Record()])
-    first = [s[0] for s in snapshots]
-    second = [s[1] for s in snapshots]
-    assert not np.allclose(first[1], initial)              # trained in epochs 1 and 2
-    np.testing.assert_array_equal(first[3], first[1])     # then frozen
-    assert not np.allclose(second[3], second[1])           # the other layer keeps training
-    assert not model.get_layer("first").trainable
+              callbacks=[FreezeLayersAfter(frozen, epochs=2), Record()])
+    assert not np.allclose(snapshots[1]["first"], initial)                 # trained in epochs 1-2
+    np.testing.assert_array_equal(snapshots[3]["first"], snapshots[1]["first"])   # then frozen,
+    np.testing.assert_array_equal(snapshots[3]["mean"], snapshots[1]["mean"])     # BN statistics too
+    assert not np.allclose(snapshots[3]["second"], snapshots[1]["second"])  # the rest trains on
+    assert not any(layer.trainable for layer in frozen)
 
 
 def test_airbench_recipe_trains_end_to_end(sample_archive, tmp_path):
@@ -206,7 +209,7 @@ def test_airbench_recipe_trains_end_to_end(sample_archive, tmp_path):
         "--width", "4", "--arch", "airbench", "--bias-lr-scale", "64", "--lookahead",
         "--lr-start-factor", "0.2", "--lr-end-factor", "0.07", "--translate-tta",
         "--group-widths", "4,8,6", "--alternate-flip", "--validate-every", "0", "--whiten-bias-epochs", "1",
-        "--activation", "quick_gelu", "--batchnorm", "fused", "--low-res-epochs", "1",
+        "--freeze-group1-epochs", "1", "--activation", "quick_gelu", "--batchnorm", "fused", "--low-res-epochs", "1",
         "--n-validation", "200", "--seed", "3", "--verbose", "0"])
     run(config)
     card = read_card(out)
@@ -217,6 +220,7 @@ def test_airbench_recipe_trains_end_to_end(sample_archive, tmp_path):
     assert len(card["training"]["history"]["loss"]) == 2
     assert "val_loss" not in card["training"]["history"]      # no validation passes during fit
     assert card["training"]["config"]["low_res_epochs"] == 1   # epoch 1 on 24x24 crops
+    assert card["training"]["config"]["freeze_group1_epochs"] == 1   # then group 1 frozen
     assert tuple(load_artifact(out).model.input.shape) == (None, 32, 32, 3)
     assert card["metrics"]["validation_after_temperature"]["n"] == 200   # but T was fitted on it
     assert np.isfinite(card["training"]["history"]["loss"]).all()

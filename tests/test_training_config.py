@@ -36,6 +36,8 @@ def test_airbench_recipe_flags_parse():
     assert (parse_args([]).arch, parse_args([]).lookahead) == ("resnet9", False)
     frozen = parse_args(["--arch", "airbench", "--whiten-bias-epochs", "3"])
     assert (frozen.whiten_bias_epochs, parse_args([]).whiten_bias_epochs) == (3, 0)
+    freeze_out = parse_args(["--arch", "airbench", "--epochs", "13", "--freeze-group1-epochs", "5"])
+    assert (freeze_out.freeze_group1_epochs, parse_args([]).freeze_group1_epochs) == (5, 0)
     fast = parse_args(["--activation", "quick_gelu", "--batchnorm", "fused"])
     assert (fast.activation, fast.batchnorm, parse_args([]).batchnorm) == ("quick_gelu", "fused", "keras")
     low = parse_args(["--epochs", "14", "--low-res-epochs", "6", "--low-res-size", "20"])
@@ -50,7 +52,10 @@ def test_airbench_recipe_flags_parse():
                                   ["--whiten-bias-epochs", "-1"], ["--whiten-bias-epochs", "3"],
                                   ["--batchnorm", "group"], ["--epochs", "4", "--low-res-epochs", "4"],
                                   ["--low-res-epochs", "-1"], ["--low-res-epochs", "2", "--low-res-size", "8"],
-                                  ["--low-res-epochs", "2", "--low-res-size", "32"]])
+                                  ["--low-res-epochs", "2", "--low-res-size", "32"],
+                                  ["--arch", "airbench", "--freeze-group1-epochs", "-1"],
+                                  ["--arch", "airbench", "--epochs", "4", "--freeze-group1-epochs", "4"],
+                                  ["--freeze-group1-epochs", "2"]])
 def test_bad_flags_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)

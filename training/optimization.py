@@ -169,20 +169,23 @@ class Lookahead(keras.callbacks.Callback):
             variable.assign(slow)
 
 
-class FreezeLayerAfter(keras.callbacks.Callback):
-    """Stop training `layer` after `epochs` epochs (airbench trains the whitening bias for 3).
+class FreezeLayersAfter(keras.callbacks.Callback):
+    """Stop training `layers` after `epochs` epochs (airbench trains the whitening bias for 3).
 
     Besides copying airbench, this saves time: with the stem frozen, backpropagation stops at
-    the first conv group and TF skips the gradient with respect to its 31x31 input. The train
-    function is rebuilt once, so the next step is traced without the layer's variables; the
-    optimizer keeps its state for the rest.
+    the first conv group and TF skips the gradient with respect to its 31x31 input; freezing
+    group 1 as well (FreezeOut, Brock et al. 2017) also skips its filter gradients and the
+    input gradient of group 2, ~15% of an F5 step. A frozen BatchNorm runs in inference mode
+    on its moving statistics. The train function is rebuilt once, so the next step is traced
+    without the layers' variables; the optimizer keeps its state for the rest.
     """
 
-    def __init__(self, layer: keras.layers.Layer, epochs: int):
+    def __init__(self, layers, epochs: int):
         super().__init__()
-        self.layer, self.epochs = layer, int(epochs)
+        self.layers, self.epochs = list(layers), int(epochs)
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.epochs and self.layer.trainable:
-            self.layer.trainable = False
+        if epoch + 1 == self.epochs and any(layer.trainable for layer in self.layers):
+            for layer in self.layers:
+                layer.trainable = False
             self.model.make_train_function(force=True)
