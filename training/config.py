@@ -20,7 +20,7 @@ class TrainConfig:
     whiten_eps: float = 5e-4         # airbench stem: filter gain 1/sqrt(eigenvalue + eps)
     whiten_bias_epochs: int = 0      # airbench stem: freeze its bias after this many epochs (0: never)
     freeze_group1_epochs: int = 0    # airbench: freeze conv group 1 (convs + BN) after N epochs
-                                     # (FreezeOut; later steps skip its gradients, ~15% cheaper)
+                                     # (FreezeOut; later steps skip its gradients, ~0.89x the time)
     bn_momentum: float = 0.9
     logit_scale: float = 0.125
     dropout: float = 0.2
