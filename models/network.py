@@ -160,6 +160,12 @@ def _dirac_init(model: keras.Model) -> None:
             layer.kernel.assign(kernel)
 
 
+def conv_group_layers(backbone: keras.Model, index: int) -> list:
+    """The layers with weights (convs, BatchNorms) of airbench conv group `index` (1-3)."""
+    prefix = f"group{index}_"
+    return [layer for layer in backbone.layers if layer.name.startswith(prefix) and layer.weights]
+
+
 def set_whitening(backbone: keras.Model, images: np.ndarray, eps: float = 5e-4) -> None:
     """Fit the whitening stem's filters on uint8 training images (airbench uses 5,000)."""
     from models.whitening import patch_whitening_kernel

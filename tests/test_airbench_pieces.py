@@ -245,6 +245,14 @@ def test_group_widths_set_the_three_conv_groups():
         build_backbone(NetworkConfig(width=4, arch="airbench", group_widths=(4, 16)))
 
 
+def test_conv_group_layers_are_the_groups_convs_and_batchnorms():
+    from models.network import conv_group_layers
+
+    backbone = build_backbone(NetworkConfig(width=4, arch="airbench", group_widths=(4, 16, 12)))
+    assert [layer.name for layer in conv_group_layers(backbone, 1)] == [
+        "group1_conv1", "group1_bn1", "group1_conv2", "group1_bn2"]
+
+
 def _flip_history(ds, left_value):
     """image tag -> list of 'was mirrored' per appearance; the tag sits in the top-left pixel."""
     seen = {}

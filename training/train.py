@@ -42,7 +42,8 @@ def run(config) -> Path:
     from models.calibration import compute_metrics, fit_temperature
     from models.inference import SplitClassifier
     from models.mixing import CutMix, MixUp
-    from models.network import NetworkConfig, build_backbone, build_classifier, build_head, set_whitening
+    from models.network import (NetworkConfig, build_backbone, build_classifier, build_head,
+                                conv_group_layers, set_whitening)
     from training.data import load_cifar10, train_validation_split
     from training.optimization import FreezeLayersAfter, Lookahead, build_optimizer
     from training.pipeline import training_dataset
@@ -105,8 +106,7 @@ def run(config) -> Path:
     if net.arch == "airbench" and 0 < config.whiten_bias_epochs < config.epochs:
         callbacks.append(FreezeLayersAfter([backbone.get_layer("whiten")], config.whiten_bias_epochs))
     if config.freeze_group1_epochs:
-        group1 = [layer for layer in backbone.layers if layer.name.startswith("group1_") and layer.weights]
-        callbacks.append(FreezeLayersAfter(group1, config.freeze_group1_epochs))
+        callbacks.append(FreezeLayersAfter(conv_group_layers(backbone, 1), config.freeze_group1_epochs))
     history = train_model.fit(train_ds, epochs=config.epochs, validation_data=validation,
                               steps_per_epoch=steps_per_epoch,
                               validation_freq=validation_freq or 1, validation_batch_size=1000,
