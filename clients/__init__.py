@@ -5,11 +5,14 @@
         result = c.predict(["cat.png"], mc_samples=100)
         report = c.evaluate("validation.npz", bins=15)
 
+An API key (when the service has keys) comes from `api_key=...` or the env CALIB_API_KEY.
+
 `python -m clients --help` is the command-line client; `evaluate_with_curl.sh` needs curl only.
 """
 
 from clients.client import DEFAULT_URL, AsyncCalibClient, CalibClient
 from clients.types import (
+    AuthenticationError,
     CalibrationMetrics,
     ClientError,
     EvaluationReport,
@@ -24,6 +27,7 @@ from clients.types import (
 __all__ = [
     "DEFAULT_URL",
     "AsyncCalibClient",
+    "AuthenticationError",
     "CalibClient",
     "CalibrationMetrics",
     "ClientError",

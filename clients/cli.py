@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=DEFAULT_URL, help=f"service URL (env CALIB_URL; default {DEFAULT_URL})")
     p.add_argument("--model", help="model name (default: the first loaded model)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument("--api-key", help="API key, if the service has keys (env CALIB_API_KEY, which is "
+                                     "safer: a command line is visible to other users in ps)")
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("models", help="list the loaded models")
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with CalibClient(args.url, model=args.model, timeout=args.timeout) as client:
+        with CalibClient(args.url, model=args.model, timeout=args.timeout, api_key=args.api_key) as client:
             return COMMANDS[args.command](client, args)
     except ServiceError as exc:
         print(f"error [{exc.code}] (HTTP {exc.status}): {exc.message}", file=sys.stderr)

@@ -1,11 +1,13 @@
 """Sync and async clients of the calibration service (httpx only).
 
 Both build the same requests (`_Call`) and read answers the same way (`_decode`); they differ
-only in how the request is awaited. Error bodies become `ServiceError(status, code, message)`.
+only in how the request is awaited. Error bodies become `ServiceError(status, code, message)`
+(`AuthenticationError` for 401), carrying the server's request ID like the results do.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -14,6 +16,7 @@ import httpx
 
 from clients.payloads import Body, evaluate_body, predict_body
 from clients.types import (
+    AuthenticationError,
     EvaluationReport,
     ModelInfo,
     PredictResult,
@@ -23,6 +26,14 @@ from clients.types import (
 
 DEFAULT_URL = os.environ.get("CALIB_URL", "http://127.0.0.1:8000")
 DEFAULT_TIMEOUT = 300.0
+API_KEY_ENV = "CALIB_API_KEY"
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+def _auth_headers(api_key: Optional[str]) -> dict:
+    """`api_key=None` -> the env CALIB_API_KEY (if set); "" -> send none."""
+    key = os.environ.get(API_KEY_ENV) if api_key is None else api_key
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 @dataclass
@@ -43,17 +54,27 @@ class _Call:
         return out
 
 
-def _decode(call: _Call, response: httpx.Response) -> Any:
+def _decode(call: _Call, response: httpx.Response, sent_key: bool = False) -> Any:
+    request_id = response.headers.get(REQUEST_ID_HEADER)
     if response.status_code >= 400:
         try:
             err = response.json()["error"]
-            raise ServiceError(response.status_code, err["code"], err["message"], err.get("details"))
+            code, message, details = err["code"], err["message"], err.get("details")
+            request_id = err.get("request_id") or request_id
         except (ValueError, KeyError, TypeError):
-            raise ServiceError(response.status_code, f"http_{response.status_code}",
-                               response.text[:500] or response.reason_phrase) from None
+            code, message, details = (f"http_{response.status_code}",
+                                      response.text[:500] or response.reason_phrase, None)
+        if response.status_code == 401:
+            message += ("; check the API key (CALIB_API_KEY, api_key=..., --api-key)" if sent_key else
+                        "; the service needs an API key: set CALIB_API_KEY or pass api_key=... (--api-key)")
+            raise AuthenticationError(401, code, message, details, request_id)
+        raise ServiceError(response.status_code, code, message, details, request_id)
     if call.raw:
         return response.content
-    return call.parse(response.json())
+    result = call.parse(response.json())
+    if dataclasses.is_dataclass(result) and any(f.name == "request_id" for f in dataclasses.fields(result)):
+        result = dataclasses.replace(result, request_id=request_id)
+    return result
 
 
 class _Calls:
@@ -86,19 +107,25 @@ class _Calls:
 
 
 class CalibClient(_Calls):
-    """Blocking client. `model` is the default model name (else the only/first loaded one)."""
+    """Blocking client. `model` is the default model name (else the only/first loaded one);
+    `api_key` is sent as a bearer token (default: the env CALIB_API_KEY; "" sends none)."""
 
     def __init__(self, base_url: str = DEFAULT_URL, *, model: Optional[str] = None,
-                 timeout: float = DEFAULT_TIMEOUT, transport: Optional[httpx.BaseTransport] = None):
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
+                 timeout: float = DEFAULT_TIMEOUT, transport: Optional[httpx.BaseTransport] = None,
+                 api_key: Optional[str] = None):
+        headers = _auth_headers(api_key)
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport, headers=headers)
+        self._sent_key = bool(headers)
         self.model = model
+        self.last_request_id: Optional[str] = None  # X-Request-ID of the latest answer
 
     def _do(self, call: _Call) -> Any:
         try:
             response = self._http.request(call.method, call.path, **call.kwargs())
         except httpx.TransportError as exc:
             raise TransportError(f"{call.method} {call.path}: {exc!r}") from exc
-        return _decode(call, response)
+        self.last_request_id = response.headers.get(REQUEST_ID_HEADER)
+        return _decode(call, response, self._sent_key)
 
     def live(self) -> dict:
         return self._do(_Call("GET", "/health/live"))
@@ -146,16 +173,21 @@ class AsyncCalibClient(_Calls):
     """The same API for asyncio: `await client.predict(...)`."""
 
     def __init__(self, base_url: str = DEFAULT_URL, *, model: Optional[str] = None,
-                 timeout: float = DEFAULT_TIMEOUT, transport: Optional[httpx.AsyncBaseTransport] = None):
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
+                 timeout: float = DEFAULT_TIMEOUT, transport: Optional[httpx.AsyncBaseTransport] = None,
+                 api_key: Optional[str] = None):
+        headers = _auth_headers(api_key)
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport, headers=headers)
+        self._sent_key = bool(headers)
         self.model = model
+        self.last_request_id: Optional[str] = None  # X-Request-ID of the latest answer
 
     async def _do(self, call: _Call) -> Any:
         try:
             response = await self._http.request(call.method, call.path, **call.kwargs())
         except httpx.TransportError as exc:
             raise TransportError(f"{call.method} {call.path}: {exc!r}") from exc
-        return _decode(call, response)
+        self.last_request_id = response.headers.get(REQUEST_ID_HEADER)  # racy under concurrency:
+        return _decode(call, response, self._sent_key)                  # results carry their own
 
     async def live(self) -> dict:
         return await self._do(_Call("GET", "/health/live"))

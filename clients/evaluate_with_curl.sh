@@ -7,7 +7,8 @@
 # DATA: an .npz with x (uint8 [N,32,32,3]) and y (int [N]), or a .tar.gz/.zip of
 # <class>/<image> folders. Environment: CALIB_URL (default http://127.0.0.1:8000),
 # CALIB_MODEL (default: the first model the service lists), BINS (15), SPLIT (archive
-# sub-folder such as "test"), FIT_TEMPERATURE (true).
+# sub-folder such as "test"), FIT_TEMPERATURE (true), CALIB_API_KEY (sent as a bearer token
+# when set; it goes to curl through a pipe, never on a command line that ps could show).
 # Writes OUTDIR/report.json and OUTDIR/diagram.png (OUTDIR defaults to .); exits non-zero and
 # prints the service's error body on failure.
 set -euo pipefail
@@ -19,16 +20,30 @@ bins=${BINS:-15}
 fit=${FIT_TEMPERATURE:-true}
 mkdir -p "$out"
 
+# curl with the API key header (if any) read from a process substitution: printf is a
+# shell builtin, so the key never appears in an argument list.
+api_curl() {
+  if [ -n "${CALIB_API_KEY:-}" ]; then
+    curl -H @<(printf 'Authorization: Bearer %s\n' "$CALIB_API_KEY") "$@"
+  else
+    curl "$@"
+  fi
+}
+
 curl -fsS "$url/health/ready" > /dev/null
-model=${CALIB_MODEL:-$(curl -fsS "$url/v1/models" | sed -n 's/^{"models":\[{"name":"\([^"]*\)".*/\1/p')}
+model=${CALIB_MODEL:-}
+if [ -z "$model" ]; then
+  listing=$(api_curl -sS --fail-with-body "$url/v1/models") || { echo "$listing" >&2; exit 1; }
+  model=$(printf '%s' "$listing" | sed -n 's/^{"models":\[{"name":"\([^"]*\)".*/\1/p')
+fi
 if [ -z "$model" ]; then echo "no model loaded at $url" >&2; exit 1; fi
 
 query="bins=$bins&fit_temperature=$fit"
 if [ -n "${SPLIT:-}" ]; then query="$query&split=$SPLIT"; fi
 
-curl -sS --fail-with-body -F "file=@$data" "$url/v1/models/$model/evaluate?$query" -o "$out/report.json" \
+api_curl -sS --fail-with-body -F "file=@$data" "$url/v1/models/$model/evaluate?$query" -o "$out/report.json" \
   || { cat "$out/report.json" >&2; echo >&2; exit 1; }
-curl -sS --fail-with-body -F "file=@$data" "$url/v1/models/$model/evaluate?$query&format=png" -o "$out/diagram.png" \
+api_curl -sS --fail-with-body -F "file=@$data" "$url/v1/models/$model/evaluate?$query&format=png" -o "$out/diagram.png" \
   || { cat "$out/diagram.png" >&2; echo >&2; exit 1; }
 
 echo "model $model: report $out/report.json, reliability diagram $out/diagram.png"

@@ -11,14 +11,22 @@ class ClientError(Exception):
 
 
 class ServiceError(ClientError):
-    """The service answered with an error body: `code` is its stable error code."""
+    """The service answered with an error body: `code` is its stable error code, `request_id`
+    the ID the server logged the request under (quote it in a bug report)."""
 
-    def __init__(self, status: int, code: str, message: str, details: Optional[dict] = None):
-        super().__init__(f"[{code}] {message} (HTTP {status})")
+    def __init__(self, status: int, code: str, message: str, details: Optional[dict] = None,
+                 request_id: Optional[str] = None):
+        where = f"HTTP {status}" + (f", request_id {request_id}" if request_id else "")
+        super().__init__(f"[{code}] {message} ({where})")
         self.status = status
         self.code = code
         self.message = message
         self.details = details or {}
+        self.request_id = request_id
+
+
+class AuthenticationError(ServiceError):
+    """401: the service wants an API key (`api_key=...`, env CALIB_API_KEY, CLI --api-key)."""
 
 
 class TransportError(ClientError):
@@ -61,6 +69,7 @@ class PredictResult:
     seed: Optional[int]
     predictions: list[Prediction]
     raw: dict = field(repr=False, compare=False)
+    request_id: Optional[str] = field(default=None, compare=False)  # the server's X-Request-ID
 
     @classmethod
     def from_dict(cls, d: dict) -> "PredictResult":
@@ -100,6 +109,7 @@ class EvaluationReport:
     fitted_temperature: Optional[float]
     after_fitted: Optional[CalibrationMetrics]
     raw: dict = field(repr=False, compare=False)
+    request_id: Optional[str] = field(default=None, compare=False)  # the server's X-Request-ID
 
     @classmethod
     def from_dict(cls, d: dict) -> "EvaluationReport":

@@ -20,20 +20,28 @@ def main(argv: list[str] | None = None) -> int:
         from service.settings import ENV_PREFIX, Settings
 
         for name, field in Settings.model_fields.items():
-            print(f"  {ENV_PREFIX}{name.upper():<22} default {field.default!s:<30} {field.description or ''}")
+            default = field.get_default(call_default_factory=True)
+            print(f"  {ENV_PREFIX}{name.upper():<22} default {default!s:<30} {field.description or ''}")
         return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # oneDNN kernels: faster on x86 CPUs
     import uvicorn
+    from pydantic import ValidationError
 
-    from service.app import create_app
     from service.settings import Settings
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:  # e.g. an unreadable CALIB_API_KEYS_FILE: say so, no traceback
+        print(f"invalid settings: {exc}", file=sys.stderr)
+        return 2
+    from service.app import create_app  # after the settings check: this imports TensorFlow
+
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # access_log=False: the app writes its own access line ("service.access", with the request ID)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=10)
+                log_level=settings.log_level, timeout_graceful_shutdown=10, access_log=False)
     return 0
 
 

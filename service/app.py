@@ -11,11 +11,13 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
+from service.api_keys import KeyRing
 from service.batching import BatchedPredictor
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.registry import load_registry
-from service.rest import errors, health, models
+from service.rest import auth, errors, health, models
 from service.rest.limits import BodyLimitMiddleware
+from service.rest.request_id import ServiceApp
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -27,7 +29,10 @@ DESCRIPTION = """Calibrated CIFAR-10 classification over HTTP.
 * **evaluate**: ECE, MCE, adaptive and classwise ECE, NLL, Brier and reliability bins before and
   after temperature scaling, as JSON or as a reliability-diagram PNG (`format=png`).
 
-Every error is `{"error": {"code": ..., "message": ..., "status": ...}}` with a stable code.
+Every error is `{"error": {"code": ..., "message": ..., "status": ..., "request_id": ...}}` with a
+stable code; every response carries an `X-Request-ID` header (the client's own, if sane).
+When the service has API keys, `/v1` (and `/metrics` if so configured) needs
+`Authorization: Bearer <key>` or `X-API-Key: <key>`; the health checks stay open.
 """
 
 
@@ -60,15 +65,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.gc_freeze:
                 gc.unfreeze()  # collectable again once the app is gone (tests build many apps)
 
-    app = FastAPI(title="Calibrated CIFAR-10 service", version="0.1.0", description=DESCRIPTION,
-                  lifespan=lifespan)
+    app = ServiceApp(title="Calibrated CIFAR-10 service", version="0.1.0", description=DESCRIPTION,
+                     lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     app.state.registry = None
     app.state.predictor = None
     errors.install(app)
+    keys = KeyRing(settings.all_api_keys)
+    auth.install(app, keys)
     app.include_router(health.router)
-    app.include_router(models.router)
+    app.include_router(health.metrics_router, **(auth.protect(keys) if settings.metrics_require_key else {}))
+    app.include_router(models.router, **auth.protect(keys))  # every data-plane router: auth.protect(keys)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, fastapi_app=app)  # outermost: sees 413s too
+    app.add_middleware(MetricsMiddleware, fastapi_app=app)  # outside the body limit: sees 413s too
+    # (ServiceApp puts its RequestIdMiddleware outside all of these and Starlette's error handler)
     return app

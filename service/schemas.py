@@ -16,6 +16,8 @@ class ErrorBody(BaseModel):
     message: str = Field(description="what was wrong, for humans")
     status: int
     details: Optional[dict[str, Any]] = None
+    request_id: Optional[str] = Field(None, description="this request's ID, as in the X-Request-ID response "
+                                                        "header and the server's access log")
 
 
 class ErrorResponse(BaseModel):

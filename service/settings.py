@@ -7,10 +7,12 @@ is resolved relative to the installed packages, never the working directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Optional
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.api_keys import check_keys, read_key_file, split_keys
 
 # `models/shipped` sits next to this package both in the repo and in site-packages.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "shipped"
@@ -20,12 +22,44 @@ ENV_PREFIX = "CALIB_"
 class Settings(BaseSettings):
     """Every knob of the server; e.g. ``CALIB_PORT=9000 python -m service``."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    # hide_input_in_errors: a validation error must not print the API keys it was given
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True,
+                                      hide_input_in_errors=True)
 
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="a folder of artifacts, or one artifact")
     host: str = Field("127.0.0.1", description="bind address (the container sets 0.0.0.0)")
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    # --- API keys (off unless a key is configured); see service.api_keys -----------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated API keys; when any key is set (here or in "
+                                          "the file), /v1 needs 'Authorization: Bearer <key>' or 'X-API-Key'")
+    api_keys_file: Optional[Path] = Field(
+        None, description="file with one API key a line (blank lines and #comments ignored), e.g. a "
+                          "container secret; unreadable or empty is a startup error")
+    metrics_require_key: bool = Field(False, description="/metrics needs an API key too")
+    _all_api_keys: tuple[SecretStr, ...] = PrivateAttr(())
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_api_keys(cls, value):
+        return split_keys(value)
+
+    @model_validator(mode="after")
+    def _load_api_keys(self):
+        keys = check_keys(self.api_keys, "CALIB_API_KEYS")
+        if self.api_keys_file is not None:
+            keys += read_key_file(self.api_keys_file)
+        if self.metrics_require_key and not keys:
+            raise ValueError("CALIB_METRICS_REQUIRE_KEY=true needs CALIB_API_KEYS or CALIB_API_KEYS_FILE")
+        self._all_api_keys = tuple(keys)
+        return self
+
+    @property
+    def all_api_keys(self) -> tuple[SecretStr, ...]:
+        """The keys of CALIB_API_KEYS and CALIB_API_KEYS_FILE together (empty: authentication off)."""
+        return self._all_api_keys
 
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="larger bodies get 413")
     max_instances: int = Field(512, ge=1, description="images per predict request")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -110,3 +111,107 @@ def test_cli_connection_refused_is_a_clean_error():
     out = subprocess.run([sys.executable, "-m", "clients", "--url", "http://127.0.0.1:9", "models"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and out.stderr.startswith("error:")
+
+
+# --- API keys and request IDs ------------------------------------------------------------------
+def _recording(seen, status=200, body=None, headers=None):
+    def handler(request):
+        seen.append(request)
+        return httpx.Response(status, json={"models": []} if body is None else body, headers=headers or {})
+    return handler
+
+
+def test_api_key_sent_as_bearer_from_argument_or_env(monkeypatch):
+    from clients import AsyncCalibClient, CalibClient
+
+    seen = []
+    monkeypatch.delenv("CALIB_API_KEY", raising=False)
+    with CalibClient("http://svc", transport=httpx.MockTransport(_recording(seen))) as c:
+        c.models()
+    with CalibClient("http://svc", api_key="arg-key", transport=httpx.MockTransport(_recording(seen))) as c:
+        c.models()
+        c.live()
+    monkeypatch.setenv("CALIB_API_KEY", "env-key")
+    with CalibClient("http://svc", transport=httpx.MockTransport(_recording(seen))) as c:
+        c.models()
+    with CalibClient("http://svc", api_key="", transport=httpx.MockTransport(_recording(seen))) as c:
+        c.models()  # "" sends none, even with the env set
+
+    async def run():
+        async with AsyncCalibClient("http://svc", transport=httpx.MockTransport(_recording(seen))) as c:
+            await c.models()
+
+    import asyncio
+    asyncio.run(run())
+    assert [r.headers.get("authorization") for r in seen] == [
+        None, "Bearer arg-key", "Bearer arg-key", "Bearer env-key", None, "Bearer env-key"]
+
+
+def test_401_is_an_authentication_error_with_a_hint_and_the_request_id(monkeypatch):
+    from clients import AuthenticationError, CalibClient, ServiceError
+
+    monkeypatch.delenv("CALIB_API_KEY", raising=False)
+    body = {"error": {"code": "unauthorized", "message": "missing API key", "status": 401, "request_id": "rid-9"}}
+    handler = _recording([], 401, body, {"WWW-Authenticate": "Bearer", "X-Request-ID": "rid-9"})
+    with pytest.raises(AuthenticationError) as err, CalibClient("http://svc", transport=httpx.MockTransport(handler)) as c:
+        c.models()
+    assert isinstance(err.value, ServiceError) and (err.value.status, err.value.code) == (401, "unauthorized")
+    assert err.value.request_id == "rid-9" and "request_id rid-9" in str(err.value)
+    assert "needs an API key" in err.value.message and "CALIB_API_KEY" in err.value.message
+    with pytest.raises(AuthenticationError) as err, CalibClient(
+            "http://svc", api_key="sekrit-k", transport=httpx.MockTransport(handler)) as c:
+        c.models()
+    assert "check the API key" in err.value.message and "sekrit-k" not in str(err.value)
+
+
+def test_request_ids_on_results_errors_and_the_client():
+    from clients import ServiceError
+
+    predict = {"model": "m", "temperature": 1.0, "classes": ["a"], "mc_samples": 0, "seed": None,
+               "predictions": [{"class_index": 0, "label": "a", "confidence": 1.0, "probabilities": [1.0],
+                                "uncertainty": None}]}
+
+    def handler(request):
+        if request.url.path == "/v1/models/m/predict":
+            return httpx.Response(200, json=predict, headers={"X-Request-ID": "pred-1"})
+        if request.url.path == "/v1/models":
+            return httpx.Response(502, text="bad gateway", headers={"X-Request-ID": "gw-2"})
+        return httpx.Response(404, json={"error": {"code": "unknown_model", "message": "no", "status": 404,
+                                                   "request_id": "body-3"}}, headers={"X-Request-ID": "body-3"})
+
+    with _mock(handler) as client:
+        result = client.predict([[[[0, 0, 0]]]])
+        assert result.request_id == "pred-1" and client.last_request_id == "pred-1"
+        assert result == dataclasses.replace(result, request_id=None)  # not part of equality
+        with pytest.raises(ServiceError) as err:
+            client.models()
+        assert err.value.request_id == "gw-2" and client.last_request_id == "gw-2"  # from the header
+        with pytest.raises(ServiceError) as err:
+            client.card("x")
+        assert err.value.request_id == "body-3"
+
+
+def test_cli_api_key_option_and_env(monkeypatch, capsys):
+    import functools
+
+    from clients import CalibClient, cli
+
+    seen = []
+
+    def handler(request):
+        seen.append(request.headers.get("authorization"))
+        if request.headers.get("authorization") == "Bearer good":
+            return httpx.Response(200, json={"models": []})
+        return httpx.Response(401, json={"error": {"code": "unauthorized", "message": "invalid API key",
+                                                   "status": 401, "request_id": "r1"}})
+
+    monkeypatch.setattr(cli, "CalibClient", functools.partial(CalibClient, transport=httpx.MockTransport(handler)))
+    monkeypatch.delenv("CALIB_API_KEY", raising=False)
+    assert cli.main(["--api-key", "good", "models", "--json"]) == 0
+    monkeypatch.setenv("CALIB_API_KEY", "good")
+    assert cli.main(["models", "--json"]) == 0
+    capsys.readouterr()
+    assert cli.main(["--api-key", "bad", "models"]) == 1  # the option wins over the env
+    err = capsys.readouterr().err
+    assert "unauthorized" in err and "invalid API key" in err and "bad" not in err
+    assert seen == ["Bearer good", "Bearer good", "Bearer bad"]

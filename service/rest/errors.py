@@ -1,4 +1,4 @@
-"""One JSON error envelope for everything: {"error": {"code", "message", "status"}}.
+"""One JSON error envelope for everything: {"error": {"code", "message", "status", "request_id"}}.
 
 Bad input raises `InputError` anywhere below; the handlers here turn it (and FastAPI's own
 validation / routing errors) into 4xx bodies. Only a bug gets `internal_error` (500).
@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.inputs import InputError
 from service.metrics import endpoint_label
 from service.registry import UnknownModelError
+from service.rest.request_id import current_request_id
 
 logger = logging.getLogger("service.errors")
 
@@ -28,6 +29,9 @@ def error_response(status: int, code: str, message: str, details: dict | None = 
     body = {"code": code, "message": message, "status": status}
     if details:
         body["details"] = details
+    request_id = current_request_id.get()
+    if request_id is not None:
+        body["request_id"] = request_id
     scope = scope if scope is not None else (request.scope if request is not None else None)
     app = scope.get("app") if scope is not None else None
     metrics = getattr(getattr(app, "state", None), "metrics", None)
@@ -59,7 +63,8 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    logger.exception("unhandled error on %s %s (request_id=%s)", request.method, request.url.path,
+                     current_request_id.get(), exc_info=exc)
     return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log",
                           request=request)
 

@@ -8,6 +8,7 @@ from service.rest.errors import error_response
 from service.schemas import ErrorResponse, Liveness, Readiness
 
 router = APIRouter(tags=["health"])
+metrics_router = APIRouter(tags=["health"])  # apart: CALIB_METRICS_REQUIRE_KEY puts it behind the API key
 
 
 @router.get("/health/live", response_model=Liveness, summary="The process is up")
@@ -27,7 +28,7 @@ async def ready(request: Request):
     return {"status": "ready", "models": registry.names(), "failed": failed}
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+@metrics_router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {}}}})
 async def metrics(request: Request) -> Response:
     body, content_type = request.app.state.metrics.render()

@@ -1,0 +1,76 @@
+"""API-key authentication of the data plane: `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+
+`create_app` includes every data-plane router with `protect(...)`, and only when keys are
+configured: a keyless service (the default) has no security dependency at all and an OpenAPI
+document without security, so the document always tells the truth about *this* server (a
+generated client of a keyed server sends the key; one of an open server is not asked for one).
+Health checks and the docs stay open; /metrics is protected with CALIB_METRICS_REQUIRE_KEY.
+
+A missing or wrong key is 401 `unauthorized` with `WWW-Authenticate: Bearer`; the key is never
+echoed, logged or put in a metric label. Matching is in `service.api_keys.KeyRing`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from fastapi import FastAPI, Request, Security
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from service.api_keys import KeyRing
+from service.rest.errors import error_response
+from service.schemas import ErrorResponse
+
+API_KEY_HEADER = "X-API-Key"
+
+api_key_header = APIKeyHeader(name=API_KEY_HEADER, scheme_name="ApiKeyHeader", auto_error=False,
+                              description="an API key of the service (CALIB_API_KEYS)")
+bearer = HTTPBearer(scheme_name="BearerAuth", auto_error=False,
+                    description="an API key of the service (CALIB_API_KEYS), as a bearer token")
+
+UNAUTHORIZED_RESPONSE = {401: {
+    "model": ErrorResponse,
+    "description": "missing or wrong API key (error code `unauthorized`)",
+    "headers": {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+}}
+
+
+class Unauthorized(Exception):
+    """No valid key; `message` says which of the two, never the key."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+async def require_api_key(
+    request: Request,
+    api_key: Optional[str] = Security(api_key_header),
+    credentials: Optional[HTTPAuthorizationCredentials] = Security(bearer),
+) -> None:
+    """Either header may carry the key; a request passes when one of them holds a configured key."""
+    keys: KeyRing = request.app.state.api_keys
+    presented = [k for k in (api_key, credentials.credentials if credentials else None) if k]
+    if not presented:
+        raise Unauthorized(f"missing API key: send 'Authorization: Bearer <key>' or '{API_KEY_HEADER}: <key>'")
+    if not any([keys.matches(k) for k in presented]):  # a list, not a generator: check every one
+        raise Unauthorized("invalid API key")
+
+
+async def _unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
+    response = error_response(401, "unauthorized", exc.message, request=request)
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def protect(keys: KeyRing) -> dict:
+    """`include_router(...)` keyword arguments that put a router behind the keys (none if no key)."""
+    if not keys:
+        return {}
+    return {"dependencies": [Security(require_api_key)], "responses": UNAUTHORIZED_RESPONSE}
+
+
+def install(app: FastAPI, keys: KeyRing) -> None:
+    app.state.api_keys = keys
+    app.add_exception_handler(Unauthorized, _unauthorized)
