@@ -13,12 +13,12 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # 1.5x faster on this CPU; 
 
 import argparse
 import importlib
-import shlex
 import sys
 import time
 from pathlib import Path
 
 from training.lab import SECTIONS
+from training.lab.report import portable_command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,7 +69,7 @@ def run_section(section: str, args: argparse.Namespace, command: str) -> Path:
 def main(argv=None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
-    command = " ".join(["python", "-m", "training.lab", *map(shlex.quote, raw)])
+    command = portable_command(raw)  # as typed; no absolute path of this machine in a report
     sections = list(SECTIONS) if args.section == "all" else [args.section]
     for section in sections:
         run_section(section, args, command)

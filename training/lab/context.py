@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from training.lab.report import portable_path
+
 REPO = Path(__file__).resolve().parents[2]
 SHARED_SAMPLE = REPO.parent / "shared" / "data" / "cifar10-jpeg-sample.tar.gz"
 
@@ -37,6 +39,13 @@ class LabContext:
             return self.data
         return str(SHARED_SAMPLE) if self.quick else "keras"
 
+    def _portable_description(self, description: str) -> str:
+        """The loader's description names the path it opened; a report shows it as typed."""
+        if self.data_source == "keras":
+            return description
+        opened = str(Path(self.data_source))
+        return description.replace(opened, portable_path(opened))
+
     def pick(self, name: str, *, quick, full):
         """The user's value for `name` if given, else the section's quick or full default."""
         given = getattr(self, name, None)
@@ -53,12 +62,12 @@ class LabContext:
     def cifar(self, report, *, train_quick=None, train_full=None, test_quick=None, test_full=None):
         """CIFAR-10 arrays (seeded subsets if sizes are set); records the provenance in `report`."""
         data = _load(self.data_source)
-        self.picked["data"] = self.data_source
+        self.picked["data"] = portable_path(self.data_source)
         n_train = self.pick("train_size", quick=train_quick, full=train_full)
         n_test = self.pick("test_size", quick=test_quick, full=test_full)
         x_train, y_train = _subset(data.x_train, data.y_train, n_train, self.seed)
         x_test, y_test = _subset(data.x_test, data.y_test, n_test, self.seed + 1)
-        report.data = {"source": data.source, "checksum": data.checksum,
+        report.data = {"source": self._portable_description(data.source), "checksum": data.checksum,
                        "available": {"train": int(len(data.x_train)), "test": int(len(data.x_test))},
                        "used": {"train": int(len(x_train)), "test": int(len(x_test))},
                        "subset_seed": self.seed}

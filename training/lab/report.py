@@ -10,12 +10,66 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+# Reports are committed and read on other machines: a path in them is written relative to the
+# working directory, or as `$CIFAR10_DIR/...` when it lies under that variable's value, never
+# as the absolute layout of the machine that ran the lab.
+DATA_DIR_VARIABLE = "CIFAR10_DIR"
+
+
+def _under_variable(path: str) -> str | None:
+    """The rest of `path` after $CIFAR10_DIR ('' for the folder itself), or None if not under it."""
+    root = os.environ.get(DATA_DIR_VARIABLE, "")
+    if not root or not os.path.isabs(root):
+        return None
+    root, path = os.path.normpath(root), os.path.normpath(path)
+    if path == root:
+        return ""
+    prefix = root.rstrip(os.sep) + os.sep
+    return path[len(root):] if path.startswith(prefix) else None
+
+
+def _relative(path: str) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:   # another drive (Windows): no relative form; the name still says what it was
+        return os.path.basename(path)
+
+
+def portable_path(value: str) -> str:
+    """A path as a report shows it: as typed if relative, else `$CIFAR10_DIR...` or cwd-relative."""
+    if not os.path.isabs(value):
+        return value
+    rest = _under_variable(value)
+    return f"${DATA_DIR_VARIABLE}{rest}" if rest is not None else _relative(value)
+
+
+def portable_command(argv: list[str], program: str = "python -m training.lab") -> str:
+    """The command line a report records: the arguments as typed, absolute paths made portable.
+
+    The shell has expanded `$CIFAR10_DIR` before Python sees it, so a value under it is written
+    back as the variable (unquoted, so the line can be pasted into a shell).
+    """
+    def shown(arg: str) -> str:
+        if arg.startswith("--") and "=" in arg:
+            flag, value = arg.split("=", 1)
+            return f"{flag}={shown(value)}"
+        if not os.path.isabs(arg):
+            return shlex.quote(arg)
+        rest = _under_variable(arg)
+        if rest is None:
+            return shlex.quote(_relative(arg))
+        return f"${DATA_DIR_VARIABLE}" + (shlex.quote(rest) if rest else "")
+
+    return " ".join([program, *map(shown, argv)])
 
 
 def _plain(value: Any, where: str = "figures") -> Any:

@@ -180,11 +180,23 @@ def run(ctx, report) -> None:
         *[f"| {n} | {r['final_test_accuracy']:.4f} | {r['final_kernel_norm']:.3f} |"
           for n, r in results.items()],
         "",
-        f"`kernel_regularizer=L2(lam)` (fit) vs the hand-written penalty (GradientTape): first-batch "
-        f"gradients differ by at most {first_gap:.2e}; after training the weights differ by at most "
-        f"{diff:.2e}" + (" (bit-identical)." if diff == 0.0 else
-                         " (float rounding of a different summation order, amplified by training)."),
+        regularizer_vs_manual_sentence(first_gap, diff),
     ]
+
+
+def regularizer_vs_manual_sentence(first_gap: float, weight_diff: float) -> str:
+    """What the two measured differences say, in words that match them (0 means identical)."""
+    lead = "`kernel_regularizer=L2(lam)` (fit) vs the hand-written penalty (GradientTape): "
+    if first_gap == 0.0 and weight_diff == 0.0:
+        return lead + ("identical first-batch gradients and, after training, bit-identical weights "
+                       "(both differences are exactly 0).")
+    gradients = ("identical first-batch gradients" if first_gap == 0.0 else
+                 f"first-batch gradients differ by at most {first_gap:.2e}")
+    weights = ("after training the weights are bit-identical" if weight_diff == 0.0 else
+               f"after training the weights differ by at most {weight_diff:.2e}")
+    why = (" (float rounding of a different summation order, amplified by training)"
+           if weight_diff != 0.0 else "")
+    return f"{lead}{gradients}; {weights}{why}."
 
 
 def _adamw():
