@@ -1,7 +1,8 @@
 """`python -m clients` / `calib-client`: predict on image files, evaluate a dataset, list models.
 
-Readable tables by default, the server's JSON with --json; errors print the service's code
-and message and exit 1 (2 for usage errors, from argparse).
+Readable tables by default, the server's JSON with --json; errors print one line
+(`calib-client: error: ...`, with the service's code and message) and exit 1 (2 for usage
+errors, from argparse).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 from clients.client import DEFAULT_URL, CalibClient
-from clients.types import ClientError, EvaluationReport, PredictResult, ServiceError
+from clients.types import ClientError, EvaluationReport, PredictResult, ServiceError, TransportError
 
 METRICS = ("accuracy", "nll", "brier", "ece", "mce", "adaptive_ece", "classwise_ece")
 
@@ -49,16 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         with CalibClient(args.url, model=args.model, timeout=args.timeout, api_key=args.api_key) as client:
             return COMMANDS[args.command](client, args)
     except ServiceError as exc:
-        print(f"error [{exc.code}] (HTTP {exc.status}): {exc.message}", file=sys.stderr)
-        return 1
+        return _fail(parser.prog, f"[{exc.code}] (HTTP {exc.status}): {exc.message}")
+    except TransportError as exc:
+        return _fail(parser.prog, f"cannot reach the service at {args.url} ({exc.__cause__ or exc}); "
+                                  "is it running? (--url or CALIB_URL)")
     except (ClientError, OSError, ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(parser.prog, exc)
+
+
+def _fail(prog: str, message) -> int:
+    """One line on stderr, like argparse's usage errors; exit code 1 (argparse's is 2)."""
+    text = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    return 1
 
 
 def _models(client: CalibClient, args) -> int:

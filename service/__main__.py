@@ -7,10 +7,12 @@ use it (a test checks they agree), so what is tested is what ships.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
+from training.cli import CommandError, UsageError, command, invoked_as, setup_tensorflow
+
 SERVE_COMMAND = ["python", "-m", "service"]
+PROG = invoked_as("service", "calib-serve")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,19 +25,25 @@ def main(argv: list[str] | None = None) -> int:
             default = field.get_default(call_default_factory=True)
             print(f"  {ENV_PREFIX}{name.upper():<22} default {default!s:<30} {field.description or ''}")
         return 0
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # oneDNN kernels: faster on x86 CPUs
-    import uvicorn
-    from pydantic import ValidationError
+    return serve(argv)
 
-    from service.settings import Settings
 
-    try:
-        settings = Settings()
-    except ValidationError as exc:  # e.g. an unreadable CALIB_API_KEYS_FILE: say so, no traceback
-        print(f"invalid settings: {exc}", file=sys.stderr)
-        return 2
-    from service.app import create_app  # after the settings check: this imports TensorFlow
+@command(PROG)
+def serve(argv: list[str]) -> int:
+    """Check the settings and the model directory, then serve (errors: one line, exit 2 or 1)."""
+    setup_tensorflow()   # quiet TensorFlow start-up, oneDNN kernels (faster on x86 CPUs)
+    from service.settings import ENV_PREFIX
+
+    if argv:
+        raise UsageError(f"unexpected arguments {' '.join(argv)}: settings come from {ENV_PREFIX}* "
+                         "environment variables (see --help)")
+    settings = load_settings()
+    if not settings.model_dir.exists():
+        raise CommandError(f"model directory {settings.model_dir} does not exist "
+                           f"(set {ENV_PREFIX}MODEL_DIR to a folder of artifacts or one artifact)")
+    import uvicorn   # the app's imports take seconds: only once the settings are known good
+
+    from service.app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -43,6 +51,31 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level, timeout_graceful_shutdown=10, access_log=False)
     return 0
+
+
+def load_settings():
+    """`Settings()` from the environment; a bad value is a UsageError naming the variable
+    (pydantic's own report spans several lines and names the field, not the variable)."""
+    import pydantic
+
+    from service.settings import ENV_PREFIX, Settings
+
+    try:
+        return Settings()
+    except pydantic.ValidationError as exc:
+        raise UsageError("bad setting " + "; ".join(map(_setting_problem, exc.errors()))) from None
+
+
+def _setting_problem(err: dict) -> str:
+    """`CALIB_PORT='99999': <why>`; the value is shown only for a named field that holds no secret
+    (an API-key field, or a whole-model check whose input is every setting, shows none)."""
+    from service.settings import ENV_PREFIX
+
+    name = "_".join(map(str, err["loc"])).upper()
+    if not name:
+        return err["msg"]
+    shown = "" if "KEY" in name else f"={err.get('input')!r}"
+    return f"{ENV_PREFIX}{name}{shown}: {err['msg']}"
 
 
 if __name__ == "__main__":

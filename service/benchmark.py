@@ -9,7 +9,6 @@ forward pass over the same images. Bounded loops; prints, never asserts.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import os
@@ -23,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as `python -m service` does
+from training.cli import ArgumentParser, CommandError, command, invoked_as, setup_tensorflow
+
+setup_tensorflow()   # as `python -m service` does
+PROG = invoked_as("service.benchmark", "calib-service-benchmark")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "cifar10-jpeg-sample.tar.gz"
@@ -183,12 +184,12 @@ def _batch_counts(url: str, model: str) -> tuple[float, float, float]:
     return values["images_count"], values["requests_sum"], values["images_sum"]
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from service.settings import Settings
+    from service.__main__ import load_settings
 
-    p = argparse.ArgumentParser(prog="python -m service.benchmark", description=__doc__.splitlines()[0])
-    p.add_argument("--model-dir", type=Path, default=Settings().model_dir)
+    p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", type=Path, default=load_settings().model_dir)
     p.add_argument("--model", help="model name (default: the first loaded)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--mc-samples", type=int, default=100)
@@ -202,12 +203,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="labelled images (CIFAR layout/archive) to tile; random pixels if missing")
     args = p.parse_args(argv)
 
+    if not args.model_dir.exists():
+        raise CommandError(f"model directory {args.model_dir} does not exist (--model-dir)")
     from service import dataplane
     from service.registry import load_registry
 
     registry = load_registry(args.model_dir)
     if not registry.models:
-        raise SystemExit(f"no model loaded from {args.model_dir}: {registry.failures}")
+        reasons = "; ".join(f"{f.path}: {f.error}" for f in registry.failures)
+        raise CommandError(f"no model loaded from {args.model_dir}: {reasons or 'no artifact in it'}")
     model = registry.get(args.model or registry.names()[0])
     import tensorflow as tf
 

@@ -110,7 +110,7 @@ def test_cli_usage_errors_exit_2():
 def test_cli_connection_refused_is_a_clean_error():
     out = subprocess.run([sys.executable, "-m", "clients", "--url", "http://127.0.0.1:9", "models"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 1 and out.stderr.startswith("error:")
+    assert out.returncode == 1 and out.stderr.startswith("calib-client: error: cannot reach")
 
 
 # --- API keys and request IDs ------------------------------------------------------------------

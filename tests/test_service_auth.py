@@ -229,7 +229,8 @@ def test_server_refuses_to_start_with_an_unreadable_key_file(tmp_path):
     out = subprocess.run([sys.executable, "-m", "service"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2
-    assert "invalid settings" in out.stderr and "cannot read the API key file" in out.stderr
+    assert "bad setting" in out.stderr and "cannot read the API key file" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
     assert "Traceback" not in out.stderr and KEY_A not in out.stderr
 
 
@@ -409,3 +410,14 @@ def test_curl_script_sends_the_key(keyed_server, small_npz, tmp_path):
     denied = subprocess.run(["bash", script, str(small_npz), str(tmp_path / "denied2")], env=env,
                             capture_output=True, text=True, timeout=120)
     assert denied.returncode != 0 and '"code":"unauthorized"' in denied.stderr
+
+
+def test_server_refuses_a_bad_key_in_one_line_without_echoing_it(tmp_path):
+    """The command's one-line settings error names CALIB_API_KEYS but never prints its value."""
+    env = {**os.environ, "CALIB_API_KEYS": "good-key,bad key-with-space", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "service"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad setting" in lines[0] and "CALIB_API_KEYS" in lines[0], out.stderr
+    assert "good-key" not in out.stderr and "with-space" not in out.stderr

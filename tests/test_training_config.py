@@ -2,12 +2,13 @@
 
 import pytest
 
-from training.config import TrainConfig, parse_args
+from training.config import TrainConfig, parse_args, validation_size
 
 
 def test_defaults_follow_the_issue():
     c = parse_args([])
-    assert c.label_smoothing == 0.1 and c.data == "keras" and c.n_validation == 5000
+    assert c.label_smoothing == 0.1 and c.data == "keras" and c.n_validation is None
+    assert validation_size(c.n_validation, 50_000) == 5000   # CIFAR-10: the 45,000/5,000 split
     assert isinstance(c, TrainConfig)
 
 

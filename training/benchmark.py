@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+from training.cli import ArgumentParser, command, invoked_as, setup_tensorflow
 
-import argparse
+setup_tensorflow()
+
 import platform
 import sys
 import time
+
+PROG = invoked_as("training.benchmark", "calib-benchmark")
 
 TARGETS = {
     "test accuracy (after T)": (">=", 0.90),
@@ -49,8 +51,9 @@ def training_throughput(card: dict, steps: int = 10) -> float:
     return steps * batch / (time.perf_counter() - started)
 
 
+@command(PROG)
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="calib-benchmark", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("artifact")
     parser.add_argument("--data", default=None, help="data source (default: the card's)")
     parser.add_argument("--throughput", action="store_true")

@@ -49,7 +49,7 @@ class TrainConfig:
                                      # 0: none during fit, the temperature fit still uses the split)
     flip_tta: bool = True
     translate_tta: bool = False      # also average 1-pixel shifted views at test time (3x cost)
-    n_validation: int = 5000
+    n_validation: int | None = None  # None: 10% of the training images, at most 5000 (CIFAR-10: 5000)
     seed: int = 0
     mixed_precision: bool = False    # mixed_bfloat16 (slow on CPUs without native bf16)
     overwrite: bool = False
@@ -67,9 +67,35 @@ class TrainConfig:
         return widths
 
 
-def parse_args(argv=None) -> TrainConfig:
-    parser = argparse.ArgumentParser(
-        prog="calib-train",
+DEFAULT_N_VALIDATION = 5000   # Guo et al. (2017): 45,000 train / 5,000 validation
+
+
+def validation_size(requested: int | None, n_images: int) -> int:
+    """How many of `n_images` training images to hold out for validation (and the temperature).
+
+    None: 10% of them, at most DEFAULT_N_VALIDATION, so small data (the 2,000-image sample)
+    trains without a flag. An explicit number that leaves nothing to train on is a usage error.
+    """
+    from training.cli import CommandError, UsageError
+
+    if requested is None:
+        n = min(DEFAULT_N_VALIDATION, n_images // 10)
+        if n < 2:
+            raise CommandError(f"data too small: {n_images} training images; the temperature fit "
+                               f"needs at least 2 validation images, so at least 20 images")
+        return n
+    if requested >= n_images:
+        raise UsageError(f"--n-validation {requested} leaves no training images: the data has "
+                         f"{n_images}; pass a smaller --n-validation (e.g. {max(2, n_images // 10)}) "
+                         f"or leave it out (10% of the images)")
+    return requested
+
+
+def parse_args(argv=None, *, prog: str = "calib-train") -> TrainConfig:
+    from training.cli import ArgumentParser
+
+    parser = ArgumentParser(
+        prog=prog,
         description="Train a calibrated CIFAR-10 classifier, fit its temperature, write an artifact.")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
@@ -77,6 +103,10 @@ def parse_args(argv=None) -> TrainConfig:
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
             parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction)
+        elif f.name == "n_validation":
+            parser.add_argument(flag, type=int, default=default, metavar="N",
+                                help="validation images (default: 10%% of the training images, at most "
+                                     f"{DEFAULT_N_VALIDATION})")
         else:
             parser.add_argument(flag, type=type(default), default=default)
     args = parser.parse_args(argv)
@@ -85,16 +115,20 @@ def parse_args(argv=None) -> TrainConfig:
         parser.error("--optimizer must be sgd, adamw or muon")
     if config.arch not in ("resnet9", "airbench"):
         parser.error("--arch must be resnet9 or airbench")
-    from models.network import ACTIVATIONS, BATCHNORMS   # the network's own lists of choices
+    if (config.activation, config.batchnorm) != (defaults.activation, defaults.batchnorm):
+        # the network's own lists of choices; it imports Keras (seconds): only when needed
+        from models.network import ACTIVATIONS, BATCHNORMS
 
-    if config.activation not in ACTIVATIONS:
-        parser.error(f"--activation must be one of {', '.join(ACTIVATIONS)}")
-    if config.batchnorm not in BATCHNORMS:
-        parser.error(f"--batchnorm must be one of {', '.join(BATCHNORMS)}")
+        if config.activation not in ACTIVATIONS:
+            parser.error(f"--activation must be one of {', '.join(ACTIVATIONS)}")
+        if config.batchnorm not in BATCHNORMS:
+            parser.error(f"--batchnorm must be one of {', '.join(BATCHNORMS)}")
     if config.mix not in ("none", "mixup", "cutmix"):
         parser.error("--mix must be none, mixup or cutmix")
     if not 0.0 <= config.label_smoothing < 1.0:
         parser.error("--label-smoothing must be in [0, 1)")
+    if config.n_validation is not None and config.n_validation < 2:
+        parser.error("--n-validation must be at least 2: the temperature is fitted on those images")
     if config.epochs < 1 or config.batch_size < 1 or config.width < 1:
         parser.error("--epochs, --batch-size and --width must be positive")
     if config.validate_every < 0:

@@ -8,30 +8,31 @@ artifact's own data source they must match the card, and `--check` fails if they
 
 from __future__ import annotations
 
-import os
+from training.cli import ArgumentParser, CommandError, command, invoked_as, setup_tensorflow
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+setup_tensorflow()
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+PROG = invoked_as("training.evaluate", "calib-evaluate")
 METRICS_SHOWN = ("accuracy", "nll", "brier", "ece", "mce", "adaptive_ece", "classwise_ece")
 
 
 def evaluate_artifact(artifact_dir: str, data_source: str, *, n_bins: int = 15) -> dict:
     """Fresh test-split metrics before/after the artifact's temperature, plus the card's copy."""
+    from training.data import load_cifar10
+
+    data = load_cifar10(data_source)   # first: a bad source fails before TensorFlow loads
+
     from models.artifact import load_artifact
     from models.calibration import compute_metrics
     from models.inference import SplitClassifier
-    from training.data import load_cifar10
 
     artifact = load_artifact(artifact_dir)
-    data = load_cifar10(data_source)
     if list(data.class_names) != list(artifact.card["classes"]):
-        raise SystemExit(f"class names of {data_source} differ from the artifact's")
+        raise CommandError(f"class names of {data_source} differ from the artifact's")
     classifier = SplitClassifier(artifact.model)
     logits = classifier.logits(data.x_test)
     t = classifier.temperature
@@ -105,8 +106,9 @@ def bootstrap_lines(result: dict, n_resamples: int, n_bins: int) -> list[str]:
             f"  [{iv.low:.4f}, {iv.high:.4f}]" for name, iv in intervals.items()]
 
 
+@command(PROG)
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="calib-evaluate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("artifact", help="artifact folder (model.keras + model_card.json)")
     parser.add_argument("--data", default=None,
                         help="data source (default: the one recorded in the card)")
@@ -125,7 +127,8 @@ def main(argv=None) -> int:
         parser.error("--bootstrap needs at least 2 resamples")
 
     from models.artifact import read_card
-    source = args.data or read_card(args.artifact)["training"]["config"]["data"]
+    card = read_card(args.artifact)   # checks the artifact before TensorFlow is imported
+    source = args.data or card["training"]["config"]["data"]
     result = evaluate_artifact(args.artifact, source, n_bins=args.bins)
     if args.json:
         print(json.dumps({"artifact": result["artifact"], "data": result["data"],

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # 1.5x faster training on this CPU
+from training.cli import UsageError, command, invoked_as, setup_tensorflow
 
+setup_tensorflow()
+
+import dataclasses
 import datetime
 import platform
 import sys
@@ -26,16 +28,39 @@ from pathlib import Path
 
 import numpy as np
 
+PROG = invoked_as("training.train", "calib-train")
 
+
+@command(PROG)
 def main(argv=None) -> int:
     from training.config import parse_args
 
-    config = parse_args(argv)
+    config = parse_args(argv, prog=PROG)
     run(config)
     return 0
 
 
 def run(config) -> Path:
+    from training.config import DEFAULT_N_VALIDATION, validation_size
+    from training.data import load_cifar10, train_validation_split
+
+    started = time.time()
+    if Path(config.output).exists() and not config.overwrite:   # before, not after, training
+        raise UsageError(f"--output {config.output} already exists; pass --overwrite to replace it")
+
+    # 1. Data (before TensorFlow is imported: a bad source fails in a second) ------------------
+    data = load_cifar10(config.data)
+    n_val = validation_size(config.n_validation, len(data.x_train))
+    if config.n_validation is None and n_val != DEFAULT_N_VALIDATION:
+        print(f"note: {len(data.x_train)} training images, so {n_val} (10%) are held out for "
+              f"validation instead of {DEFAULT_N_VALIDATION}; --n-validation sets the number", flush=True)
+    config = dataclasses.replace(config, n_validation=n_val)   # the card records what was used
+    x_train, y_train, x_val, y_val = train_validation_split(
+        data.x_train, data.y_train, n_validation=n_val, seed=config.seed)
+    num_classes = len(data.class_names)
+    print(f"data: {data.source}  train {len(x_train)}  validation {len(x_val)}  test {len(data.x_test)}"
+          f"  ({time.time() - started:.0f}s)", flush=True)
+
     import keras
 
     from models.artifact import save_artifact
@@ -44,22 +69,12 @@ def run(config) -> Path:
     from models.mixing import CutMix, MixUp
     from models.network import (NetworkConfig, build_backbone, build_classifier, build_head,
                                 conv_group_layers, set_whitening)
-    from training.data import load_cifar10, train_validation_split
     from training.optimization import FreezeLayersAfter, Lookahead, build_optimizer
     from training.pipeline import training_dataset
 
-    started = time.time()
     keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
-
-    # 1. Data ------------------------------------------------------------------------------
-    data = load_cifar10(config.data)
-    x_train, y_train, x_val, y_val = train_validation_split(
-        data.x_train, data.y_train, n_validation=config.n_validation, seed=config.seed)
-    num_classes = len(data.class_names)
-    print(f"data: {data.source}  train {len(x_train)}  validation {len(x_val)}  test {len(data.x_test)}"
-          f"  ({time.time() - started:.0f}s)", flush=True)
 
     mix_layer = None
     if config.mix == "mixup":
@@ -108,7 +123,7 @@ def run(config) -> Path:
     if config.freeze_group1_epochs:
         callbacks.append(FreezeLayersAfter(conv_group_layers(backbone, 1), config.freeze_group1_epochs))
     history = train_model.fit(train_ds, epochs=config.epochs, validation_data=validation,
-                              steps_per_epoch=steps_per_epoch,
+                              steps_per_epoch=steps_per_epoch, shuffle=False,  # the dataset shuffles
                               validation_freq=validation_freq or 1, validation_batch_size=1000,
                               verbose=config.verbose, callbacks=callbacks)
     train_seconds = time.time() - fit_started
@@ -119,8 +134,6 @@ def run(config) -> Path:
         backbone.set_weights(trained.get_weights())
     model = build_classifier(net, backbone=backbone, head=head)  # export graph (flip TTA if on)
     classifier = SplitClassifier(model)
-    if len(x_val) < 2:
-        raise SystemExit("need at least 2 validation images to fit the temperature")
     val_logits = classifier.logits(x_val)
     temperature = fit_temperature(val_logits, y_val)
     classifier.set_temperature(temperature)
