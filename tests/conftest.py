@@ -79,7 +79,7 @@ def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     skipped = reporter.stats.get("skipped", []) if reporter is not None else []
     if skipped:
-        if reporter is not None:
-            reporter.write_line(f"CALIB_TESTS_NO_SKIP=1: {len(skipped)} skipped test(s) fail this run",
-                                red=True, bold=True)
+        reporter.write("\n")
+        reporter.write_sep("=", f"CALIB_TESTS_NO_SKIP=1: {len(skipped)} skipped test(s) fail this run",
+                           red=True, bold=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
