@@ -1,4 +1,4 @@
-"""End to end: one short epoch on the shared sample -> temperature -> artifact -> reload -> card check."""
+"""End to end: one short epoch on the shipped fixture -> temperature -> artifact -> reload -> card check."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ def test_card_records_what_a_user_needs(tiny_artifact):
     for key in ("test_before_temperature", "test_after_temperature", "validation_after_temperature"):
         assert set(card["metrics"][key]) >= {"accuracy", "nll", "brier", "ece", "adaptive_ece", "bins"}
     assert card["data"]["checksum"].startswith("sha256:")
-    assert card["data"]["n_train"] == 800 and card["data"]["n_validation"] == 200
-    assert card["data"]["n_test"] == 1000
+    # tiny_artifact (conftest.py): 300 fixture train images, n_validation=100; 300 test images
+    assert card["data"]["n_train"] == 200 and card["data"]["n_validation"] == 100
+    assert card["data"]["n_test"] == 300
     assert card["training"]["config"]["label_smoothing"] == pytest.approx(0.1)
     assert set(card["versions"]) >= {"tensorflow", "keras", "numpy", "python"}
     assert len(card["model_sha256"]) == 64 and card["created"]
@@ -45,7 +46,7 @@ def test_temperature_was_fitted_on_validation_not_test(tiny_artifact, sample_dat
     artifact = load_artifact(tiny_artifact)
     classifier = SplitClassifier(artifact.model)
     _, _, x_val, y_val = train_validation_split(sample_data.x_train, sample_data.y_train,
-                                                n_validation=200, seed=1)
+                                                n_validation=100, seed=1)  # as in conftest.py
     t_val = fit_temperature(classifier.logits(x_val), y_val)
     assert t_val == pytest.approx(artifact.card["temperature"], rel=1e-3)
 

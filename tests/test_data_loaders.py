@@ -1,7 +1,8 @@
 """Tests for training.data: CIFAR-10 loaders, image folders, the validation split.
 
 Every fixture is written by the tests themselves (tiny official-format pickles,
-PNG trees and their archives); the shared 2,000-JPEG sample is used when present.
+PNG trees and their archives); the real JPEG fixture of tests/data is checked in
+test_fixture_data.py.
 No network: the keras download is not exercised.
 """
 
@@ -34,7 +35,6 @@ from training.data import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg-sample.tar.gz"
 
 ROWS_PER_TRAIN_BATCH = 3
 ROWS_TEST = 4
@@ -513,26 +513,6 @@ def test_decode_image() -> None:
     assert_error(ei, "anim.gif")
     assert decode_image(png_bytes(np.zeros((100, 60, 3), np.uint8)), name="big.png",
                         resize=True).shape == (32, 32, 3)
-
-
-# --------------------------------------------------------------------------- #
-# shared JPEG sample (2,000 images)
-# --------------------------------------------------------------------------- #
-@pytest.mark.skipif(not SHARED_SAMPLE.exists(), reason=f"{SHARED_SAMPLE} not present")
-def test_shared_jpeg_sample() -> None:
-    data = load_cifar10(str(SHARED_SAMPLE))
-    assert data.x_train.shape == (1000, 32, 32, 3) and data.x_test.shape == (1000, 32, 32, 3)
-    assert data.x_train.dtype == np.uint8 and data.y_train.dtype == np.int64
-    np.testing.assert_array_equal(np.bincount(data.y_train, minlength=10), [100] * 10)
-    np.testing.assert_array_equal(np.bincount(data.y_test, minlength=10), [100] * 10)
-    assert (np.diff(data.y_train) >= 0).all()  # grouped by class in CIFAR10_CLASSES order
-    assert 30 < data.x_train.mean() < 225  # real pictures, not blank
-    digest = hashlib.sha256(SHARED_SAMPLE.read_bytes()).hexdigest()
-    assert data.checksum == f"sha256:{digest}"
-    # the service reader on the same archive, one split
-    x, y, names = read_labelled_images(SHARED_SAMPLE, split="test", class_names=CIFAR10_CLASSES)
-    np.testing.assert_array_equal(x, data.x_test)
-    np.testing.assert_array_equal(y, data.y_test)
 
 
 # --------------------------------------------------------------------------- #

@@ -229,7 +229,7 @@ def _check_report(body, before, after, n):
 
 
 def test_evaluate_npz_in_chunks_equals_compute_metrics(app_client, labelled, split_classifier):
-    x, y = labelled  # 1000 images, eval_chunk=128 in these settings
+    x, y = labelled  # 300 images, eval_chunk=128 in these settings: three chunks
     r = app_client.post(EVALUATE, files={"file": ("val.npz", npz_bytes(x=x, y=y))})
     assert r.status_code == 200, r.text
     before, after = _reference(split_classifier, x, y)

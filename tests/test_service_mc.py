@@ -21,7 +21,7 @@ T_NAIVE = 100  # each naive sample is a full eager forward pass
 
 @pytest.fixture(scope="module")
 def batch(sample_data):
-    return sample_data.x_test[::50][:20]
+    return sample_data.x_test[::15][:20]  # 20 images, two of each class
 
 
 @pytest.fixture(scope="module")
