@@ -28,7 +28,7 @@ setup_tensorflow()   # as `python -m service` does
 PROG = invoked_as("service.benchmark", "calib-service-benchmark")
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "data" / "cifar10-jpeg-sample.tar.gz"
+SAMPLE = REPO / "tests" / "data" / "cifar10-fixture"  # 600 real CIFAR-10 JPEGs shipped with the repo
 
 
 def _timed(fn) -> float:

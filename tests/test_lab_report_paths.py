@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from training.lab.context import SHARED_SAMPLE, LabContext
+from training.lab.context import QUICK_SAMPLE, LabContext
 from training.lab.report import Report, portable_command, portable_path
 from training.lab.weight_penalties import regularizer_vs_manual_sentence
 
@@ -57,7 +57,7 @@ def test_quick_default_sample_is_recorded_relative_to_the_cwd(tmp_path, monkeypa
     assert os.path.isabs(ctx.data_source)          # the code resolved it ...
     shown = portable_path(ctx.data_source)         # ... so the report must not show it so
     assert not os.path.isabs(shown)
-    assert (tmp_path / shown).resolve() == SHARED_SAMPLE.resolve()
+    assert (tmp_path / shown).resolve() == QUICK_SAMPLE.resolve()
 
 
 def test_paths_under_cifar10_dir_are_written_as_the_variable(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """The regularization and calibration lab: six reproducible Keras experiments with reports.
 
     python -m training.lab weight-decay          # one section
-    python -m training.lab all --quick --out /tmp/lab   # every section, small, on the shared sample
+    python -m training.lab all --quick --out /tmp/lab   # every section, small, on the repository's test fixture
 
 Each section module has `run(ctx, report)`: it trains what it needs, puts its numbers in
 `report.figures`, its plots in `report.png(...)` and its summary in `report.summary`; `report.py`

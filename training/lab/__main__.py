@@ -1,7 +1,7 @@
 """`python -m training.lab SECTION|all [--quick] [--out DIR] [--data SRC] [--epochs N] ...`
 
 One command runs one section (or all, one after another) and writes its report to
-`<out>/<section>/`. `--quick` runs a small version on the shared sample (for CI and tests).
+`<out>/<section>/`. `--quick` runs a small version on the repository's test fixture (for CI and tests).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog=PROG, description=__doc__.split("\n")[2])
     parser.add_argument("section", choices=[*SECTIONS, "all"])
     parser.add_argument("--quick", action="store_true",
-                        help="small settings on the shared sample; a minute or two for all sections")
+                        help="small settings on the repository's test fixture; a minute or two for all sections")
     parser.add_argument("--out", default="reports/lab", help="reports go to OUT/<section>/")
     parser.add_argument("--data", default=None,
-                        help="CIFAR-10 source for load_cifar10 (default: the shared sample with "
+                        help="CIFAR-10 source for load_cifar10 (default: the repository's test fixture with "
                              "--quick, else 'keras')")
     parser.add_argument("--epochs", type=int, default=None, help="override the section's default")
     parser.add_argument("--width", type=int, default=None, help="network width (override)")

@@ -1,6 +1,6 @@
 """What a lab run is given: its arguments, its data, its seed, and a few shared helpers.
 
-`--quick` picks each section's small settings (the shared 2,000-image sample, 1-2 epochs, tiny
+`--quick` picks each section's small settings (the repository's 600-image test fixture, 1-2 epochs, tiny
 widths) so all six sections finish in a couple of minutes; otherwise a section uses its own
 defaults unless `--epochs`, `--width`, `--train-size` or `--test-size` say otherwise. Whatever
 was picked is written into the report's `arguments`, so a report says exactly what ran.
@@ -18,13 +18,14 @@ import numpy as np
 from training.lab.report import portable_path
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED_SAMPLE = REPO.parent / "shared" / "data" / "cifar10-jpeg-sample.tar.gz"
+# --quick without --data: the 600 real CIFAR-10 JPEGs the repository ships for its tests
+QUICK_SAMPLE = REPO / "tests" / "data" / "cifar10-fixture"
 
 
 @dataclass
 class LabContext:
     quick: bool = False
-    data: str | None = None          # None: the shared sample with --quick, else "keras"
+    data: str | None = None          # None: the repo's test fixture with --quick, else "keras"
     epochs: int | None = None
     width: int | None = None
     train_size: int | None = None    # a seeded subset of the training split (None: all)
@@ -37,7 +38,7 @@ class LabContext:
     def data_source(self) -> str:
         if self.data:
             return self.data
-        return str(SHARED_SAMPLE) if self.quick else "keras"
+        return str(QUICK_SAMPLE) if self.quick else "keras"
 
     def _portable_description(self, description: str) -> str:
         """The loader's description names the path it opened; a report shows it as typed."""
