@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import itertools
 import json
 import re
 import zipfile
@@ -90,7 +91,14 @@ def _instance(inst: Any, index: int, resize: bool) -> np.ndarray:
         raise InputError("value_out_of_range", f"{where}: a value is outside 0..255")  # beyond int64
     if arr.shape != IMAGE_SHAPE:
         raise InputError("invalid_shape", f"{where}: shape {list(arr.shape)}; expected [32, 32, 3]")
+    if arr.dtype.kind in "iuf" and bool in _leaf_types(inst):  # NumPy turned true/false into 1/0
+        raise InputError("invalid_dtype", f"{where}: pixel values must be numbers 0..255, not booleans")
     return check_pixels(arr[None], where)[0]
+
+
+def _leaf_types(pixels: list) -> set[type]:
+    """The Python types of the values of a nested [32][32][3] list (its shape already checked)."""
+    return set(map(type, itertools.chain.from_iterable(itertools.chain.from_iterable(pixels))))
 
 
 def labels_from_json(payload: dict, n: int, num_classes: int) -> np.ndarray:
@@ -99,6 +107,8 @@ def labels_from_json(payload: dict, n: int, num_classes: int) -> np.ndarray:
     labels = payload["labels"]
     if not isinstance(labels, list):
         raise InputError("invalid_request", f"'labels' must be a list, got {type(labels).__name__}")
+    if any(type(v) is bool for v in labels):  # np.asarray would read [true, 3] as [1, 3]
+        raise InputError("invalid_dtype", "labels: class indices must be integers, not booleans")
     try:
         arr = np.asarray(labels)
     except (ValueError, OverflowError):

@@ -126,18 +126,30 @@ class EvaluateResponse(BaseModel):
     after_fitted_temperature: Optional[MetricsOut] = None
 
 
-_PIXELS = {"type": "array", "description": "32x32x3 nested array of integers 0..255 (RGB, HWC)",
-           "items": {"type": "array", "items": {"type": "array", "items": {
-               "type": "integer", "minimum": 0, "maximum": 255}}}}
+def _exactly(n: int, items: dict) -> dict:
+    return {"type": "array", "minItems": n, "maxItems": n, "items": items}
+
+
+_PIXELS = {**_exactly(32, _exactly(32, _exactly(3, {"type": "integer", "minimum": 0, "maximum": 255}))),
+           "description": "32x32x3 nested array of integers 0..255 (RGB, HWC)"}
 _B64 = {"type": "object", "required": ["b64"], "additionalProperties": False,
         "properties": {"b64": {"type": "string", "description": "base64 PNG or JPEG bytes"}}}
-_INSTANCES = {"type": "array", "items": {"oneOf": [_PIXELS, _B64]}}
+_INSTANCES = {"type": "array", "minItems": 1, "items": {"oneOf": [_PIXELS, _B64]},
+              "description": "at most CALIB_MAX_INSTANCES (predict) or CALIB_MAX_EVAL_IMAGES (evaluate)"}
 _FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
+# Two real 32x32 RGB PNGs (plain red and blue), so the documented examples are requests that work.
+_EXAMPLE_IMAGES = [
+    {"b64": "iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAIAAAD8GO2jAAAAKklEQVR42u3NMQEAAAQAMKTRP4VYSvBtBZbTHZ8qngkE"
+            "AoFAIBAIBIIrC9JiAVggSmjwAAAAAElFTkSuQmCC"},
+    {"b64": "iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAIAAAD8GO2jAAAAK0lEQVR42u3NQQEAQAQAMC6NTBKLdSX4bQWW1ROXXhwT"
+            "CAQCgUAgEAgEWz4vKwGKe/bgAAAAAABJRU5ErkJggg=="},
+]
+PNG_CONTENT = {"image/png": {"schema": {"type": "string", "format": "binary"}}}
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["instances"],
                                     "properties": {"instances": _INSTANCES}},
-                         "example": {"instances": [{"b64": "iVBORw0KGgo..."}]}},
+                         "example": {"instances": _EXAMPLE_IMAGES}},
     "multipart/form-data": {"schema": {"type": "object", "properties": {"files": {
         **_FILES, "description": "PNG/JPEG image files, or one .npy/.npz array [N,32,32,3] uint8"}}}},
 }}}
@@ -145,7 +157,10 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
 EVALUATE_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["instances", "labels"],
                                     "properties": {"instances": _INSTANCES,
-                                                   "labels": {"type": "array", "items": {"type": "integer"}}}}},
+                                                   "labels": {"type": "array", "items": {
+                                                       "type": "integer", "minimum": 0},
+                                                       "description": "one class index per instance"}}},
+                         "example": {"instances": _EXAMPLE_IMAGES, "labels": [0, 9]}},
     "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
         "type": "string", "format": "binary",
         "description": ".npz with x uint8 [N,32,32,3] and y int [N], or a .tar.gz/.zip of "

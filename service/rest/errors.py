@@ -2,6 +2,8 @@
 
 Bad input raises `InputError` anywhere below; the handlers here turn it (and FastAPI's own
 validation / routing errors) into 4xx bodies. Only a bug gets `internal_error` (500).
+`ERROR_RESPONSES` is the one place the error statuses are documented for OpenAPI: routers pick
+theirs with `error_responses(...)`, so a new status is one entry here and one name in a router.
 """
 
 from __future__ import annotations
@@ -17,11 +19,42 @@ from service.inputs import InputError
 from service.metrics import endpoint_label
 from service.registry import UnknownModelError
 from service.rest.request_id import current_request_id
+from service.schemas import ErrorResponse
 
 logger = logging.getLogger("service.errors")
 
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "payload_too_large",
               415: "unsupported_media_type", 503: "not_ready"}
+
+
+def _documented(description: str) -> dict:
+    return {"model": ErrorResponse, "description": description}
+
+
+ERROR_RESPONSES: dict[int, dict] = {
+    400: _documented("`malformed_json` / `malformed_multipart`: the body cannot be parsed"),
+    404: _documented("`unknown_model`: no loaded model has this name (`details.available` lists them)"),
+    413: _documented("`payload_too_large`: the body, or an array it inflates to, is over CALIB_MAX_BODY_BYTES"),
+    415: _documented("`unsupported_media_type`: the body is neither application/json nor multipart/form-data"),
+    422: _documented("the input or a query parameter is invalid; `code` names the problem "
+                     "(`invalid_shape`, `invalid_parameter`, `too_many_instances`, ...)"),
+    503: _documented("`not_ready`: no model is loaded (the service is starting, or every artifact failed "
+                    "to load: see /health/ready)"),
+}
+
+
+def error_responses(*statuses: int) -> dict[int, dict]:
+    """The OpenAPI `responses` entries of these error statuses, all with the ErrorResponse body."""
+    return {status: ERROR_RESPONSES[status] for status in statuses}
+
+
+class Unavailable(Exception):
+    """The service cannot take the request now (503); `code` says why, e.g. `not_ready`."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 def error_response(status: int, code: str, message: str, details: dict | None = None,
@@ -49,6 +82,10 @@ async def _unknown_model(request: Request, exc: UnknownModelError) -> JSONRespon
                           {"available": exc.available}, request=request)
 
 
+async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
+    return error_response(503, exc.code, exc.message, request=request)
+
+
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     parts = []
     for err in exc.errors():
@@ -72,6 +109,7 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(InputError, _input_error)
     app.add_exception_handler(UnknownModelError, _unknown_model)
+    app.add_exception_handler(Unavailable, _unavailable)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(Exception, _internal)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from service.rest.errors import error_response
-from service.schemas import ErrorResponse, Liveness, Readiness
+from service.rest.errors import error_response, error_responses
+from service.schemas import Liveness, Readiness
 
 router = APIRouter(tags=["health"])
 metrics_router = APIRouter(tags=["health"])  # apart: CALIB_METRICS_REQUIRE_KEY puts it behind the API key
@@ -17,7 +17,7 @@ async def live() -> dict:
 
 
 @router.get("/health/ready", response_model=Readiness, summary="At least one model is loaded",
-            responses={503: {"model": ErrorResponse, "description": "no model loaded"}})
+            responses=error_responses(503))
 async def ready(request: Request):
     registry = getattr(request.app.state, "registry", None)
     failed = [] if registry is None else [{"path": f.path, "error": f.error} for f in registry.failures]
@@ -29,7 +29,8 @@ async def ready(request: Request):
 
 
 @metrics_router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {}}}})
+                    responses={200: {"description": "the Prometheus text exposition format",
+                                     "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     body, content_type = request.app.state.metrics.render()
     return Response(body, media_type=content_type)

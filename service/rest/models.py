@@ -5,9 +5,10 @@ from __future__ import annotations
 import secrets
 from typing import Literal, Optional
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from service import dataplane, inputs
+from service.rest.errors import error_responses
 from service.rest.requests import (
     in_thread,
     model_of,
@@ -19,17 +20,21 @@ from service.rest.requests import (
 )
 from service.schemas import (
     EVALUATE_BODY,
+    PNG_CONTENT,
     PREDICT_BODY,
-    ErrorResponse,
     EvaluateResponse,
     ModelCard,
     ModelList,
     PredictResponse,
 )
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+# Error statuses every /v1 route can answer with; the routes add their own below.
+V1_ERRORS = (503,)
+BODY_ERRORS = (400, 404, 413, 415, 422)  # the routes that read a request body
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 422)}
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(*V1_ERRORS))
+
+ModelName = Path(description="a model's name, as listed by GET /v1/models", examples=["cifar10-resnet"])
 
 
 def _summary(model) -> dict:
@@ -45,17 +50,17 @@ async def list_models(request: Request) -> dict:
     return {"models": [_summary(registry.get(n)) for n in registry.names()]}
 
 
-@router.get("/{name}", response_model=ModelCard, summary="A model's card", responses={404: _ERRORS[404]})
-async def get_model(request: Request, name: str) -> dict:
+@router.get("/{name}", response_model=ModelCard, summary="A model's card", responses=error_responses(404, 422))
+async def get_model(request: Request, name: str = ModelName) -> dict:
     model = model_of(request, name)
     return {**model.card, "name": model.name}
 
 
-@router.post("/{name}/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=PREDICT_BODY,
-             summary="Calibrated class probabilities with MC-dropout uncertainty")
+@router.post("/{name}/predict", response_model=PredictResponse, responses=error_responses(*BODY_ERRORS),
+             openapi_extra=PREDICT_BODY, summary="Calibrated class probabilities with MC-dropout uncertainty")
 async def predict(
     request: Request,
-    name: str,
+    name: str = ModelName,
     mc_samples: Optional[int] = Query(None, description="MC dropout samples T (0 = none); default 100"),
     seed: Optional[int] = Query(None, description="seed of the dropout masks (random if omitted)"),
     return_logits: bool = Query(False, description="also return raw logits and uncalibrated probabilities"),
@@ -108,11 +113,12 @@ def _predict_body(model, result: dataplane.Prediction, t: int, return_logits: bo
 
 @router.post("/{name}/evaluate", response_model=EvaluateResponse, openapi_extra=EVALUATE_BODY,
              summary="ECE report (JSON) or reliability diagram (PNG) on a labelled batch",
-             responses={**_ERRORS, 200: {"content": {"application/json": {}, "image/png": {}},
-                                         "description": "the report, or the diagram with format=png"}})
+             responses={**error_responses(*BODY_ERRORS),
+                        200: {"content": {"application/json": {}, **PNG_CONTENT},
+                              "description": "the report, or the diagram with format=png"}})
 async def evaluate(
     request: Request,
-    name: str,
+    name: str = ModelName,
     bins: Optional[int] = Query(None, description="equal-width confidence bins (default 15)"),
     fit_temperature: bool = Query(False, description="also fit T on this batch and report metrics at it"),
     format: Literal["json", "png"] = Query("json", description="png: the reliability diagram"),

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.batching import BatchedPredictor
 from service.inputs import InputError, parse_json_object
 from service.registry import LoadedModel, ModelRegistry
+from service.rest.errors import Unavailable
 from service.settings import Settings
 
 T = TypeVar("T")
@@ -37,7 +38,11 @@ def settings_of(request: Request) -> Settings:
 
 
 def registry_of(request: Request) -> ModelRegistry:
-    return request.app.state.registry
+    """The loaded registry; 503 `not_ready` while the lifespan has not loaded it yet."""
+    registry = request.app.state.registry
+    if registry is None:
+        raise Unavailable("not_ready", "the models are not loaded yet; retry shortly")
+    return registry
 
 
 def predictor_of(request: Request) -> BatchedPredictor:
@@ -66,7 +71,7 @@ async def read_payload(request: Request, *, max_files: int) -> Payload:
         return Payload(json=await in_thread(parse_json_object, body))
     if ctype == "multipart/form-data":
         return Payload(files=await _read_files(request, max_files))
-    shown = ctype or "none"
+    shown = ctype or request.headers.get("content-type") or "none"
     raise InputError("unsupported_media_type",
                      f"Content-Type {shown}: send application/json or multipart/form-data", 415)
 
