@@ -1,8 +1,14 @@
 """Inference on a calibrated classifier split into backbone and head.
 
-MC dropout done right and fast: the backbone (BatchNorm in inference mode) runs once per image;
-the T dropout masks are drawn for the head only, in one batched computation over [T*B, D]
-tiled features, with a stateless RNG so a seed reproduces the samples.
+The deterministic prediction is what plain Keras gives (`model.predict(x)` / `model(x)` are the
+same logits divided by T): `MCDropout` only drops when `training=True`.
+MC dropout is always asked for explicitly, with BatchNorm in inference mode:
+- fast (the service): the backbone runs once per image; the T dropout masks are drawn for the
+  head only, in one batched computation over [T*B, D] tiled features, with a stateless RNG so a
+  seed reproduces the samples (`mc_logits`, `mc_logits_from_features`);
+- plain Keras reference: `backbone(x, training=False)`, then `head(features, training=True)` once
+  per sample (`mc_logits_keras`; `mc_logits_naive` reruns the backbone too, as a naive loop would).
+  The head is MCDropout -> Dense -> rescaling, so `training=True` there changes only dropout.
 """
 
 from __future__ import annotations
@@ -21,7 +27,11 @@ class SplitClassifier:
         self.model = model
         self.backbone = keras.Model(model.inputs, model.get_layer("features").output,
                                     name="backbone_view")
-        self.head_layers = list(model.get_layer("head").layers)
+        self.head = model.get_layer("head")
+        self.head_layers = list(self.head.layers)
+        stateful = [layer.name for layer in self.head_layers if layer.non_trainable_weights]
+        if stateful:  # e.g. a BatchNorm: head(training=True) would use batch statistics
+            raise TypeError(f"head layers {stateful} have state that training=True would change")
         temperature_layer = model.get_layer("temperature")
         if not isinstance(temperature_layer, TemperatureScaling):
             raise TypeError("layer 'temperature' is not a TemperatureScaling layer")
@@ -44,12 +54,8 @@ class SplitClassifier:
 
     # --- deterministic path -------------------------------------------------------------
     def _head_deterministic(self, features):
-        x = features
-        for layer in self.head_layers:
-            if isinstance(layer, MCDropout):
-                continue  # inverted dropout: its expectation is the identity
-            x = layer(x, training=False)
-        return tf.cast(x, tf.float32)
+        # MCDropout is the identity in inference mode (inverted dropout: its expectation)
+        return tf.cast(self.head(features, training=False), tf.float32)
 
     def features(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
         """uint8 [N,32,32,3] -> float32 features [N, D], in chunks of `batch_size`."""
@@ -92,9 +98,27 @@ class SplitClassifier:
     def mc_logits(self, images: np.ndarray, n_samples: int, seed: int = 0) -> np.ndarray:
         return self.mc_logits_from_features(self.features(images), n_samples, seed)
 
-    def mc_logits_naive(self, images: np.ndarray, n_samples: int) -> np.ndarray:
-        """Reference: T full forward passes (MCDropout on, BN in inference). Slow by design."""
-        temperature = self.temperature
+    def mc_logits_keras(self, images: np.ndarray, n_samples: int, seed: int | None = None) -> np.ndarray:
+        """[T, N, K] uncalibrated logits the plain Keras way: features once, then T calls of
+        `head(features, training=True)`. `seed` restarts the MCDropout seed generators."""
+        features = tf.convert_to_tensor(self.features(images))
+        self._reseed_dropout(seed)
+        return np.stack([self._head_sample(features) for _ in range(n_samples)])
+
+    def mc_logits_naive(self, images: np.ndarray, n_samples: int, seed: int | None = None) -> np.ndarray:
+        """Reference: T full forward passes (backbone in inference mode, head with dropout on).
+        Slow by design: the backbone reruns for every sample."""
         x = tf.convert_to_tensor(images, tf.uint8)
-        return np.stack([self.model(x, training=False).numpy() * temperature
-                         for _ in range(n_samples)])
+        self._reseed_dropout(seed)
+        return np.stack([self._head_sample(self.backbone(x, training=False)) for _ in range(n_samples)])
+
+    def _head_sample(self, features) -> np.ndarray:
+        return keras.ops.convert_to_numpy(self.head(features, training=True)).astype(np.float32)
+
+    def _reseed_dropout(self, seed: int | None) -> None:
+        if seed is None:
+            return
+        for layer in self.head_layers:
+            if isinstance(layer, MCDropout):
+                state = layer.seed_generator.state
+                state.assign(np.array([int(seed), 0], dtype=state.dtype))

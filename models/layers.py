@@ -110,11 +110,14 @@ class PatchWhitening(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class MCDropout(keras.layers.Layer):
-    """Dropout that stays on at inference, so repeated calls are Monte Carlo samples.
+    """The head's dropout; Monte Carlo samples are drawn only when asked for explicitly.
 
-    Unlike `keras.layers.Dropout` it ignores the `training` flag: MC dropout must sample while
-    BatchNorm stays in inference mode, which `model(x, training=True)` cannot give. The
-    deterministic prediction skips this layer (inverted dropout has the identity as its mean).
+    It honours `training` like `keras.layers.Dropout`: `fit` drops units, while `predict`,
+    `model(x)` and `model(x, training=False)` are deterministic, as Keras' inference contract
+    requires. MC dropout must sample while BatchNorm stays in inference mode, which
+    `model(x, training=True)` cannot give; `models.inference.SplitClassifier` therefore samples
+    the head alone (`head(features, training=True)` after `backbone(x, training=False)`, or its
+    vectorised stateless masks). Its own class (not `Dropout`) keeps existing .keras files loading.
     """
 
     def __init__(self, rate: float, seed: int | None = None, **kwargs):
@@ -125,10 +128,10 @@ class MCDropout(keras.layers.Layer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def call(self, inputs, training=None):
-        if self.rate == 0.0:
-            return inputs
-        return keras.random.dropout(inputs, self.rate, seed=self.seed_generator)
+    def call(self, inputs, training=False):
+        if training and self.rate > 0.0:
+            return keras.random.dropout(inputs, self.rate, seed=self.seed_generator)
+        return inputs
 
     def compute_output_shape(self, input_shape):
         return input_shape

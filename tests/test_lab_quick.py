@@ -73,7 +73,10 @@ def test_dropout_quick(tmp_path, sample_archive, tiny_artifact):
         assert stats["mean_mutual_information"] >= 0 and 0 < stats["mean_top_probability"] <= 1
     trained = f["mc_dropout_uncertainty_trained_artifact"]
     assert trained["artifact"] == str(tiny_artifact) and set(trained["sets"]) == set(u)
-    assert "trained artifact" in (tmp_path / "dropout" / "report.md").read_text()
+    report_md = (tmp_path / "dropout" / "report.md").read_text()
+    assert "trained artifact" in report_md and "still drops" not in report_md
+    curve = f["training_curve"]
+    assert len(curve["test_accuracy_one_mc_sample"]) == len(curve["test_accuracy"]) >= 1
     comp = f["training_true_batch_composition"]
     assert 0 <= comp["alone_vs_clean_batch_argmax_agreement"] <= 1
     drift = f["training_true_moving_stat_updates"]

@@ -1,4 +1,5 @@
-"""MC dropout on the head with BatchNorm in inference mode, vectorised over samples.
+"""MC dropout on the head with BatchNorm in inference mode, vectorised over samples, and only
+when asked for: plain Keras inference (`predict`, `model(x)`) is deterministic.
 
 The statistical comparison with the naive T-pass loop is in tests/test_service_mc.py.
 """
@@ -95,3 +96,85 @@ def test_custom_layers_survive_save_and_load(tmp_path):
     assert b.temperature == pytest.approx(1.7)
     np.testing.assert_allclose(a.logits(x), b.logits(x), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(a.mc_logits(x, 5, seed=2), b.mc_logits(x, 5, seed=2))
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), loaded.predict(x, verbose=0))
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), a.logits(x) / 1.7, rtol=1e-5, atol=1e-5)
+
+
+# --- plain Keras inference is deterministic; MC sampling is explicit ------------------------------
+
+def test_plain_keras_inference_is_deterministic_and_equals_the_split_path():
+    from models.inference import SplitClassifier
+
+    model = _model(dropout=0.5)
+    model.get_layer("temperature").set_temperature(1.3)
+    clf = SplitClassifier(model)
+    x = _images(32)
+    first = model.predict(x, verbose=0)
+    np.testing.assert_array_equal(first, model.predict(x, verbose=0))
+    for out in (model(x), model(x, training=False)):
+        np.testing.assert_allclose(out.numpy(), first, rtol=1e-5, atol=1e-5)
+    # the model's output is the temperature-scaled deterministic logits
+    np.testing.assert_allclose(first, clf.logits(x) / clf.temperature, rtol=1e-5, atol=1e-5)
+
+
+def test_training_true_still_drops_units_in_the_head():
+    """`fit` and the lab's tape step call the model with training=True: dropout must be on."""
+    model = _model(dropout=0.5)
+    head = model.get_layer("head")
+    features = np.random.default_rng(0).normal(size=(8, int(head.input.shape[-1]))).astype("float32")
+    np.testing.assert_array_equal(head(features).numpy(), head(features, training=False).numpy())
+    a, b = head(features, training=True).numpy(), head(features, training=True).numpy()
+    assert not np.allclose(a, b)
+    # through the whole model too (BatchNorm's batch statistics are the same for both calls)
+    x = _images(8)
+    assert not np.allclose(model(x, training=True).numpy(), model(x, training=True).numpy())
+
+
+def _exact_head_moments(clf, x):
+    """Mean and variance of the MC logits in closed form: inverted dropout before a linear map."""
+    from models.layers import MCDropout
+
+    rate = next(layer.rate for layer in clf.head_layers if isinstance(layer, MCDropout))
+    dense = clf.head.get_layer("logits")
+    scale = float(clf.head.get_layer("logit_scale").scale)
+    w = dense.kernel.numpy().astype(np.float64) * scale                    # [D, K]
+    f = clf.features(x).astype(np.float64)                                 # [N, D]
+    variance = rate / (1.0 - rate) * (f ** 2) @ (w ** 2)                   # [N, K]
+    return clf.logits(x), variance
+
+
+def test_explicit_keras_mc_is_seeded_and_agrees_with_the_vectorised_path():
+    from models.inference import SplitClassifier
+
+    clf = SplitClassifier(_model(dropout=0.5))
+    x = _images(8)
+    keras_samples = clf.mc_logits_keras(x, 400, seed=5)
+    np.testing.assert_array_equal(keras_samples, clf.mc_logits_keras(x, 400, seed=5))
+    assert not np.array_equal(keras_samples, clf.mc_logits_keras(x, 400, seed=6))
+    vectorised = clf.mc_logits(x, 4000, seed=1)
+    mean, variance = _exact_head_moments(clf, x)
+    assert np.all(variance > 0)
+    for samples in (keras_samples, vectorised):
+        t = len(samples)
+        z = np.abs(samples.mean(axis=0) - mean) / np.sqrt(variance / t)
+        assert z.max() < 5.0, z.max()                         # 80 comparisons
+        ratio = samples.var(axis=0).sum(axis=1) / variance.sum(axis=1)
+        assert np.all((ratio > 0.75) & (ratio < 1.33)), ratio
+    # and the two paths against each other
+    se = np.sqrt(keras_samples.var(axis=0) / 400 + vectorised.var(axis=0) / 4000)
+    assert (np.abs(keras_samples.mean(axis=0) - vectorised.mean(axis=0)) / se).max() < 5.0
+
+
+def test_a_head_with_state_is_rejected():
+    """head(training=True) must change nothing but dropout: a BatchNorm in the head would."""
+    import keras
+
+    from models.inference import SplitClassifier
+    from models.network import NetworkConfig, build_backbone, build_classifier
+
+    cfg = NetworkConfig(width=4, dropout=0.2)
+    backbone = build_backbone(cfg)
+    head = keras.Sequential([keras.Input(backbone.output.shape[1:]), keras.layers.BatchNormalization(),
+                             keras.layers.Dense(10)], name="head")
+    with pytest.raises(TypeError, match="training=True"):
+        SplitClassifier(build_classifier(cfg, backbone=backbone, head=head))

@@ -26,15 +26,9 @@ def batch(sample_data):
 
 @pytest.fixture(scope="module")
 def naive_logits(split_classifier, batch):
-    """T_NAIVE full passes, seeded by resetting the MC-dropout layer's seed generator."""
-    from models.layers import MCDropout
-
+    """T_NAIVE full passes (backbone training=False, head training=True), seeded."""
     clf, _ = split_classifier
-    for layer in clf.head_layers:
-        if isinstance(layer, MCDropout):
-            state = layer.seed_generator.state
-            state.assign(np.array([1234, 0], dtype=state.dtype))
-    return clf.mc_logits_naive(batch, T_NAIVE)
+    return clf.mc_logits_naive(batch, T_NAIVE, seed=1234)
 
 
 def test_vectorised_mc_agrees_with_naive_loop(split_classifier, batch, naive_logits):
