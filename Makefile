@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 EXTRAS ?= dev
+# `make benchmark CIFAR10_DIR=path/to/cifar10-jpeg` for the JPEG copy; keras: the official set (downloaded once)
+CIFAR10_DIR ?= keras
 PY := $(VENV)/bin/python
 
 .PHONY: serve test benchmark
@@ -20,5 +22,5 @@ test: $(VENV)/.installed-$(EXTRAS)
 	$(PY) -m pytest -q
 
 benchmark: $(VENV)/.installed-$(EXTRAS)
-	$(PY) -m training.benchmark models/shipped/cifar10-airbench --throughput
+	$(PY) -m training.benchmark models/shipped/cifar10-airbench --data $(CIFAR10_DIR) --throughput
 	$(PY) -m service.benchmark
