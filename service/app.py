@@ -15,6 +15,7 @@ from service.batching import BatchedPredictor
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.registry import load_registry
 from service.rest import errors, health, models
+from service.rest.admission import AdmissionMiddleware
 from service.rest.limits import BodyLimitMiddleware
 from service.settings import Settings
 
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     app.include_router(models.router)
+    app.add_middleware(AdmissionMiddleware, fastapi_app=app)  # inside the body limit: 413 before 503
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, fastapi_app=app)  # outermost: sees 413s too
     return app
