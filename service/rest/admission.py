@@ -17,14 +17,16 @@ a reset connection.
 from __future__ import annotations
 
 import asyncio
-
-from starlette.routing import Match
+import re
+from types import SimpleNamespace
 
 from service.admission import ByteBudget, EvaluationGate, Overloaded, charge_factor
 from service.rest.errors import error_response
 
-# Route templates whose requests go through the evaluation gate.
-GATED_ROUTES = frozenset({"/v1/models/{name}/evaluate"})
+# The routes that take a body, by path (matched here, before the router runs): their template,
+# to label a 503 in the metrics as the router would, and whether they go through the gate.
+BODY_ROUTES = [(re.compile(r"^/v1/models/(?P<name>[^/]+)/evaluate/?$"), "/v1/models/{name}/evaluate", True),
+               (re.compile(r"^/v1/models/(?P<name>[^/]+)/predict/?$"), "/v1/models/{name}/predict", False)]
 
 
 class AdmissionMiddleware:
@@ -42,20 +44,24 @@ class AdmissionMiddleware:
         if metrics is not None and hasattr(metrics, "watch_admission"):
             metrics.watch_admission(self.gate, self.budget)
 
-    def _route_of(self, scope) -> str | None:
-        """The matched route's template; the scope gets the route (as the router would set it)
-        so metrics and error counters label a 503 with its endpoint."""
-        for route in self.fastapi_app.router.routes:
-            match, child = route.matches(scope)
-            if match == Match.FULL:
-                scope.update(child)
-                return getattr(route, "path", None)
-        return None
+    @staticmethod
+    def _gated(scope) -> bool:
+        """Whether the request goes through the evaluation gate. Sets the scope's route and path
+        parameters for a body route (the router overwrites both), so metrics label a 503 by endpoint."""
+        if scope.get("method") != "POST":
+            return False
+        for pattern, template, gated in BODY_ROUTES:
+            match = pattern.match(scope.get("path", ""))
+            if match:
+                scope["route"] = SimpleNamespace(path=template)
+                scope["path_params"] = match.groupdict()
+                return gated
+        return False
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        gated = self._route_of(scope) in GATED_ROUTES
+        gated = self._gated(scope)
         headers = dict(scope.get("headers") or [])
         factor = charge_factor(headers.get(b"content-type", b"").decode("latin-1"))
         reservation = self.budget.reservation()
