@@ -9,9 +9,9 @@ Order per request, before any of the body is read:
 2. the body reserves `size x charge_factor` bytes from the shared budget: by Content-Length up
    front when declared, else chunk by chunk as it streams in.
 Both are returned when the request ends, however it ends. Predict requests only meet step 2.
-A 503 is sent without `Connection: close`: uvicorn then reads and discards the unread body and
-keeps the connection, so the client (which writes its whole body first) gets the 503 instead of
-a reset connection.
+Before a 503 the unread body is drained (read and dropped), so the client, which writes its whole
+body first, gets the 503 instead of a reset connection; a client that sent `Expect: 100-continue`
+gets the 503 at once instead and never uploads.
 """
 
 from __future__ import annotations
@@ -76,6 +76,16 @@ class AdmissionMiddleware:
                 started = True
             await send(message)
 
+        body_done = False
+        outer_receive = receive
+
+        async def receive():  # notes when the body is complete: then there is nothing to drain
+            nonlocal body_done
+            message = await outer_receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
         try:
             if gated:
                 token, receive = await self._wait_for_slot(receive)
@@ -96,7 +106,7 @@ class AdmissionMiddleware:
         except Overloaded as exc:
             if started:
                 raise
-            await self._reject(exc, scope, receive, send)
+            await self._reject(exc, scope, receive, send, drain=not body_done)
         finally:
             reservation.close()
             if token is not None:
@@ -135,7 +145,8 @@ class AdmissionMiddleware:
 
         return token, replay_receive
 
-    async def _reject(self, exc: Overloaded, scope, receive, send) -> None:
+    async def _reject(self, exc: Overloaded, scope, receive, send, drain: bool) -> None:
+        """503 overloaded; `drain`: the body has not been read to its end."""
         response = error_response(503, "overloaded", exc.message, {"reason": exc.reason,
                                                                    "retry_after_s": exc.retry_after},
                                   scope=scope)
@@ -143,7 +154,22 @@ class AdmissionMiddleware:
         metrics = getattr(self.fastapi_app.state, "metrics", None)
         if metrics is not None and hasattr(metrics, "admission_rejections"):
             metrics.admission_rejections.labels(exc.reason).inc()
+        if dict(scope.get("headers") or []).get(b"expect", b"").lower() == b"100-continue":
+            response.headers["Connection"] = "close"  # the client waits for us: it never sends the body
+        elif drain:
+            await _drain(receive)
         await response(scope, receive, send)
+
+
+async def _drain(receive) -> None:
+    """Read and drop the rest of the body before answering. A client writes its whole body before
+    it reads the response; answered early, its upload races uvicorn's keep-alive timer (5 s) and,
+    under load, loses: a reset connection instead of the 503 (measured: 6 of 200 overload
+    requests). Dropping chunks costs no memory."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 def _content_length(headers: dict) -> int | None:
