@@ -141,7 +141,8 @@ class Tally:
         out = {}
         for kind in sorted(self.latency):
             lat = np.asarray(self.latency[kind]) * 1e3
-            out[kind] = {"requests": int(len(lat)), "statuses": {str(k): v for k, v in sorted(self.statuses[kind].items())},
+            statuses = {str(k): v for k, v in sorted(self.statuses[kind].items())}
+            out[kind] = {"requests": int(len(lat)), "statuses": statuses,
                          "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
                          "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max())}
         five = sum(n for c in self.statuses.values() for s, n in c.items() if s >= 500)

@@ -194,7 +194,8 @@ def test_middleware_queue_overflow_and_byte_budget_answer_503_and_release_everyt
 
         app.state.release.set()
         assert (await running)[0] == 200 and (await queued)[2] == {"bytes": 10}
-        assert (asgi.state.admission.gate.in_flight, asgi.state.admission.gate.waiting, asgi.state.admission.budget.used) == (0, 0, 0)
+        admission = asgi.state.admission
+        assert (admission.gate.in_flight, admission.gate.waiting, admission.budget.used) == (0, 0, 0)
 
     asyncio.run(run())
 
@@ -210,7 +211,8 @@ def test_middleware_client_leaving_the_queue_frees_its_place():
         assert (asgi.state.admission.gate.in_flight, asgi.state.admission.gate.waiting) == (1, 0)
         app.state.release.set()
         await running
-        assert (asgi.state.admission.gate.in_flight, asgi.state.admission.gate.waiting, asgi.state.admission.budget.used) == (0, 0, 0)
+        admission = asgi.state.admission
+        assert (admission.gate.in_flight, admission.gate.waiting, admission.budget.used) == (0, 0, 0)
 
     asyncio.run(run())
 
@@ -224,7 +226,8 @@ def test_middleware_cancelled_request_releases_slot_and_bytes():
         assert asgi.state.admission.gate.in_flight == 1 and asgi.state.admission.budget.used == 200
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        assert (asgi.state.admission.gate.in_flight, asgi.state.admission.gate.waiting, asgi.state.admission.budget.used) == (0, 0, 0)
+        admission = asgi.state.admission
+        assert (admission.gate.in_flight, admission.gate.waiting, admission.budget.used) == (0, 0, 0)
 
     asyncio.run(run())
 
