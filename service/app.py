@@ -16,6 +16,7 @@ from service.batching import BatchedPredictor
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.registry import load_registry
 from service.rest import auth, errors, health, models
+from service.rest.admission import AdmissionMiddleware
 from service.rest.limits import BodyLimitMiddleware
 from service.rest.request_id import ServiceApp
 from service.settings import Settings
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(health.metrics_router, **(auth.protect(keys) if settings.metrics_require_key else {}))
     app.include_router(models.router, **auth.protect(keys))  # every data-plane router: auth.protect(keys)
+    app.add_middleware(AdmissionMiddleware, fastapi_app=app)  # inside the body limit: 413 before 503
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, fastapi_app=app)  # outside the body limit: sees 413s too
     # (ServiceApp puts its RequestIdMiddleware outside all of these and Starlette's error handler)

@@ -47,10 +47,23 @@ class ServiceMetrics:
                                         ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.models_loaded = Gauge("calib_models_loaded", "Models in the registry", registry=r)
         self.load_failures = Gauge("calib_model_load_failures", "Artifacts skipped at startup", registry=r)
+        # admission control (service.admission); the gauges read the live limiter state at scrape time
+        self.evaluations_in_flight = Gauge("calib_evaluations_in_flight", "Evaluations holding a slot", registry=r)
+        self.evaluations_queued = Gauge("calib_evaluations_queued", "Evaluations waiting for a slot", registry=r)
+        self.buffered_bytes = Gauge("calib_buffered_bytes_reserved",
+                                    "Bytes of the request-memory budget reserved by requests in flight", registry=r)
+        self.admission_rejections = Counter("calib_admission_rejections",
+                                            "Requests refused with 503 overloaded, by reason "
+                                            "(queue_full, queue_timeout, byte_budget)", ["reason"], registry=r)
 
     def observe_batch(self, model: str, images: int, requests: int) -> None:
         self.batch_images.labels(model).observe(images)
         self.batch_requests.labels(model).observe(requests)
+
+    def watch_admission(self, gate, budget) -> None:
+        self.evaluations_in_flight.set_function(lambda: gate.in_flight)
+        self.evaluations_queued.set_function(lambda: gate.waiting)
+        self.buffered_bytes.set_function(lambda: budget.used)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -82,3 +82,21 @@ class Settings(BaseSettings):
         True, description="after loading the models, exclude every object alive then from the cyclic GC "
                           "(gc.freeze): full collections stop re-scanning the ~400k TensorFlow/Keras "
                           "objects, which otherwise pause the server for 0.2-0.4 s at a time under load")
+
+    # --- admission control (service.admission): bound the heavy work and the buffered bytes ---
+    max_concurrent_evaluations: int = Field(
+        1, ge=1, description="evaluate requests that run at once. 1 on this 2-core service: one evaluation "
+                             "already keeps both cores busy (TensorFlow spreads each forward pass over them), "
+                             "so a second would add its memory (~2x its upload) but no throughput, and it "
+                             "would take the second inference thread that predict requests use")
+    evaluation_queue: int = Field(
+        8, ge=0, description="evaluate requests that may wait for a slot (their bodies stay unread while "
+                             "they wait); beyond that: 503 overloaded + Retry-After")
+    evaluation_queue_timeout_s: float = Field(
+        30.0, gt=0, description="how long an evaluate request may wait in the queue before 503 overloaded")
+    max_buffered_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024,
+        description="memory budget for the requests in flight, charged from the body size as the request "
+                    "will hold it: JSON 8x (parsed pixel lists), other bodies 2x (upload + decoded arrays). "
+                    "Over budget: 503 overloaded + Retry-After (a request larger than the whole budget still "
+                    "runs when nothing else is buffered)")

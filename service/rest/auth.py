@@ -64,6 +64,18 @@ async def _unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
     return response
 
 
+def holds_valid_key(keys: KeyRing | None, headers: dict[bytes, bytes]) -> bool:
+    """The same rule as `require_api_key`, on raw ASGI headers, for middleware that runs before the
+    router (admission control): True when no keys are configured or either header holds one."""
+    if not keys:
+        return True
+    presented = [headers.get(API_KEY_HEADER.lower().encode(), b"")]
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    if scheme.lower() == b"bearer":
+        presented.append(token.strip())
+    return any([keys.matches(k) for k in presented if k])  # a list: check every one
+
+
 def protect(keys: KeyRing) -> dict:
     """`include_router(...)` keyword arguments that put a router behind the keys (none if no key)."""
     if not keys:

@@ -1,0 +1,183 @@
+"""Admission at the HTTP edge: 503 `overloaded` + Retry-After before the server takes on more
+than it can hold (the limits themselves live in service.admission).
+
+Order per request, before any of the body is read:
+1. an evaluate request takes an evaluation slot, waiting in the bounded queue if need be. Its body
+   stays in the client's socket while it waits (uvicorn reads at most 64 KiB ahead), so a
+   rejected or queued 29 MB upload costs the server nothing; a client that disconnects while
+   queued leaves the queue at once.
+2. the body reserves `size x charge_factor` bytes from the shared budget: by Content-Length up
+   front when declared, else chunk by chunk as it streams in.
+Both are returned when the request ends, however it ends. Predict requests only meet step 2.
+Before a 503 the unread body is drained (read and dropped), so the client, which writes its whole
+body first, gets the 503 instead of a reset connection; a client that sent `Expect: 100-continue`
+gets the 503 at once instead and never uploads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from types import SimpleNamespace
+
+from service.admission import ByteBudget, EvaluationGate, Overloaded, charge_factor
+from service.rest.auth import holds_valid_key
+from service.rest.errors import error_response
+
+# The routes that take a body, by path (matched here, before the router runs): their template,
+# to label a 503 in the metrics as the router would, and whether they go through the gate.
+BODY_ROUTES = [(re.compile(r"^/v1/models/(?P<name>[^/]+)/evaluate/?$"), "/v1/models/{name}/evaluate", True),
+               (re.compile(r"^/v1/models/(?P<name>[^/]+)/predict/?$"), "/v1/models/{name}/predict", False)]
+
+
+class AdmissionMiddleware:
+    """Holds the app's EvaluationGate and ByteBudget (also at `app.state.admission`)."""
+
+    def __init__(self, app, fastapi_app) -> None:
+        self.app = app
+        self.fastapi_app = fastapi_app
+        settings = fastapi_app.state.settings
+        self.gate = EvaluationGate(settings.max_concurrent_evaluations, settings.evaluation_queue,
+                                   settings.evaluation_queue_timeout_s)
+        self.budget = ByteBudget(settings.max_buffered_bytes)
+        fastapi_app.state.admission = self
+        metrics = getattr(fastapi_app.state, "metrics", None)
+        if metrics is not None and hasattr(metrics, "watch_admission"):
+            metrics.watch_admission(self.gate, self.budget)
+
+    @staticmethod
+    def _gated(scope) -> bool:
+        """Whether the request goes through the evaluation gate. Sets the scope's route and path
+        parameters for a body route (the router overwrites both), so metrics label a 503 by endpoint."""
+        if scope.get("method") != "POST":
+            return False
+        for pattern, template, gated in BODY_ROUTES:
+            match = pattern.match(scope.get("path", ""))
+            if match:
+                scope["route"] = SimpleNamespace(path=template)
+                scope["path_params"] = match.groupdict()
+                return gated
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if not holds_valid_key(getattr(self.fastapi_app.state, "api_keys", None), headers):
+            return await self.app(scope, receive, send)  # the router answers 401: no slot, no bytes
+        gated = self._gated(scope)
+        factor = charge_factor(headers.get(b"content-type", b"").decode("latin-1"))
+        reservation = self.budget.reservation()
+        token = None
+        started = False
+        loop = asyncio.get_running_loop()
+        admitted_at = loop.time()
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        body_done = False
+        outer_receive = receive
+
+        async def receive():  # notes when the body is complete: then there is nothing to drain
+            nonlocal body_done
+            message = await outer_receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        try:
+            if gated:
+                token, receive = await self._wait_for_slot(receive)
+                if token is None:
+                    return  # the client went away while queued
+                admitted_at = loop.time()
+            declared = _content_length(headers)
+            if declared is not None:
+                reservation.reserve(declared * factor)
+                app_receive = receive
+            else:
+                async def app_receive():  # chunked: charge each chunk as it arrives
+                    message = await receive()
+                    if message["type"] == "http.request":
+                        reservation.reserve(len(message.get("body", b"")) * factor)
+                    return message
+            await self.app(scope, app_receive, tracking_send)
+        except Overloaded as exc:
+            if started:
+                raise
+            await self._reject(exc, scope, receive, send, drain=not body_done)
+        finally:
+            reservation.close()
+            if token is not None:
+                self.gate.release(token, loop.time() - admitted_at)
+
+    async def _wait_for_slot(self, receive):
+        """(token, receive) once admitted; (None, receive) if the client disconnected meanwhile.
+        While queued, one `receive` watches for a disconnect; a body chunk it returns instead
+        is handed back first by the returned receive."""
+        acquire = asyncio.ensure_future(self.gate.acquire())
+        watch = asyncio.ensure_future(receive())
+        try:
+            await asyncio.wait({acquire, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if watch.done() and watch.result()["type"] == "http.disconnect" and not acquire.done():
+                acquire.cancel()
+                await asyncio.gather(acquire, return_exceptions=True)
+                return None, receive
+            token = await acquire  # raises Overloaded (queue full or timed out)
+        except BaseException:
+            if not acquire.done():
+                acquire.cancel()
+                await asyncio.gather(acquire, return_exceptions=True)
+            elif not acquire.cancelled() and acquire.exception() is None:
+                self.gate.release(acquire.result())
+            raise
+        finally:
+            if not watch.done():
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+        if watch.cancelled():
+            return token, receive
+        stashed = [watch.result()]
+
+        async def replay_receive():
+            return stashed.pop() if stashed else await receive()
+
+        return token, replay_receive
+
+    async def _reject(self, exc: Overloaded, scope, receive, send, drain: bool) -> None:
+        """503 overloaded; `drain`: the body has not been read to its end."""
+        response = error_response(503, "overloaded", exc.message, {"reason": exc.reason,
+                                                                   "retry_after_s": exc.retry_after},
+                                  scope=scope)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        metrics = getattr(self.fastapi_app.state, "metrics", None)
+        if metrics is not None and hasattr(metrics, "admission_rejections"):
+            metrics.admission_rejections.labels(exc.reason).inc()
+        if dict(scope.get("headers") or []).get(b"expect", b"").lower() == b"100-continue":
+            response.headers["Connection"] = "close"  # the client waits for us: it never sends the body
+        elif drain:
+            await _drain(receive)
+        await response(scope, receive, send)
+
+
+async def _drain(receive) -> None:
+    """Read and drop the rest of the body before answering. A client writes its whole body before
+    it reads the response; answered early, its upload races uvicorn's keep-alive timer (5 s) and,
+    under load, loses: a reset connection instead of the 503 (measured: 6 of 200 overload
+    requests). Dropping chunks costs no memory."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+def _content_length(headers: dict) -> int | None:
+    try:
+        value = int(headers[b"content-length"])
+    except (KeyError, ValueError):
+        return None
+    return value if value >= 0 else None
