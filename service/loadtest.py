@@ -198,6 +198,55 @@ async def soak(url: str, model: str, payloads: Payloads, clients: int, duration:
     return out
 
 
+def _poll_live(url: str, interval: float, stop, results) -> None:
+    """Child process: GET /health/live every `interval` s until `stop` is set; (seconds, status or
+    error name) per poll into `results`. A process of its own, so the time measured is the server's
+    and not that of the load generator's event loop, which is busy uploading the large bodies."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=10) as client:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                outcome = str(client.get("/health/live").status_code)
+            except httpx.HTTPError as exc:
+                outcome = type(exc).__name__
+            results.put((time.perf_counter() - t0, outcome))
+            stop.wait(interval)
+
+
+class LivenessPoller:
+    """Polls /health/live from a separate process during the overload phase."""
+
+    def __init__(self, url: str, interval: float = 0.25) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._stop, self._results = ctx.Event(), ctx.Queue()
+        self._process = ctx.Process(target=_poll_live, args=(url, interval, self._stop, self._results),
+                                    daemon=True)
+
+    def start(self) -> None:
+        self._process.start()
+
+    def stop(self) -> tuple[list[float], Counter]:
+        """Seconds of every answered poll, and the count of failed ones by status or error."""
+        import queue
+
+        self._stop.set()
+        polls = []
+        while self._process.is_alive() or not self._results.empty():
+            try:
+                polls.append(self._results.get(timeout=0.5))
+            except queue.Empty:
+                if not self._process.is_alive():
+                    break
+        self._process.join(timeout=15)
+        seconds = [t for t, outcome in polls if outcome == "200"]
+        failures = Counter(outcome for _, outcome in polls if outcome != "200")
+        return seconds, failures
+
+
 async def overload(url: str, model: str, n: int, images: int, pid: int | None, seed: int,
                    timeout: float = 600) -> dict:
     import httpx
@@ -207,8 +256,6 @@ async def overload(url: str, model: str, n: int, images: int, pid: int | None, s
     outcomes: Counter = Counter()
     latencies: dict[str, list[float]] = defaultdict(list)
     retry_after: list[int] = []
-    live: list[float] = []
-    live_failures: Counter = Counter()
     rss_samples: list[float] = []
     done = asyncio.Event()
 
@@ -231,18 +278,7 @@ async def overload(url: str, model: str, n: int, images: int, pid: int | None, s
         else:
             outcomes[f"{r.status_code} other: {r.text[:80]}"] += 1
 
-    async def poll_live():
-        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-            while not done.is_set():
-                t0 = time.perf_counter()
-                try:
-                    r = await client.get("/health/live")
-                    live.append(time.perf_counter() - t0)
-                    if r.status_code != 200:
-                        live_failures[str(r.status_code)] += 1
-                except httpx.HTTPError as exc:
-                    live_failures[type(exc).__name__] += 1
-                await asyncio.sleep(0.25)
+    live_poller = LivenessPoller(url)
 
     async def poll_rss():
         while not done.is_set():
@@ -256,9 +292,13 @@ async def overload(url: str, model: str, n: int, images: int, pid: int | None, s
     start = time.monotonic()
     cpu0 = time.process_time()
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
-        watchers = [asyncio.ensure_future(poll_live())] + ([asyncio.ensure_future(poll_rss())] if pid else [])
-        await asyncio.gather(*(one(client) for _ in range(n)))
-        done.set()
+        watchers = [asyncio.ensure_future(poll_rss())] if pid else []
+        live_poller.start()
+        try:
+            await asyncio.gather(*(one(client) for _ in range(n)))
+        finally:
+            done.set()
+            live, live_failures = live_poller.stop()
         await asyncio.gather(*watchers)
     wall = time.monotonic() - start
     await asyncio.sleep(1.0)
