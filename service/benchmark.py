@@ -13,16 +13,14 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from service.server_process import ServerError, ServerProcess
 from training.cli import ArgumentParser, CommandError, command, invoked_as, setup_tensorflow
 
 setup_tensorflow()   # as `python -m service` does
@@ -76,41 +74,6 @@ def load_images(data: Path | None, n: int, num_classes: int, seed: int) -> tuple
     rng = np.random.default_rng(seed)
     return (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, num_classes, n),
             "random pixels")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir: Path, port: int) -> subprocess.Popen:
-    from service.__main__ import SERVE_COMMAND
-
-    env = {**os.environ, "CALIB_MODEL_DIR": str(model_dir), "CALIB_PORT": str(port),
-           "CALIB_HOST": "127.0.0.1", "CALIB_LOG_LEVEL": "warning"}
-    cmd = [sys.executable if SERVE_COMMAND[0] == "python" else SERVE_COMMAND[0], *SERVE_COMMAND[1:]]
-    log = tempfile.TemporaryFile()  # not a pipe: a chatty server must never block on it
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    proc.log = log
-    return proc
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            proc.log.seek(0)
-            raise SystemExit(f"server exited with {proc.returncode}: {proc.log.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("server not ready in time")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -238,18 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     name = model.name
     del registry, model  # free the in-process copy before the server loads its own
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = start_server(args.model_dir, port)
     try:
-        wait_ready(url, proc)
-        http(url, name, args.requests, args.concurrency, eval_x, eval_y, forward)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with ServerProcess(args.model_dir) as server:
+            http(server.url, name, args.requests, args.concurrency, eval_x, eval_y, forward)
+    except ServerError as exc:
+        raise CommandError(exc) from None
     return 0
 
 

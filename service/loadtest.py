@@ -23,13 +23,14 @@ import io
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from training.cli import CommandError, command
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -151,19 +152,22 @@ class Tally:
 
 
 async def soak(url: str, model: str, payloads: Payloads, clients: int, duration: float, warmup: float,
-               pid: int | None, seed: int) -> dict:
+               pid: int | None, seed: int, segments: int = 4) -> dict:
+    """`warmup` s of load, then the rest of `duration` in `segments` equal parts. Between parts the
+    clients finish their requests and the server idles 1 s: its RSS then is what it retains, not
+    what requests in flight hold, so the series shows whether memory keeps growing."""
     import httpx
 
     tally = Tally()
     start = time.monotonic()
-    stop_at = start + duration
-    rss = {"start": rss_mb(pid) if pid else None, "after_warmup": None, "end": None, "max": 0.0}
+    rss = {"start": rss_mb(pid) if pid else None, "idle_series": [], "max": 0.0}
     kinds, weights = zip(*MIX.items())
+    rngs = [random.Random(seed * 1000 + i) for i in range(clients)]
 
-    async def client_loop(i: int):
-        rng = random.Random(seed * 1000 + i)
+    async def client_loop(i: int, until: float):
+        rng = rngs[i]
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-            while time.monotonic() < stop_at:
+            while time.monotonic() < until:
                 kind = rng.choices(kinds, weights)[0]
                 t0 = time.perf_counter()
                 try:
@@ -173,32 +177,34 @@ async def soak(url: str, model: str, payloads: Payloads, clients: int, duration:
                     continue
                 tally.add(label, r.status_code, time.perf_counter() - t0, expect_4xx=label.startswith("bad:"))
 
-    async def watch_rss():
-        while time.monotonic() < stop_at:
+    async def watch_rss(until: float):
+        while time.monotonic() < until:
             await asyncio.sleep(0.2)
             now = rss_mb(pid)
-            if now is None:
-                continue
-            rss["max"] = max(rss["max"], now)
-            if rss["after_warmup"] is None and time.monotonic() - start >= warmup:
-                rss["after_warmup"] = now
+            if now is not None:
+                rss["max"] = max(rss["max"], now)
 
-    tasks = [client_loop(i) for i in range(clients)] + ([watch_rss()] if pid else [])
+    async def run_until(until: float):
+        await asyncio.gather(*[client_loop(i, until) for i in range(clients)], *([watch_rss(until)] if pid else []))
+        if pid:
+            await asyncio.sleep(1.0)  # in-flight buffers released: what the server keeps
+            rss["idle_series"].append(rss_mb(pid))
+
     cpu0 = time.process_time()
-    await asyncio.gather(*tasks)
+    ends = [start + warmup] + [start + warmup + (duration - warmup) * (k + 1) / segments for k in range(segments)]
+    for until in ends:
+        await run_until(until)
     wall = time.monotonic() - start
     out = tally.report()
-    if pid:
-        await asyncio.sleep(1.0)  # let the last responses' buffers go
-        rss["end"] = rss_mb(pid)
-        if rss["after_warmup"] is not None and rss["end"] is not None:
-            rss["growth_mb"] = rss["end"] - rss["after_warmup"]
+    series = [v for v in rss["idle_series"] if v is not None]
+    if len(series) >= 2:
+        rss.update(after_warmup=series[0], end=series[-1], growth_mb=series[-1] - series[0])
     out.update(wall_s=wall, clients=clients, warmup_s=warmup, rss_mb=rss,
                loadgen_cpu_s=time.process_time() - cpu0, requests_per_s=out["requests"] / wall)
     return out
 
 
-def _poll_live(url: str, interval: float, stop, results) -> None:
+def _poll_live(url: str, interval: float, stop, results, started) -> None:
     """Child process: GET /health/live every `interval` s until `stop` is set; (seconds, status or
     error name) per poll into `results`. A process of its own, so the time measured is the server's
     and not that of the load generator's event loop, which is busy uploading the large bodies."""
@@ -212,6 +218,7 @@ def _poll_live(url: str, interval: float, stop, results) -> None:
             except httpx.HTTPError as exc:
                 outcome = type(exc).__name__
             results.put((time.perf_counter() - t0, outcome))
+            started.set()
             stop.wait(interval)
 
 
@@ -222,12 +229,14 @@ class LivenessPoller:
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
-        self._stop, self._results = ctx.Event(), ctx.Queue()
-        self._process = ctx.Process(target=_poll_live, args=(url, interval, self._stop, self._results),
-                                    daemon=True)
+        self._stop, self._results, self._started = ctx.Event(), ctx.Queue(), ctx.Event()
+        self._process = ctx.Process(target=_poll_live, daemon=True,
+                                    args=(url, interval, self._stop, self._results, self._started))
 
-    def start(self) -> None:
+    def start(self, timeout: float = 60) -> None:
+        """Returns once the first poll is answered, so the phase it watches is covered from its start."""
         self._process.start()
+        self._started.wait(timeout)
 
     def stop(self) -> tuple[list[float], Counter]:
         """Seconds of every answered poll, and the count of failed ones by status or error."""
@@ -356,6 +365,8 @@ def print_report(report: dict) -> None:
             print(f"  server RSS: start {r['start']:.0f} MB, after {s['warmup_s']:.0f} s warm-up "
                   f"{r['after_warmup'] or float('nan'):.0f} MB, end {r['end']:.0f} MB, max {r['max']:.0f} MB"
                   + (f", growth {growth:+.1f} MB (limit {RSS_GROWTH_LIMIT_MB})" if growth is not None else ""))
+            print("  server RSS when idle after warm-up and after each part: "
+                  + " -> ".join(f"{v:.0f}" for v in r["idle_series"] if v is not None) + " MB")
         print(f"  load generator CPU: {s['loadgen_cpu_s']:.1f} s")
     o = report.get("overload")
     if o:
@@ -388,8 +399,9 @@ def _model_name(url: str, wanted: str | None) -> str:
     return wanted or models[0]
 
 
+@command("python -m service.loadtest")
 def main(argv: list[str] | None = None) -> int:
-    from service.benchmark import _free_port, start_server, wait_ready
+    from service.server_process import ServerError, ServerProcess
     from service.settings import Settings
 
     p = argparse.ArgumentParser(prog="python -m service.loadtest", description=__doc__.splitlines()[0])
@@ -411,19 +423,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     settings = Settings()  # the environment a server started here sees too
-    proc = None
+    server = None
     if args.url:
         url, pid = args.url.rstrip("/"), args.pid
     else:
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = start_server(args.model_dir or settings.model_dir, port)
-        pid = proc.pid
+        server = ServerProcess(args.model_dir or settings.model_dir).start()
+        url, pid = server.url, server.pid
     report: dict = {"command": " ".join(["python -m service.loadtest", *(argv if argv is not None else sys.argv[1:])]),
                     "url": url, "server_pid": pid}
     try:
-        if proc is not None:
-            wait_ready(url, proc)
+        if server is not None:
+            try:
+                server.wait_ready()
+            except ServerError as exc:
+                raise CommandError(exc) from None
         model = _model_name(url, args.model)
         report["model"] = model
         max_instances = args.max_instances or settings.max_instances
@@ -436,16 +449,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.overload:
             report["overload"] = asyncio.run(overload(url, model, args.overload, args.overload_images, pid,
                                                       args.seed, args.overload_timeout))
-        if proc is not None and proc.poll() is not None:
-            report["server_exit"] = proc.returncode
+        if server is not None and server.proc.poll() is not None:
+            report["server_exit"] = server.proc.returncode
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        if server is not None:
+            server.stop()
     report["failed_checks"] = checks(report)
     print_report(report)
     print("\nchecks: " + ("all passed" if not report["failed_checks"] else "FAILED\n  "

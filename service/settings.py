@@ -90,8 +90,9 @@ class Settings(BaseSettings):
                              "so a second would add its memory (~2x its upload) but no throughput, and it "
                              "would take the second inference thread that predict requests use")
     evaluation_queue: int = Field(
-        8, ge=0, description="evaluate requests that may wait for a slot (their bodies stay unread while "
-                             "they wait); beyond that: 503 overloaded + Retry-After")
+        32, ge=0, description="evaluate requests that may wait for a slot; their bodies stay unread while "
+                              "they wait, so a place costs no memory and the queue only bounds waiting (with "
+                              "the timeout); beyond that: 503 overloaded + Retry-After")
     evaluation_queue_timeout_s: float = Field(
         30.0, gt=0, description="how long an evaluate request may wait in the queue before 503 overloaded")
     max_buffered_bytes: int = Field(

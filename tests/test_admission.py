@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import time
 
 import numpy as np
@@ -267,50 +266,18 @@ def test_middleware_lets_requests_without_a_valid_key_pass_to_the_401_without_a_
 
 
 # --- the service over real HTTP --------------------------------------------------------------
-def _start_server(model_dir, tmp_path, port, **env):
-    from tests.test_service_server import REPO, serve_command
-
-    full_env = {**os.environ, "CALIB_MODEL_DIR": str(model_dir), "CALIB_PORT": str(port), "CALIB_HOST": "127.0.0.1",
-                "CALIB_LOG_LEVEL": "warning", "PYTHONPATH": str(REPO), **{k: str(v) for k, v in env.items()}}
-    log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(serve_command(), cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-    return proc, log
-
-
 @pytest.fixture(scope="module")
 def strict_server(service_model_dir, tmp_path_factory):
     """One evaluation at a time, no queue, a 2 MB byte budget."""
-    import httpx
+    from service.server_process import ServerError, ServerProcess
 
-    from tests.test_service_server import free_port
-
-    port = free_port()
-    proc, log = _start_server(service_model_dir, tmp_path_factory.mktemp("strict"), port,
-                              CALIB_MAX_CONCURRENT_EVALUATIONS=1, CALIB_EVALUATION_QUEUE=0,
-                              CALIB_MAX_BUFFERED_BYTES=2_000_000)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        with ServerProcess(service_model_dir, log_path=tmp_path_factory.mktemp("strict") / "server.log",
+                           max_concurrent_evaluations=1, evaluation_queue=0,
+                           max_buffered_bytes=2_000_000) as running:
+            yield running.url
+    except ServerError as exc:
+        pytest.fail(str(exc))
 
 
 def _metric(text: str, name: str) -> float:
@@ -393,6 +360,7 @@ def test_loadtest_end_to_end_report(service_model_dir, tmp_path, monkeypatch):
     for e in soak["endpoints"].values():
         assert e["p50_ms"] <= e["p95_ms"] <= e["p99_ms"] <= e["max_ms"]
     assert soak["rss_mb"]["after_warmup"] > 0 and soak["rss_mb"]["end"] > 0 and soak["loadgen_cpu_s"] > 0
+    assert len(soak["rss_mb"]["idle_series"]) == 5  # after the warm-up and after each of the 4 parts
     over = report["overload"]
     assert sum(over["outcomes"].values()) == 3 and over["outcomes"].get("200 result") == 3
     assert over["live"]["polls"] >= 1 and over["rss_mb"]["peak"] > 0

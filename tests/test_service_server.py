@@ -8,10 +8,8 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,50 +30,18 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_command() -> list[str]:
-    """SERVE_COMMAND with this interpreter standing in for the image's `python`."""
-    assert SERVE_COMMAND[0] == "python"
-    return [sys.executable, *SERVE_COMMAND[1:]]
-
-
 @pytest.fixture(scope="module")
 def server(service_model_dir, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "CALIB_MODEL_DIR": str(service_model_dir), "CALIB_PORT": str(port),
-           "CALIB_HOST": "127.0.0.1", "CALIB_LOG_LEVEL": "warning", "PYTHONPATH": str(REPO)}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(serve_command(), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
+    """The shipped serve command (SERVE_COMMAND, the Dockerfile's CMD) on a free loopback port."""
+    from service.server_process import ServerError, ServerProcess
 
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    assert SERVE_COMMAND[0] == "python"
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    try:
+        with ServerProcess(service_model_dir, log_path=log, ready_timeout=120) as running:
+            yield running.url
+    except ServerError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,105 @@
+"""`python -m service` as a child process on a free loopback port.
+
+The service benchmark, the soak test and the real-server tests all start the shipped serve
+command (`SERVE_COMMAND`, the Dockerfile's CMD) this one way, so what they measure and test is
+what ships, and start-up, readiness and shutdown are handled alike.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ServerError(RuntimeError):
+    """The server exited or never became ready; the message ends with its log's tail."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command() -> list[str]:
+    """SERVE_COMMAND with this interpreter standing in for the image's `python`."""
+    from service.__main__ import SERVE_COMMAND
+
+    return [sys.executable if SERVE_COMMAND[0] == "python" else SERVE_COMMAND[0], *SERVE_COMMAND[1:]]
+
+
+class ServerProcess:
+    """`with ServerProcess(model_dir, **settings) as server:` starts the server, waits until
+    `/health/ready` answers 200, and stops it on exit. Extra keyword arguments become `CALIB_*`
+    variables (`max_body_bytes=1024` -> `CALIB_MAX_BODY_BYTES=1024`)."""
+
+    def __init__(self, model_dir: str | os.PathLike, *, log_path: str | os.PathLike | None = None,
+                 ready_timeout: float = 180, **settings) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ready_timeout = ready_timeout
+        self.env = {**os.environ, "CALIB_MODEL_DIR": str(model_dir), "CALIB_PORT": str(self.port),
+                    "CALIB_HOST": "127.0.0.1", "CALIB_LOG_LEVEL": "warning", "PYTHONPATH": str(REPO),
+                    **{f"CALIB_{k.upper()}": str(v) for k, v in settings.items()}}
+        # a file, not a pipe: a chatty server must never block on a full pipe
+        self._log = open(log_path, "w+b") if log_path else tempfile.TemporaryFile()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, chars: int = 3000) -> str:
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read().decode("utf-8", errors="replace")[-chars:]
+
+    def start(self) -> "ServerProcess":
+        self.proc = subprocess.Popen(serve_command(), cwd=REPO, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ServerError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerError(f"server not ready after {self.ready_timeout:g} s:\n{self.log_tail()}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+    def __enter__(self) -> "ServerProcess":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
