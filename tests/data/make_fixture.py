@@ -1,6 +1,6 @@
 """Rebuild tests/data/cifar10-fixture/ from the 2,000-image JPEG sample (not imported by the tests).
 
-    python tests/data/make_fixture.py ../shared/data/cifar10-jpeg-sample.tar.gz
+    python tests/data/make_fixture.py path/to/cifar10-jpeg-sample.tar.gz
 
 Copies the first PER_CLASS files (by name) of every class of both splits, bytes unchanged, and
 prints the manifest sha256 that tests/data/README.md states and tests/test_fixture_data.py checks.
