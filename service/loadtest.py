@@ -32,7 +32,6 @@ import numpy as np
 
 from training.cli import CommandError, command
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 RSS_GROWTH_LIMIT_MB = 50
 LIVE_LIMIT_S = 1.0
