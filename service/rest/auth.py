@@ -49,9 +49,10 @@ async def require_api_key(
     api_key: Optional[str] = Security(api_key_header),
     credentials: Optional[HTTPAuthorizationCredentials] = Security(bearer),
 ) -> None:
-    """Either header may carry the key; a request passes when one of them holds a configured key."""
+    """Either header may carry the key. The two Security parameters declare the schemes in
+    OpenAPI; the rule itself is `presented_keys`, which the admission middleware shares."""
     keys: KeyRing = request.app.state.api_keys
-    presented = [k for k in (api_key, credentials.credentials if credentials else None) if k]
+    presented = presented_keys(dict(request.scope["headers"]))
     if not presented:
         raise Unauthorized(f"missing API key: send 'Authorization: Bearer <key>' or '{API_KEY_HEADER}: <key>'")
     if not any([keys.matches(k) for k in presented]):  # a list, not a generator: check every one
@@ -64,16 +65,22 @@ async def _unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
     return response
 
 
-def holds_valid_key(keys: KeyRing | None, headers: dict[bytes, bytes]) -> bool:
-    """The same rule as `require_api_key`, on raw ASGI headers, for middleware that runs before the
-    router (admission control): True when no keys are configured or either header holds one."""
-    if not keys:
-        return True
-    presented = [headers.get(API_KEY_HEADER.lower().encode(), b"")]
-    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+def presented_keys(headers: dict[bytes, bytes]) -> list[bytes]:
+    """The keys a request offers, from raw ASGI headers: `X-API-Key`, and a `Bearer` token
+    (the scheme word in any case)."""
+    presented = [headers.get(API_KEY_HEADER.lower().encode(), b"").strip()]
+    scheme, _, token = headers.get(b"authorization", b"").strip().partition(b" ")
     if scheme.lower() == b"bearer":
         presented.append(token.strip())
-    return any([keys.matches(k) for k in presented if k])  # a list: check every one
+    return [k for k in presented if k]
+
+
+def holds_valid_key(keys: KeyRing | None, headers: dict[bytes, bytes]) -> bool:
+    """For middleware that runs before the router (admission control): True when no keys are
+    configured or a presented key is one of them."""
+    if not keys:
+        return True
+    return any([keys.matches(k) for k in presented_keys(headers)])  # a list: check every one
 
 
 def protect(keys: KeyRing) -> dict:
