@@ -12,9 +12,18 @@ from .metrics import (
     reliability_bins,
     softmax,
 )
+from .ood import SCORES as OOD_SCORES, Detection, aupr, auroc, detection, fpr_at_tpr, threshold_at_tpr, uncertainty_scores
 from .temperature import TemperatureFitError, fit_temperature, nll_at_temperature
 
 __all__ = [
+    "OOD_SCORES",
+    "Detection",
+    "aupr",
+    "auroc",
+    "detection",
+    "fpr_at_tpr",
+    "threshold_at_tpr",
+    "uncertainty_scores",
     "CalibrationMetrics",
     "Interval",
     "ReliabilityBin",
