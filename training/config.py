@@ -40,6 +40,7 @@ class TrainConfig:
     weight_decay: float = 0.05       # AdamW decoupled decay (only with --optimizer adamw)
     mix: str = "none"                # "none", "mixup" or "cutmix"
     mix_alpha: float = 1.0
+    augmix: bool = False             # AugMix every training image (training.augmix; no JSD loss)
     pad: int = 4                     # pad-crop translation in pixels
     low_res_epochs: int = 0          # train the first N epochs on random low_res_size crops
     low_res_size: int = 24           # (a conv's cost scales with the pixels: 24x24 is ~0.56x)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from training.augmix import augmix as augmix_batch
+
 
 def random_flip_and_crop(images: tf.Tensor, *, pad: int, seed: tf.Tensor,
                          flip: tf.Tensor | None = None, size: int | None = None) -> tf.Tensor:
@@ -41,7 +43,8 @@ def one_hot(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
 def training_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, num_classes: int,
                      seed: int, pad: int = 4, mix_layer=None,
                      alternate_flip: bool = False, epochs: int | None = None,
-                     low_res_size: int = 0, low_res_steps: int = 0) -> tf.data.Dataset:
+                     low_res_size: int = 0, low_res_steps: int = 0,
+                     augmix: bool = False) -> tf.data.Dataset:
     """Shuffled, augmented batches of (uint8 images, one-hot labels), reshuffled every epoch.
 
     `mix_layer` (Mixup/CutMix) maps a batch of (images, one-hot labels) to mixed soft labels.
@@ -54,6 +57,8 @@ def training_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, num_class
     cuda-convnet trained on 24x24 crops of CIFAR): a convolution's cost scales with the pixels,
     so early epochs cost about (size/32)**2 of a full one. Objects keep their scale (crops, not
     resizing), and the full-size epochs that follow adapt the net to whole images.
+    With `augmix`, every image is then replaced by its AugMix (`training.augmix`), on its own
+    seed stream, so the flips and crops are the same with and without it.
     """
     phase = np.random.default_rng(seed).integers(0, 2, len(x), dtype=np.int64)
     steps_per_epoch = max(1, len(x) // batch_size)
@@ -81,6 +86,8 @@ def training_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, num_class
             images = tf.cond(step < low_res_steps, lambda: crop(low_res_size), crop)
         else:
             images = crop()
+        if augmix:
+            images = augmix_batch(images, tf.stack([tf.constant(seed + 7919, tf.int64), step]))
         return images, one_hot(labels, num_classes)
 
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)

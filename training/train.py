@@ -87,7 +87,7 @@ def run(config) -> Path:
                                 num_classes=num_classes, seed=config.seed, pad=config.pad,
                                 mix_layer=mix_layer, alternate_flip=config.alternate_flip,
                                 epochs=config.epochs, low_res_size=config.low_res_size,
-                                low_res_steps=low_res_steps)
+                                low_res_steps=low_res_steps, augmix=config.augmix)
 
     # 2. Model and training ----------------------------------------------------------------
     net = NetworkConfig(width=config.width, num_classes=num_classes, dropout=config.dropout,
@@ -113,7 +113,7 @@ def run(config) -> Path:
     validation_freq = validation_epochs(config.epochs, config.validate_every)
     if len(x_val) and validation_freq:
         validation = (x_val, keras.utils.to_categorical(y_val, num_classes))
-    fit_started = time.time()
+    fit_started, fit_cpu_started = time.time(), time.process_time()
     total_steps = steps_per_epoch * config.epochs
     callbacks = []
     if config.lookahead:
@@ -127,6 +127,7 @@ def run(config) -> Path:
                               validation_freq=validation_freq or 1, validation_batch_size=1000,
                               verbose=config.verbose, callbacks=callbacks)
     train_seconds = time.time() - fit_started
+    train_cpu_seconds = time.process_time() - fit_cpu_started   # all threads: robust to a busy machine
 
     # 3. Temperature on the validation split -------------------------------------------------
     if low_res_steps:   # export the usual 32x32 graph: same layers, same weights
@@ -151,7 +152,7 @@ def run(config) -> Path:
     # 5. Artifact -------------------------------------------------------------------------------
     out = Path(config.output)
     card = build_card(config, net, data, temperature, before, after, validation_after, history,
-                      train_seconds, wall, n_train=len(x_train), n_val=len(x_val),
+                      train_seconds, wall, train_cpu_seconds=train_cpu_seconds, n_train=len(x_train), n_val=len(x_val),
                       params=model.count_params())
     save_artifact(model, card, out, overwrite=config.overwrite)
     print(f"artifact written to {out}", flush=True)
@@ -167,7 +168,7 @@ def validation_epochs(epochs: int, every: int) -> list[int]:
 
 
 def build_card(config, net, data, temperature, before, after, validation_after, history,
-               train_seconds, wall, *, n_train, n_val, params) -> dict:
+               train_seconds, wall, *, n_train, n_val, params, train_cpu_seconds=None) -> dict:
     import keras
     import tensorflow as tf
 
@@ -191,6 +192,7 @@ def build_card(config, net, data, temperature, before, after, validation_after, 
         "training": {"config": config.to_dict(), "network": net.to_dict(), "parameters": int(params),
                      "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
                      "train_seconds": round(train_seconds, 1), "wall_seconds": round(wall, 1),
+                     "train_cpu_seconds": None if train_cpu_seconds is None else round(train_cpu_seconds, 1),
                      "command": " ".join(["python", "-m", "training.train", *sys.argv[1:]])},
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
                      "keras": keras.__version__, "numpy": np.__version__},
