@@ -133,7 +133,26 @@ def _clipped_zoom(x: np.ndarray, zoom_factor: float) -> np.ndarray:
     top, a = _zoom_matrix(x.shape[1], float(zoom_factor))
     ch = a.shape[1]
     crop = x[:, top:top + ch, top:top + ch]
-    return np.einsum("oi,nijc,pj->nopc", a, crop, a, optimize=True).astype(x.dtype, copy=False)
+    rows = np.tensordot(crop, a, axes=([2], [1]))           # [N, ch, C, W]
+    both = np.tensordot(a, rows, axes=([1], [1]))           # [H, N, C, W]
+    return np.ascontiguousarray(both.transpose(1, 0, 3, 2)).astype(x.dtype, copy=False)
+
+
+@lru_cache(maxsize=None)
+def _zoom_blur_operator(factors: tuple[float, ...]) -> np.ndarray:
+    """Zoom blur of one 32x32 channel as one [1024, 1024] matrix (the blur is linear in the image).
+
+    ``(x + sum_z clipped_zoom(x, z)) / (len(c) + 1)`` with clipped_zoom = A_z @ crop @ A_z.T is
+    ``(I + sum_z kron(M_z, M_z)) / (len(c) + 1)`` on the flattened channel, M_z = A_z with the crop
+    folded in: one matrix product for the whole batch instead of 7-26 zooms per image.
+    """
+    total = np.eye(_IMSIZE * _IMSIZE)
+    for zoom_factor in factors:
+        top, a = _zoom_matrix(_IMSIZE, zoom_factor)
+        m = np.zeros((_IMSIZE, _IMSIZE))
+        m[:, top:top + a.shape[1]] = a
+        total += np.kron(m, m)
+    return total / (len(factors) + 1)
 
 
 def _plasma_fractal(rng: np.random.Generator, n: int, mapsize: int = 32, wibbledecay: float = 3) -> np.ndarray:
@@ -263,11 +282,11 @@ def _motion_blur(x, c, rng):
 
 
 def _zoom_blur(x, c, rng):
+    n = x.shape[0]
     x = (x / 255.).astype(np.float32)
-    out = np.zeros_like(x)
-    for zoom_factor in c:
-        out += _clipped_zoom(x, zoom_factor)
-    x = (x + out) / (len(c) + 1)
+    channels = x.transpose(0, 3, 1, 2).reshape(n * 3, _IMSIZE * _IMSIZE)
+    blurred = channels @ _zoom_blur_operator(tuple(float(z) for z in c)).T
+    x = blurred.reshape(n, 3, _IMSIZE, _IMSIZE).transpose(0, 2, 3, 1)
     return np.clip(x, 0, 1) * 255
 
 
