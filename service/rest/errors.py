@@ -1,4 +1,5 @@
-"""One JSON error envelope for everything: {"error": {"code", "message", "status", "request_id"}}.
+"""One JSON error envelope for everything: {"error": {"code", "message", "status", "request_id"}};
+under /v2 the Open Inference Protocol's own {"error": "<message>"} instead (422 there is 400).
 
 Bad input raises `InputError` anywhere below; the handlers here turn it (and FastAPI's own
 validation / routing errors) into 4xx bodies. Only a bug gets `internal_error` (500).
