@@ -15,7 +15,7 @@ from service.api_keys import KeyRing
 from service.batching import BatchedPredictor
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.registry import load_registry
-from service.rest import auth, errors, health, models
+from service.rest import auth, errors, health, models, v2
 from service.rest.admission import AdmissionMiddleware
 from service.rest.limits import BodyLimitMiddleware
 from service.rest.request_id import ServiceApp
@@ -34,6 +34,9 @@ Every error is `{"error": {"code": ..., "message": ..., "status": ..., "request_
 stable code; every response carries an `X-Request-ID` header (the client's own, if sane).
 When the service has API keys, `/v1` (and `/metrics` if so configured) needs
 `Authorization: Bearer <key>` or `X-API-Key: <key>`; the health checks stay open.
+
+`/v2` serves the same predictions over the Open Inference Protocol (KServe v2 / Triton REST), with
+the protocol's error body `{"error": "<message>"}`: see docs/open-inference-protocol.md.
 """
 
 
@@ -78,6 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(health.metrics_router, **(auth.protect(keys) if settings.metrics_require_key else {}))
     app.include_router(models.router, **auth.protect(keys))  # every data-plane router: auth.protect(keys)
+    app.include_router(v2.health_router)  # the Open Inference Protocol (/v2): its health stays open too
+    app.include_router(v2.router, **v2.protect(keys))
     app.add_middleware(AdmissionMiddleware, fastapi_app=app)  # inside the body limit: 413 before 503
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, fastapi_app=app)  # outside the body limit: sees 413s too

@@ -20,7 +20,7 @@ import asyncio
 import re
 from types import SimpleNamespace
 
-from service.admission import ByteBudget, EvaluationGate, Overloaded, charge_factor
+from service.admission import JSON_CHARGE, ByteBudget, EvaluationGate, Overloaded, charge_factor
 from service.rest.auth import holds_valid_key
 from service.rest.errors import error_response
 
@@ -28,6 +28,8 @@ from service.rest.errors import error_response
 # to label a 503 in the metrics as the router would, and whether they go through the gate.
 BODY_ROUTES = [(re.compile(r"^/v1/models/(?P<name>[^/]+)/evaluate/?$"), "/v1/models/{name}/evaluate", True),
                (re.compile(r"^/v1/models/(?P<name>[^/]+)/predict/?$"), "/v1/models/{name}/predict", False)]
+# /v2 infer parses its body as JSON whatever the Content-Type (tritonclient sends none): charged as JSON.
+V2_INFER = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer/?$")
 
 
 class AdmissionMiddleware:
@@ -67,6 +69,8 @@ class AdmissionMiddleware:
             return await self.app(scope, receive, send)  # the router answers 401: no slot, no bytes
         gated = self._gated(scope)
         factor = charge_factor(headers.get(b"content-type", b"").decode("latin-1"))
+        if V2_INFER.match(scope.get("path", "")):
+            factor = JSON_CHARGE
         reservation = self.budget.reservation()
         token = None
         started = False

@@ -1,4 +1,5 @@
-"""One JSON error envelope for everything: {"error": {"code", "message", "status", "request_id"}}.
+"""One JSON error envelope for everything: {"error": {"code", "message", "status", "request_id"}};
+under /v2 the Open Inference Protocol's own {"error": "<message>"} instead (422 there is 400).
 
 Bad input raises `InputError` anywhere below; the handlers here turn it (and FastAPI's own
 validation / routing errors) into 4xx bodies. Only a bug gets `internal_error` (500).
@@ -68,11 +69,20 @@ def error_response(status: int, code: str, message: str, details: dict | None = 
     if request_id is not None:
         body["request_id"] = request_id
     scope = scope if scope is not None else (request.scope if request is not None else None)
+    content = {"error": body}
+    if is_v2_path(scope):  # the Open Inference Protocol's envelope (service.rest.v2), 400 for bad input
+        status = 400 if status == 422 else status
+        content = {"error": message}
     app = scope.get("app") if scope is not None else None
     metrics = getattr(getattr(app, "state", None), "metrics", None)
     if metrics is not None:
         metrics.errors.labels(endpoint_label(scope), str(status), code).inc()
-    return JSONResponse({"error": body}, status_code=status)
+    return JSONResponse(content, status_code=status)
+
+
+def is_v2_path(scope) -> bool:
+    path = scope.get("path", "") if scope is not None else ""
+    return path == "/v2" or path.startswith("/v2/")
 
 
 async def _input_error(request: Request, exc: InputError) -> JSONResponse:

@@ -1,0 +1,203 @@
+"""/v2: the Open Inference Protocol (KServe v2, Triton, MLServer) REST API beside /v1.
+
+Transport only: the body is parsed off the event loop and checked against the protocol's
+models (`service.v2_schemas`), the tensor becomes the same uint8 batch /v1 predicts on
+(`service.v2_tensors`), and the prediction runs through the same micro-batched dataplane path
+(`BatchedPredictor.predict`), so /v2 probabilities equal /v1's for the same images. Errors under
+/v2 use the protocol's `{"error": "<message>"}` body (`service.rest.errors.error_response`).
+
+A model's version is the first 12 hex digits of its model file's SHA-256 (from the card): it
+changes exactly when the weights do, so a client can pin the weights it validated.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from service import v2_tensors
+from service.api_keys import KeyRing
+from service.inputs import InputError, parse_json_object
+from service.registry import LoadedModel
+from service.rest import auth
+from service.rest.requests import in_thread, model_of, predictor_of, registry_of, settings_of
+from service.schemas import _EXAMPLE_IMAGES
+from service.v2_schemas import (
+    ErrorV2,
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadata,
+    ModelReady,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+    inlined_schema,
+)
+
+SERVER_NAME = "calibrated-cifar10"
+PLATFORM = "tensorflow_keras"
+# Our own protocol extension: the `mc_samples` / `seed` / `resize` request parameters and the
+# MC-dropout outputs (docs/open-inference-protocol.md).
+EXTENSIONS = ["calibrated_uncertainty"]
+VERSION_DIGITS = 12
+BINARY_HEADER = "inference-header-content-length"
+
+ERRORS_V2 = {
+    400: "the request is not a valid inference request for this model (shape, datatype, data, "
+         "parameters, outputs, JSON)",
+    404: "no loaded model has this name, or the model has no such version",
+    413: "the body is over CALIB_MAX_BODY_BYTES",
+    503: "no model is loaded yet, or the server is overloaded (retry after `Retry-After` seconds)",
+}
+
+
+def _errors(*statuses: int) -> dict:
+    return {s: {"model": ErrorV2, "description": ERRORS_V2[s]} for s in statuses}
+
+
+health_router = APIRouter(prefix="/v2", tags=["open inference protocol"])  # open, like /health
+router = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=_errors(503))
+
+ModelName = Path(description="a model's name (GET /v1/models lists them)", examples=["cifar10-resnet"])
+ModelVersion = Path(description="the model version: the first 12 hex digits of its model file's SHA-256")
+
+
+def protect(keys: KeyRing) -> dict:
+    """`auth.protect`, with the 401 documented in the protocol's error shape."""
+    kwargs = auth.protect(keys)
+    if kwargs:
+        kwargs["responses"] = {401: {**auth.UNAUTHORIZED_RESPONSE[401], "model": ErrorV2}}
+    return kwargs
+
+
+def version_of(model: LoadedModel) -> str:
+    return str(model.card.get("model_sha256", ""))[:VERSION_DIGITS] or "1"
+
+
+def _model(request: Request, name: str, version: str | None) -> LoadedModel:
+    model = model_of(request, name)
+    if version is not None and version != version_of(model):
+        raise InputError("unknown_version", f"model {name!r} has no version {version!r}; its version is "
+                                            f"{version_of(model)!r}", 404)
+    return model
+
+
+# --- health and server metadata ----------------------------------------------------------------
+@health_router.get("/health/live", response_model=ServerLive, summary="Server live (protocol v2)")
+async def server_live() -> dict:
+    return {"live": True}
+
+
+@health_router.get("/health/ready", response_model=ServerReady, summary="Server ready (protocol v2)",
+                   responses={503: {"model": ServerReady, "description": "no model is loaded"}})
+async def server_ready(request: Request):
+    registry = getattr(request.app.state, "registry", None)
+    if registry is None or not registry.ready:
+        return JSONResponse({"ready": False}, status_code=503)
+    return {"ready": True}
+
+
+@router.get("", response_model=ServerMetadata, summary="Server metadata (protocol v2)")
+async def server_metadata(request: Request) -> dict:
+    return {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
+
+
+# --- model metadata and readiness --------------------------------------------------------------
+def _metadata(model: LoadedModel) -> dict:
+    return {"name": model.name, "versions": [version_of(model)], "platform": PLATFORM,
+            "inputs": v2_tensors.input_metadata(), "outputs": v2_tensors.output_metadata(model.num_classes)}
+
+
+@router.get("/models/{name}", response_model=ModelMetadata, responses=_errors(404),
+            summary="Model metadata (protocol v2)")
+async def model_metadata(request: Request, name: str = ModelName) -> dict:
+    return _metadata(_model(request, name, None))
+
+
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=_errors(404),
+            summary="Model metadata of a version (protocol v2)")
+async def model_version_metadata(request: Request, name: str = ModelName, version: str = ModelVersion) -> dict:
+    return _metadata(_model(request, name, version))
+
+
+@router.get("/models/{name}/ready", response_model=ModelReady, responses=_errors(404),
+            summary="Model ready (protocol v2)")
+async def model_ready(request: Request, name: str = ModelName) -> dict:
+    return {"name": _model(request, name, None).name, "ready": True}
+
+
+@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReady, responses=_errors(404),
+            summary="Model version ready (protocol v2)")
+async def model_version_ready(request: Request, name: str = ModelName, version: str = ModelVersion) -> dict:
+    return {"name": _model(request, name, version).name, "ready": True}
+
+
+# --- inference -----------------------------------------------------------------------------------
+_EXAMPLE = {"id": "example-1", "parameters": {"mc_samples": 30, "seed": 7},
+            "inputs": [{"name": "images", "shape": [2], "datatype": "BYTES",
+                        "data": [image["b64"] for image in _EXAMPLE_IMAGES]}],
+            "outputs": [{"name": "probabilities"}, {"name": "mutual_information"}]}
+INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": inlined_schema(InferenceRequest), "example": _EXAMPLE}}}}
+INFER_ERRORS = _errors(400, 404, 413)
+
+
+@router.post("/models/{name}/infer", response_model=InferenceResponse, responses=INFER_ERRORS,
+             response_model_exclude_none=True, openapi_extra=INFER_BODY, summary="Inference (protocol v2)")
+async def infer(request: Request, name: str = ModelName) -> dict:
+    return await _infer(request, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", response_model=InferenceResponse,
+             responses=INFER_ERRORS, response_model_exclude_none=True, openapi_extra=INFER_BODY,
+             summary="Inference on a version (protocol v2)")
+async def infer_version(request: Request, name: str = ModelName, version: str = ModelVersion) -> dict:
+    return await _infer(request, name, version)
+
+
+async def _infer(request: Request, name: str, version: str | None) -> dict:
+    settings = settings_of(request)
+    registry_of(request)  # 503 before anything else while the models load
+    model = _model(request, name, version)
+    if BINARY_HEADER in request.headers:
+        raise InputError("unsupported_extension",
+                         "the binary tensor data extension is not supported: send the tensors as JSON "
+                         "(tritonclient: set_data_from_numpy(x, binary_data=False))", 400)
+    body = await request.body()
+    infer_request = await in_thread(_parse, body)
+    opts = v2_tensors.options(infer_request, settings.max_mc_samples)
+    x = await in_thread(v2_tensors.images, infer_request, resize=opts.resize,
+                        max_instances=settings.max_instances)
+    seed = opts.seed
+    if seed is None and opts.mc_samples:
+        seed = secrets.randbelow(2**31 - 1)
+    result = await predictor_of(request).predict(model, x, mc_samples=opts.mc_samples, seed=seed,
+                                                 mc_chunk_rows=settings.mc_chunk_rows)
+    metrics = request.app.state.metrics
+    metrics.images.labels(model.name, "infer_v2").inc(len(x))
+    metrics.mc_samples.labels(model.name).inc(opts.mc_samples * len(x))
+    parameters = {"temperature": model.temperature}
+    if opts.mc_samples:
+        parameters.update(mc_samples=opts.mc_samples, seed=result.seed)
+    response = {"model_name": model.name, "model_version": version_of(model), "parameters": parameters,
+                "outputs": await in_thread(v2_tensors.output_tensors, result, opts.outputs)}
+    if infer_request.id is not None:
+        response["id"] = infer_request.id
+    return response
+
+
+def _parse(body: bytes) -> InferenceRequest:
+    payload = parse_json_object(body)
+    try:
+        return InferenceRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise InputError("invalid_request", _validation_message(exc), 400) from None
+
+
+def _validation_message(exc: ValidationError, limit: int = 5) -> str:
+    parts = [f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors()[:limit]]
+    more = exc.error_count() - limit
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

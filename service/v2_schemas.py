@@ -1,0 +1,130 @@
+"""Pydantic models of the Open Inference Protocol (KServe "v2") REST messages.
+
+Field names and JSON shapes follow the protocol's REST specification
+(kserve/open-inference-protocol, specification/protocol/inference_rest.md). The request model is
+strict, so what it accepts is exactly what its published JSON schema allows (the fuzz test sends
+schema-breaking bodies and expects a 4xx); everything model-specific (datatype, shape, data, our
+parameters) is checked in `service.v2_tensors` and answered with 400 and a message.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+# $parameter = $string : $string | $number | $boolean
+ParameterValue = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
+Parameters = dict[str, ParameterValue]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+
+class RequestInput(_Strict):
+    name: str = Field(description="the input tensor's name: `images`")
+    shape: list[Annotated[int, Field(ge=0)]] = Field(
+        description="[N, 32, 32, 3] for UINT8 / FP32 pixels, [N] for BYTES (encoded images)")
+    datatype: str = Field(description="UINT8 or FP32 (pixel values 0..255, RGB, HWC) or BYTES "
+                                      "(base64 strings of PNG/JPEG files)")
+    parameters: Optional[Parameters] = None
+    data: list[Any] = Field(description="the tensor's elements in row-major order, flat or nested")
+
+
+class RequestOutput(_Strict):
+    name: str = Field(description="an output named in the model metadata")
+    parameters: Optional[Parameters] = Field(
+        None, description="accepted and ignored (outputs are always returned as JSON: `binary_data` "
+                          "is not supported)")
+
+
+class InferenceRequest(_Strict):
+    id: Optional[str] = Field(None, description="echoed in the response")
+    parameters: Optional[Parameters] = Field(
+        None, description="`mc_samples` (int 2..CALIB_MAX_MC_SAMPLES: also return the MC-dropout outputs), "
+                          "`seed` (int, the dropout masks' seed; random if omitted, returned in the "
+                          "response parameters), `resize` (bool: resize BYTES images that are not 32x32 "
+                          "RGB); other parameters are ignored")
+    inputs: list[RequestInput] = Field(description="exactly one input tensor, `images`")
+    outputs: Optional[list[RequestOutput]] = Field(
+        None, description="the outputs to return (default: `probabilities`, plus the MC outputs when "
+                          "mc_samples is given)")
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: Optional[Parameters] = None
+    data: list[float] = Field(description="row-major, flat")
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: Optional[str] = None
+    id: Optional[str] = Field(None, description="the request's `id`, if it had one")
+    parameters: Optional[Parameters] = Field(
+        None, description="`temperature`; with MC dropout also `mc_samples` and `seed` (send it back to "
+                          "reproduce the MC outputs)")
+    outputs: list[ResponseOutput]
+
+
+class MetadataTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1: any size (the batch dimension)")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str] = Field(description="the first 12 hex digits of the model file's SHA-256")
+    platform: str
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ServerLive(BaseModel):
+    live: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class ErrorV2(BaseModel):
+    """The protocol's error object: a message only (the request ID is in the X-Request-ID header)."""
+
+    error: str
+
+
+def inlined_schema(model: type[BaseModel]) -> dict:
+    """`model`'s JSON schema with its `$defs` substituted in place: a request body published with
+    `openapi_extra` cannot point into `components`, and a `#/$defs/...` reference would resolve
+    against the OpenAPI document's root, not the schema's. The request models are not recursive."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve({**defs[ref.rsplit("/", 1)[1]],
+                                **{k: v for k, v in node.items() if k != "$ref"}})
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
