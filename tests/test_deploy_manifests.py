@@ -287,6 +287,7 @@ def test_inferenceservice_is_a_v2_custom_predictor(isvc, app_paths):
     for name in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = c[name]["httpGet"]
         assert probe["path"] in app_paths and probe["port"] == 8080
+        assert probe["path"].startswith("/v2/health/")   # the protocol KServe speaks to it
     assert c["securityContext"]["runAsUser"] == predictor["securityContext"]["runAsUser"] == int(dockerfile_user())
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
 
