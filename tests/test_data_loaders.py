@@ -562,3 +562,23 @@ def test_import_does_not_pull_tensorflow() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_recorded_data_source_expands_variables(monkeypatch):
+    from training.data import DataSourceError, recorded_data_source
+
+    card = {"training": {"config": {"data": "$CIFAR10_DIR"}}}
+    monkeypatch.setenv("CIFAR10_DIR", "/data/cifar")
+    assert recorded_data_source(card) == "/data/cifar"
+    monkeypatch.delenv("CIFAR10_DIR")
+    with pytest.raises(DataSourceError, match="CIFAR10_DIR"):
+        recorded_data_source(card)
+    assert recorded_data_source({"training": {"config": {"data": "keras"}}}) == "keras"
+
+
+def test_shipped_cards_name_no_path_of_the_training_machine():
+    from pathlib import Path
+
+    for card in Path(__file__).resolve().parents[1].glob("models/shipped/*/model_card.json"):
+        text = card.read_text()
+        assert "/work/" not in text and "/home/" not in text, card

@@ -60,10 +60,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from models.artifact import read_card
+    from training.data import recorded_data_source
     from training.evaluate import evaluate_artifact
 
     card = read_card(args.artifact)
-    source = args.data or card["training"]["config"]["data"]
+    source = args.data or recorded_data_source(card)
     result = evaluate_artifact(args.artifact, source)
     measured = {
         "test accuracy (after T)": result["after"].accuracy,

@@ -127,8 +127,9 @@ def main(argv=None) -> int:
         parser.error("--bootstrap needs at least 2 resamples")
 
     from models.artifact import read_card
+    from training.data import recorded_data_source
     card = read_card(args.artifact)   # checks the artifact before TensorFlow is imported
-    source = args.data or card["training"]["config"]["data"]
+    source = args.data or recorded_data_source(card)
     result = evaluate_artifact(args.artifact, source, n_bins=args.bins)
     if args.json:
         print(json.dumps({"artifact": result["artifact"], "data": result["data"],

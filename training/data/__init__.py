@@ -9,7 +9,7 @@ Public API:
 * :class:`DataSourceError` (a ``ValueError``) for every bad input
 """
 
-from .cifar import CIFAR10_CLASSES, CifarData, load_cifar10
+from .cifar import CIFAR10_CLASSES, CifarData, load_cifar10, recorded_data_source
 from .errors import DataSourceError
 from .image_folder import (
     IMAGE_EXTENSIONS,
@@ -30,5 +30,6 @@ __all__ = [
     "load_cifar10",
     "read_labelled_images",
     "read_labelled_images_from_bytes",
+    "recorded_data_source",
     "train_validation_split",
 ]

@@ -20,7 +20,7 @@ import numpy as np
 from .errors import DataSourceError
 from .image_folder import _Entry, _labelled_arrays, _path_entries, _is_image
 
-__all__ = ["CIFAR10_CLASSES", "CifarData", "load_cifar10"]
+__all__ = ["CIFAR10_CLASSES", "CifarData", "load_cifar10", "recorded_data_source"]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -68,6 +68,17 @@ class CifarData:
         return (f"CifarData(x_train={self.x_train.shape}, x_test={self.x_test.shape}, "
                 f"classes={len(self.class_names)}, source={self.source!r}, "
                 f"checksum={self.checksum!r})")
+
+
+def recorded_data_source(card: dict) -> str:
+    """The `--data` a model card records, with environment variables expanded: shipped cards say
+    `$CIFAR10_DIR` rather than a path on the machine that trained them."""
+    recorded = card["training"]["config"]["data"]
+    source = os.path.expandvars(recorded)
+    if "$" in source:
+        raise DataSourceError(f"the model card records --data {recorded}: set that variable "
+                              f"(the CIFAR-10 copy the model was trained on) or pass --data")
+    return source
 
 
 def load_cifar10(source: str | os.PathLike[str] = "keras") -> CifarData:
