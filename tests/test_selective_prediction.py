@@ -202,7 +202,7 @@ def test_report_from_probabilities():
     assert [q["coverage"] for q in d["at_coverage"]] == [0.5, 0.8, 0.9, 0.95]
     assert len(d["risk_coverage_curve"]) == 4 and selective_report(p, y).target is None
     text = format_summary(report)
-    assert "AURC" in text and "confidence >= 0.9000 keeps 25.0%" in text
+    assert "AURC" in text and "confidence >= 0.9000 keeps 25.00%" in text
     all_wrong = selective_report(p, 1 - p.argmax(axis=1), target_accuracy=0.5)
     assert all_wrong.target.achieved is False and "no confidence threshold reaches it" in format_summary(all_wrong)
 

@@ -260,6 +260,6 @@ def format_summary(report: SelectiveReport) -> str:
     t = report.target
     if t is not None:
         lines.append(f"accuracy >= {t.target_accuracy:g}: confidence >= {t.threshold:.4f} keeps "
-                     f"{t.coverage:.1%} ({t.accepted} images, accuracy {t.accuracy:.4f})" if t.achieved else
+                     f"{t.coverage:.2%} ({t.accepted} images, accuracy {t.accuracy:.4f})" if t.achieved else
                      f"accuracy >= {t.target_accuracy:g}: no confidence threshold reaches it (coverage 0)")
     return "\n".join(lines)
