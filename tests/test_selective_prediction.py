@@ -221,3 +221,21 @@ def test_report_from_probabilities():
 def test_bad_arguments_raise_value_error(call, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         call()
+
+
+def test_training_evaluate_prints_the_same_selective_summary(tiny_artifact, sample_archive, capsys):
+    """`python -m training.evaluate --target-accuracy` reuses `selective_report` on the test split."""
+    import json
+
+    from models.calibration import softmax
+    from training.evaluate import evaluate_artifact, main
+
+    assert main([str(tiny_artifact), "--data", str(sample_archive), "--target-accuracy", "0.3"]) == 0
+    out = capsys.readouterr().out
+    result = evaluate_artifact(str(tiny_artifact), str(sample_archive))
+    want = selective_report(softmax(result["logits"], result["temperature"]), result["dataset"].y_test,
+                            target_accuracy=0.3)
+    assert format_summary(want) in out and "AURC" in out
+    assert main([str(tiny_artifact), "--data", str(sample_archive), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["selective"]
+    assert got["aurc"] == pytest.approx(want.aurc) and got["target"] is None
