@@ -328,8 +328,8 @@ def test_cli_bad_target_accuracy_is_the_services_one_line_error(monkeypatch, cap
     from clients import CalibClient, cli
 
     def handler(request):
-        return httpx.Response(422, json={"error": {"code": "invalid_parameter", "status": 422,
-                                                   "message": "target_accuracy: Input should be less than or equal to 1"}})
+        message = "target_accuracy: Input should be less than or equal to 1"
+        return httpx.Response(422, json={"error": {"code": "invalid_parameter", "status": 422, "message": message}})
 
     monkeypatch.setattr(cli, "CalibClient", functools.partial(CalibClient, transport=httpx.MockTransport(handler)))
     data = tmp_path / "val.npz"

@@ -130,7 +130,8 @@ def test_openapi_documents_target_accuracy_and_the_selective_block(app_client):
     assert "risk_coverage_png" in json.dumps(fmt)
     schemas = spec["components"]["schemas"]
     assert "selective" in schemas["EvaluateResponse"]["required"]
-    assert {"aurc", "e_aurc", "at_coverage", "risk_coverage_curve", "target"} <= set(schemas["SelectiveOut"]["properties"])
+    fields = set(schemas["SelectiveOut"]["properties"])
+    assert {"aurc", "e_aurc", "at_coverage", "risk_coverage_curve", "target"} <= fields
 
 
 def test_compact_curve_keeps_a_10000_image_report_small():

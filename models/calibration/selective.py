@@ -78,7 +78,6 @@ def _rank(confidence, correct) -> _Ranked:
     c, ok = _checked(confidence, correct)
     order = np.argsort(-c, kind="mergesort")
     c, wrong = c[order], (~ok[order]).astype(np.float64)
-    n = c.size
     last = np.r_[c[1:] != c[:-1], True]               # last image of each tie group
     ends = np.flatnonzero(last) + 1                    # accepted count at each group end
     starts = np.r_[0, ends[:-1]]
