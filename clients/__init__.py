@@ -12,13 +12,16 @@ An API key (when the service has keys) comes from `api_key=...` or the env CALIB
 
 from clients.client import DEFAULT_URL, AsyncCalibClient, CalibClient
 from clients.types import (
+    AccuracyThreshold,
     AuthenticationError,
     CalibrationMetrics,
     ClientError,
+    CoveragePoint,
     EvaluationReport,
     ModelInfo,
     Prediction,
     PredictResult,
+    SelectiveReport,
     ServiceError,
     TransportError,
     Uncertainty,
@@ -26,15 +29,18 @@ from clients.types import (
 
 __all__ = [
     "DEFAULT_URL",
+    "AccuracyThreshold",
     "AsyncCalibClient",
     "AuthenticationError",
     "CalibClient",
     "CalibrationMetrics",
     "ClientError",
+    "CoveragePoint",
     "EvaluationReport",
     "ModelInfo",
     "PredictResult",
     "Prediction",
+    "SelectiveReport",
     "ServiceError",
     "TransportError",
     "Uncertainty",

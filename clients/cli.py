@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from clients.client import DEFAULT_URL, CalibClient
-from clients.types import ClientError, EvaluationReport, PredictResult, ServiceError, TransportError
+from clients.types import ClientError, EvaluationReport, PredictResult, SelectiveReport, ServiceError, TransportError
 
 METRICS = ("accuracy", "nll", "brier", "ece", "mce", "adaptive_ece", "classwise_ece")
 
@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", help="sub-folder holding the class folders (e.g. test)")
     ev.add_argument("--resize", action="store_true", help="let the server resize non-32x32 images")
     ev.add_argument("--png", type=Path, help="also save the reliability diagram to this file")
+    ev.add_argument("--target-accuracy", type=float, metavar="A",
+                    help="also find the lowest confidence threshold whose accepted images reach accuracy A "
+                         "(0 < A <= 1), and its coverage")
+    ev.add_argument("--risk-coverage-png", type=Path, metavar="FILE",
+                    help="also save the risk-coverage curve to this file")
     ev.add_argument("--json", action="store_true", help="print the server's JSON")
     return p
 
@@ -110,16 +115,24 @@ def _row_names(files: list[Path], n: int) -> list[str]:
 
 def _evaluate(client: CalibClient, args) -> int:
     report: EvaluationReport = client.evaluate(str(args.data), bins=args.bins, fit_temperature=args.fit_temperature,
-                                               resize=args.resize, split=args.split)
+                                               resize=args.resize, split=args.split,
+                                               target_accuracy=args.target_accuracy)
     if args.png is not None:
         args.png.write_bytes(client.reliability_diagram(str(args.data), bins=args.bins, resize=args.resize,
                                                         split=args.split))
+    if args.risk_coverage_png is not None:
+        args.risk_coverage_png.write_bytes(client.risk_coverage_diagram(
+            str(args.data), resize=args.resize, split=args.split, target_accuracy=args.target_accuracy))
     if args.json:
         print(json.dumps(report.raw, indent=2))
     else:
         print(format_report(report))
+        if report.selective is not None:
+            print(format_selective(report.selective))
         if args.png is not None:
             print(f"reliability diagram saved to {args.png}")
+        if args.risk_coverage_png is not None:
+            print(f"risk-coverage curve saved to {args.risk_coverage_png}")
     return 0
 
 
@@ -131,6 +144,22 @@ def format_report(report: EvaluationReport) -> str:
              f"{'metric':<16}" + "".join(f"{title:>20}" for title, _ in columns)]
     for metric in METRICS:
         lines.append(f"{metric:<16}" + "".join(f"{getattr(m, metric):>20.4f}" for _, m in columns))
+    return "\n".join(lines)
+
+
+def format_selective(sel: SelectiveReport) -> str:
+    """AURC, the coverage table and the threshold for the target accuracy (if one was asked)."""
+    lines = ["selective prediction (confidence = largest calibrated probability)",
+             f"AURC {sel.aurc:.4f}   E-AURC {sel.e_aurc:.4f}   (oracle {sel.oracle_aurc:.4f})",
+             f"{'coverage':>9}{'accepted':>10}{'accuracy':>10}{'risk':>9}{'threshold':>11}"]
+    for p in sel.at_coverage:
+        lines.append(f"{p.coverage:>9.0%}{p.accepted:>10}{p.accuracy:>10.4f}{p.risk:>9.4f}{p.threshold:>11.4f}")
+    t = sel.target
+    if t is not None and t.achieved:
+        lines.append(f"accuracy >= {t.target_accuracy:g}: confidence >= {t.threshold:.4f} keeps "
+                     f"{t.coverage:.2%} ({t.accepted} images, accuracy {t.accuracy:.4f})")
+    elif t is not None:
+        lines.append(f"accuracy >= {t.target_accuracy:g}: no confidence threshold reaches it (coverage 0)")
     return "\n".join(lines)
 
 

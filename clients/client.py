@@ -99,11 +99,14 @@ class _Calls:
                       "resize": resize or None},
                      predict_body(images), parse=PredictResult.from_dict)
 
-    def _evaluate_call(self, x, y, model, bins, fit_temperature, resize, split, png) -> _Call:
+    def _evaluate_call(self, x, y, model, bins, fit_temperature, resize, split, png,
+                       target_accuracy=None) -> _Call:
+        """`png`: False (the JSON report), True (reliability diagram) or "risk_coverage_png"."""
+        fmt = png if isinstance(png, str) else ("png" if png else None)
         return _Call("POST", f"/v1/models/{self._name(model)}/evaluate",
                      {"bins": bins, "fit_temperature": fit_temperature or None, "resize": resize or None,
-                      "split": split, "format": "png" if png else None},
-                     evaluate_body(x, y), raw=png, parse=EvaluationReport.from_dict)
+                      "split": split, "format": fmt, "target_accuracy": target_accuracy},
+                     evaluate_body(x, y), raw=bool(png), parse=EvaluationReport.from_dict)
 
 
 class CalibClient(_Calls):
@@ -152,12 +155,21 @@ class CalibClient(_Calls):
         return self._do(self._predict_call(images, self._resolve(model), mc_samples, seed, return_logits, resize))
 
     def evaluate(self, x, y=None, *, model: Optional[str] = None, bins: Optional[int] = None,
-                 fit_temperature: bool = False, resize: bool = False, split: Optional[str] = None) -> EvaluationReport:
-        return self._do(self._evaluate_call(x, y, self._resolve(model), bins, fit_temperature, resize, split, False))
+                 fit_temperature: bool = False, resize: bool = False, split: Optional[str] = None,
+                 target_accuracy: Optional[float] = None) -> EvaluationReport:
+        """`target_accuracy` in (0, 1]: `report.selective.target` holds the confidence threshold."""
+        return self._do(self._evaluate_call(x, y, self._resolve(model), bins, fit_temperature, resize, split, False,
+                                            target_accuracy))
 
     def reliability_diagram(self, x, y=None, *, model: Optional[str] = None, bins: Optional[int] = None,
                             resize: bool = False, split: Optional[str] = None) -> bytes:
         return self._do(self._evaluate_call(x, y, self._resolve(model), bins, False, resize, split, True))
+
+    def risk_coverage_diagram(self, x, y=None, *, model: Optional[str] = None, resize: bool = False,
+                              split: Optional[str] = None, target_accuracy: Optional[float] = None) -> bytes:
+        """PNG of the risk-coverage curve (with the threshold for `target_accuracy`, if given)."""
+        return self._do(self._evaluate_call(x, y, self._resolve(model), None, False, resize, split,
+                                            "risk_coverage_png", target_accuracy))
 
     def close(self) -> None:
         self._http.close()
@@ -216,14 +228,21 @@ class AsyncCalibClient(_Calls):
 
     async def evaluate(self, x, y=None, *, model: Optional[str] = None, bins: Optional[int] = None,
                        fit_temperature: bool = False, resize: bool = False,
-                       split: Optional[str] = None) -> EvaluationReport:
+                       split: Optional[str] = None, target_accuracy: Optional[float] = None) -> EvaluationReport:
         name = await self._resolve(model)
-        return await self._do(self._evaluate_call(x, y, name, bins, fit_temperature, resize, split, False))
+        return await self._do(self._evaluate_call(x, y, name, bins, fit_temperature, resize, split, False,
+                                                  target_accuracy))
 
     async def reliability_diagram(self, x, y=None, *, model: Optional[str] = None, bins: Optional[int] = None,
                                   resize: bool = False, split: Optional[str] = None) -> bytes:
         name = await self._resolve(model)
         return await self._do(self._evaluate_call(x, y, name, bins, False, resize, split, True))
+
+    async def risk_coverage_diagram(self, x, y=None, *, model: Optional[str] = None, resize: bool = False,
+                                    split: Optional[str] = None, target_accuracy: Optional[float] = None) -> bytes:
+        name = await self._resolve(model)
+        return await self._do(self._evaluate_call(x, y, name, None, False, resize, split,
+                                                  "risk_coverage_png", target_accuracy))
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -8,9 +8,12 @@
 # <class>/<image> folders. Environment: CALIB_URL (default http://127.0.0.1:8000),
 # CALIB_MODEL (default: the first model the service lists), BINS (15), SPLIT (archive
 # sub-folder such as "test"), FIT_TEMPERATURE (true), CALIB_API_KEY (sent as a bearer token
-# when set; it goes to curl through a pipe, never on a command line that ps could show).
-# Writes OUTDIR/report.json and OUTDIR/diagram.png (OUTDIR defaults to .); exits non-zero and
-# prints the service's error body on failure.
+# when set; it goes to curl through a pipe, never on a command line that ps could show),
+# TARGET_ACCURACY (e.g. 0.99: also report the lowest confidence threshold reaching that
+# accuracy, and its coverage), RISK_COVERAGE_PNG (true: also fetch the risk-coverage curve;
+# one more pass of the model over the batch).
+# Writes OUTDIR/report.json, OUTDIR/diagram.png and, when asked, OUTDIR/risk_coverage.png
+# (OUTDIR defaults to .); exits non-zero and prints the service's error body on failure.
 set -euo pipefail
 
 data=${1:?usage: evaluate_with_curl.sh DATA [OUTDIR]}
@@ -40,11 +43,21 @@ if [ -z "$model" ]; then echo "no model loaded at $url" >&2; exit 1; fi
 
 query="bins=$bins&fit_temperature=$fit"
 if [ -n "${SPLIT:-}" ]; then query="$query&split=$SPLIT"; fi
+if [ -n "${TARGET_ACCURACY:-}" ]; then query="$query&target_accuracy=$TARGET_ACCURACY"; fi
 
 api_curl -sS --fail-with-body -F "file=@$data" "$url/v1/models/$model/evaluate?$query" -o "$out/report.json" \
   || { cat "$out/report.json" >&2; echo >&2; exit 1; }
 api_curl -sS --fail-with-body -F "file=@$data" "$url/v1/models/$model/evaluate?$query&format=png" -o "$out/diagram.png" \
   || { cat "$out/diagram.png" >&2; echo >&2; exit 1; }
 
+if [ "${RISK_COVERAGE_PNG:-false}" = true ]; then
+  api_curl -sS --fail-with-body -F "file=@$data" "$url/v1/models/$model/evaluate?$query&format=risk_coverage_png" \
+    -o "$out/risk_coverage.png" || { cat "$out/risk_coverage.png" >&2; echo >&2; exit 1; }
+  echo "risk-coverage curve $out/risk_coverage.png"
+fi
+
 echo "model $model: report $out/report.json, reliability diagram $out/diagram.png"
 grep -o '"ece":[0-9.e-]*' "$out/report.json" | head -2 | paste -sd' ' - | sed 's/^/before, after T: /'
+# The selective block: AURC, then the threshold for TARGET_ACCURACY (the JSON is compact, one line).
+grep -o '"aurc":[0-9.e-]*,"e_aurc":[0-9.e-]*' "$out/report.json" | sed 's/^/selective: /' || true
+grep -o '"target":{[^}]*}' "$out/report.json" | sed 's/^/selective: /' || true

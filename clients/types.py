@@ -99,6 +99,55 @@ class CalibrationMetrics:
 
 
 @dataclass(frozen=True)
+class CoveragePoint:
+    """The `accepted` most confident images (ceil(coverage * n)): their accuracy and risk, and
+    the confidence of the last one accepted."""
+
+    coverage: float
+    accepted: int
+    accuracy: float
+    risk: float
+    threshold: float
+
+
+@dataclass(frozen=True)
+class AccuracyThreshold:
+    """The lowest confidence threshold reaching `target_accuracy`; `achieved=False` (threshold
+    None, coverage 0) when none does."""
+
+    target_accuracy: float
+    achieved: bool
+    threshold: Optional[float]
+    coverage: float
+    accepted: int
+    accuracy: Optional[float]
+
+
+@dataclass(frozen=True)
+class SelectiveReport:
+    """The evaluate report's `selective` block: selective prediction on the calibrated confidence."""
+
+    n: int
+    accuracy: float
+    aurc: float
+    e_aurc: float
+    oracle_aurc: float
+    at_coverage: list[CoveragePoint]
+    risk_coverage_curve: list[CoveragePoint]
+    target: Optional[AccuracyThreshold]
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> Optional["SelectiveReport"]:
+        if d is None:
+            return None
+        target = d.get("target")
+        return cls(d["n"], d["accuracy"], d["aurc"], d["e_aurc"], d["oracle_aurc"],
+                   [CoveragePoint(**p) for p in d["at_coverage"]],
+                   [CoveragePoint(**p) for p in d["risk_coverage_curve"]],
+                   AccuracyThreshold(**target) if target else None)
+
+
+@dataclass(frozen=True)
 class EvaluationReport:
     model: str
     n: int
@@ -118,6 +167,11 @@ class EvaluationReport:
                    CalibrationMetrics.from_dict(d["after_temperature"]),
                    d.get("fitted_temperature"), CalibrationMetrics.from_dict(d.get("after_fitted_temperature")),
                    d)
+
+    @property
+    def selective(self) -> Optional[SelectiveReport]:
+        """AURC, accuracy at coverage, risk-coverage curve, threshold (None from an older server)."""
+        return SelectiveReport.from_dict(self.raw.get("selective"))
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from models.calibration import (
     reliability_diagram_png,
     softmax,
 )
+from models.calibration.risk_coverage_diagram import risk_coverage_png
+from models.calibration.selective import SelectiveReport, confidence_and_correct, selective_report
 from models.calibration.uncertainty import MCSummary, summarize_mc_samples
 from service.inputs import InputError
 from service.registry import LoadedModel
@@ -39,6 +41,17 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class SelectiveEvaluation:
+    """Selective prediction on the calibrated probabilities (the model's T, the confidence that
+    predict returns, so a threshold found here applies there), with the per-image confidence
+    and correctness the risk-coverage PNG is drawn from."""
+
+    report: SelectiveReport
+    confidence: np.ndarray
+    correct: np.ndarray
+
+
+@dataclass(frozen=True)
 class Evaluation:
     n: int
     n_bins: int
@@ -47,6 +60,7 @@ class Evaluation:
     after: CalibrationMetrics
     fitted_temperature: float | None
     after_fitted: CalibrationMetrics | None
+    selective: SelectiveEvaluation | None = None
 
 
 def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
@@ -91,13 +105,14 @@ def logits_in_chunks(model: LoadedModel, x: np.ndarray, chunk: int) -> np.ndarra
 
 
 def evaluate(model: LoadedModel, x: np.ndarray, y: np.ndarray, *, n_bins: int, fit: bool,
-             chunk: int = 500) -> Evaluation:
+             chunk: int = 500, target_accuracy: float | None = None) -> Evaluation:
     logits = logits_in_chunks(model, x, chunk)
-    return evaluate_logits(logits, y, temperature=model.temperature, n_bins=n_bins, fit=fit)
+    return evaluate_logits(logits, y, temperature=model.temperature, n_bins=n_bins, fit=fit,
+                           target_accuracy=target_accuracy)
 
 
 def evaluate_logits(logits: np.ndarray, y: np.ndarray, *, temperature: float, n_bins: int,
-                    fit: bool) -> Evaluation:
+                    fit: bool, target_accuracy: float | None = None) -> Evaluation:
     before = compute_metrics(logits, y, temperature=1.0, n_bins=n_bins)
     after = compute_metrics(logits, y, temperature=temperature, n_bins=n_bins)
     fitted = after_fitted = None
@@ -107,10 +122,27 @@ def evaluate_logits(logits: np.ndarray, y: np.ndarray, *, temperature: float, n_
         except TemperatureFitError as exc:
             raise InputError("temperature_fit_failed", f"cannot fit a temperature on this batch: {exc}") from None
         after_fitted = compute_metrics(logits, y, temperature=fitted, n_bins=n_bins)
-    return Evaluation(len(y), n_bins, temperature, before, after, fitted, after_fitted)
+    return Evaluation(len(y), n_bins, temperature, before, after, fitted, after_fitted,
+                      selective_evaluation(logits, y, temperature=temperature, target_accuracy=target_accuracy))
+
+
+def selective_evaluation(logits: np.ndarray, y: np.ndarray, *, temperature: float,
+                         target_accuracy: float | None = None) -> SelectiveEvaluation:
+    probabilities = softmax(logits, temperature)
+    confidence, correct = confidence_and_correct(probabilities, y)
+    return SelectiveEvaluation(selective_report(probabilities, y, target_accuracy=target_accuracy),
+                               confidence, correct)
 
 
 def diagram_png(evaluation: Evaluation, model_name: str) -> bytes:
     title = (f"{model_name}: N={evaluation.n}, T={evaluation.temperature:.3f}, "
              f"ECE {evaluation.before.ece:.4f} -> {evaluation.after.ece:.4f}")
     return reliability_diagram_png(evaluation.before, evaluation.after, title=title)
+
+
+def risk_coverage_diagram_png(evaluation: Evaluation, model_name: str) -> bytes:
+    sel = evaluation.selective
+    if sel is None:
+        raise ValueError("this evaluation has no selective-prediction block")
+    title = f"{model_name}: N={evaluation.n}, T={evaluation.temperature:.3f}, risk-coverage"
+    return risk_coverage_png(sel.confidence, sel.correct, sel.report, title=title)

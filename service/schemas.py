@@ -115,6 +115,39 @@ class MetricsOut(BaseModel):
     bins: list[ReliabilityBinOut]
 
 
+class CoveragePointOut(BaseModel):
+    coverage: float = Field(description="requested coverage (fraction of the batch accepted)")
+    accepted: int = Field(description="images accepted: ceil(coverage * n), at least 1; the most confident first")
+    accuracy: float = Field(description="accuracy among the accepted (ties with the last one at their mean)")
+    risk: float = Field(description="1 - accuracy: the selective risk")
+    threshold: float = Field(description="calibrated confidence of the last image accepted")
+
+
+class AccuracyThresholdOut(BaseModel):
+    target_accuracy: float
+    achieved: bool = Field(description="false when no confidence threshold reaches the target")
+    threshold: Optional[float] = Field(description="lowest confidence threshold whose accepted set "
+                                                   "(confidence >= threshold) reaches the target; null if none")
+    coverage: float = Field(description="fraction of the batch that threshold accepts; 0 if none")
+    accepted: int
+    accuracy: Optional[float] = Field(description="accuracy among the accepted; null if none")
+
+
+class SelectiveOut(BaseModel):
+    """Selective prediction on the calibrated confidence (max probability at the model's T)."""
+
+    n: int
+    accuracy: float = Field(description="accuracy at full coverage")
+    aurc: float = Field(description="area under the risk-coverage curve: mean selective risk over the "
+                                    "coverages k/n, k=1..n (Geifman et al. 2019); lower is better")
+    e_aurc: float = Field(description="aurc - oracle_aurc: the part due to the confidence ranking")
+    oracle_aurc: float = Field(description="AURC of the perfect ranking (every correct image first)")
+    at_coverage: list[CoveragePointOut] = Field(description="coverage 50, 80, 90 and 95%")
+    risk_coverage_curve: list[CoveragePointOut] = Field(
+        description="the curve at coverage steps 1%, 2%, ..., 100% (at most 100 points; fewer when n < 100)")
+    target: Optional[AccuracyThresholdOut] = Field(None, description="with target_accuracy only")
+
+
 class EvaluateResponse(BaseModel):
     model: str
     n: int
@@ -124,6 +157,8 @@ class EvaluateResponse(BaseModel):
     after_temperature: MetricsOut = Field(description="softmax(logits / T)")
     fitted_temperature: Optional[float] = Field(None, description="T fitted on this batch (fit_temperature=true)")
     after_fitted_temperature: Optional[MetricsOut] = None
+    selective: SelectiveOut = Field(description="selective prediction: AURC, accuracy at coverage, "
+                                                "risk-coverage curve, threshold for target_accuracy")
 
 
 def _exactly(n: int, items: dict) -> dict:

@@ -162,6 +162,12 @@ def test_evaluate_corrupt_data(corrupt_archive):
     assert_one_line_error(out, 1, "python -m training.evaluate", "corrupt")
 
 
+@pytest.mark.parametrize("value", ["0", "1.5", "nan"])
+def test_evaluate_bad_target_accuracy(value):
+    out = run("training.evaluate", SHIPPED, "--target-accuracy", value)
+    assert_one_line_error(out, 2, "python -m training.evaluate", "--target-accuracy must be in (0, 1]")
+
+
 def test_benchmark_truncated_artifact(truncated_artifact):
     out = run("training.benchmark", truncated_artifact)
     assert_one_line_error(out, 1, "python -m training.benchmark", "checksum mismatch")

@@ -215,3 +215,128 @@ def test_cli_api_key_option_and_env(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "unauthorized" in err and "invalid API key" in err and "bad" not in err
     assert seen == ["Bearer good", "Bearer good", "Bearer bad"]
+
+
+# --- selective prediction: target_accuracy, the selective block, the risk-coverage PNG ------------
+_POINT = {"coverage": 0.5, "accepted": 2, "accuracy": 1.0, "risk": 0.0, "threshold": 0.8}
+_SELECTIVE = {"n": 4, "accuracy": 0.75, "aurc": 0.1458, "e_aurc": 0.0833, "oracle_aurc": 0.0625,
+              "at_coverage": [_POINT, {**_POINT, "coverage": 0.8, "accepted": 4, "accuracy": 0.75, "risk": 0.25,
+                                       "threshold": 0.6}],
+              "risk_coverage_curve": [_POINT],
+              "target": {"target_accuracy": 0.99, "achieved": True, "threshold": 0.8, "coverage": 0.5,
+                         "accepted": 2, "accuracy": 1.0}}
+
+
+def _evaluate_answer(request, selective=_SELECTIVE):
+    if request.url.params.get("format") == "risk_coverage_png":
+        return httpx.Response(200, content=b"\x89PNG risk", headers={"content-type": "image/png"})
+    metrics = {"n": 4, "n_bins": 15, "temperature": 1.0, "accuracy": 0.75, "nll": 0.1, "brier": 0.01,
+               "ece": 0.05, "mce": 0.05, "adaptive_ece": 0.05, "classwise_ece": 0.02, "bins": []}
+    body = {"model": "m", "n": 4, "n_bins": 15, "temperature": 1.5, "before_temperature": metrics,
+            "after_temperature": metrics, "fitted_temperature": None, "after_fitted_temperature": None}
+    if selective is not None:
+        body["selective"] = selective
+    return httpx.Response(200, json=body)
+
+
+def test_evaluate_sends_target_accuracy_and_parses_the_selective_block():
+    from clients import AccuracyThreshold, CoveragePoint, SelectiveReport
+
+    seen = []
+
+    def handler(request):
+        seen.append(request)
+        return _evaluate_answer(request)
+
+    with _mock(handler) as client:
+        report = client.evaluate([[[[0, 0, 0]]]], [1], target_accuracy=0.99)
+        png = client.risk_coverage_diagram([[[[0, 0, 0]]]], [1], target_accuracy=0.9)
+        client.evaluate([[[[0, 0, 0]]]], [1])
+    sel = report.selective
+    assert isinstance(sel, SelectiveReport) and sel.aurc == 0.1458 and sel.e_aurc == 0.0833
+    assert sel.at_coverage[1] == CoveragePoint(0.8, 4, 0.75, 0.25, 0.6)
+    assert sel.target == AccuracyThreshold(0.99, True, 0.8, 0.5, 2, 1.0)
+    assert png == b"\x89PNG risk"
+    json_req, png_req, plain_req = seen
+    assert json_req.url.params["target_accuracy"] == "0.99" and "format" not in json_req.url.params
+    assert png_req.url.params["format"] == "risk_coverage_png" and png_req.url.params["target_accuracy"] == "0.9"
+    assert "target_accuracy" not in plain_req.url.params
+
+
+def test_selective_block_absent_or_unreached_target():
+    unreached = {**_SELECTIVE, "target": {"target_accuracy": 1.0, "achieved": False, "threshold": None,
+                                          "coverage": 0.0, "accepted": 0, "accuracy": None}}
+    with _mock(lambda r: _evaluate_answer(r, selective=None)) as client:
+        assert client.evaluate([[[[0, 0, 0]]]], [1]).selective is None      # an older server
+    with _mock(lambda r: _evaluate_answer(r, selective=unreached)) as client:
+        target = client.evaluate([[[[0, 0, 0]]]], [1], target_accuracy=1.0).selective.target
+    assert target.achieved is False and target.threshold is None and target.coverage == 0.0
+
+
+def test_async_client_target_accuracy_and_risk_coverage_png():
+    import asyncio
+
+    from clients import AsyncCalibClient
+
+    seen = []
+
+    def handler(request):
+        seen.append(request)
+        return _evaluate_answer(request)
+
+    async def run():
+        async with AsyncCalibClient("http://svc", model="m", transport=httpx.MockTransport(handler)) as c:
+            return (await c.evaluate([[[[0, 0, 0]]]], [1], target_accuracy=0.95),
+                    await c.risk_coverage_diagram([[[[0, 0, 0]]]], [1]))
+
+    report, png = asyncio.run(run())
+    assert report.selective.target.threshold == 0.8 and png.startswith(b"\x89PNG")
+    assert seen[0].url.params["target_accuracy"] == "0.95" and seen[1].url.params["format"] == "risk_coverage_png"
+
+
+def test_cli_prints_aurc_coverage_table_and_threshold(monkeypatch, capsys, tmp_path):
+    import functools
+
+    from clients import CalibClient, cli
+
+    seen = []
+
+    def handler(request):
+        seen.append(request)
+        return _evaluate_answer(request)
+
+    monkeypatch.setattr(cli, "CalibClient", functools.partial(CalibClient, transport=httpx.MockTransport(handler)))
+    data = tmp_path / "val.npz"
+    data.write_bytes(b"PK fake npz")
+    png = tmp_path / "rc.png"
+    assert cli.main(["--model", "m", "evaluate", str(data), "--target-accuracy", "0.99",
+                     "--risk-coverage-png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "AURC 0.1458   E-AURC 0.0833" in out
+    assert "      50%         2    1.0000   0.0000     0.8000" in out
+    assert "      80%         4    0.7500   0.2500     0.6000" in out
+    assert "accuracy >= 0.99: confidence >= 0.8000 keeps 50.00% (2 images, accuracy 1.0000)" in out
+    assert f"risk-coverage curve saved to {png}" in out and png.read_bytes() == b"\x89PNG risk"
+    assert [r.url.params.get("target_accuracy") for r in seen] == ["0.99", "0.99"]
+    assert cli.main(["--model", "m", "evaluate", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["selective"]["aurc"] == 0.1458
+
+
+def test_cli_bad_target_accuracy_is_the_services_one_line_error(monkeypatch, capsys, tmp_path):
+    import functools
+
+    from clients import CalibClient, cli
+
+    def handler(request):
+        message = "target_accuracy: Input should be less than or equal to 1"
+        return httpx.Response(422, json={"error": {"code": "invalid_parameter", "status": 422, "message": message}})
+
+    monkeypatch.setattr(cli, "CalibClient", functools.partial(CalibClient, transport=httpx.MockTransport(handler)))
+    data = tmp_path / "val.npz"
+    data.write_bytes(b"PK fake npz")
+    assert cli.main(["--model", "m", "evaluate", str(data), "--target-accuracy", "1.5"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("calib-client: error: [invalid_parameter]") and "target_accuracy" in err
+    with pytest.raises(SystemExit) as usage:   # argparse's usage error: not a number
+        cli.main(["--model", "m", "evaluate", str(data), "--target-accuracy", "abc"])
+    assert usage.value.code == 2 and "invalid float value: 'abc'" in capsys.readouterr().err

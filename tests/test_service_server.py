@@ -166,6 +166,25 @@ def test_curl_script(server, sample_archive, reference, tmp_path):
     assert bad.returncode != 0 and "missing_labels" in bad.stderr
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_curl_script_target_accuracy_and_risk_coverage_png(server, sample_archive, tmp_path):
+    env = {**os.environ, "CALIB_URL": server, "SPLIT": "test", "FIT_TEMPERATURE": "false",
+           "TARGET_ACCURACY": "0.3", "RISK_COVERAGE_PNG": "true"}
+    out = subprocess.run(["bash", str(REPO / "clients" / "evaluate_with_curl.sh"), str(sample_archive),
+                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    selective = json.loads((tmp_path / "report.json").read_text())["selective"]
+    assert selective["target"]["target_accuracy"] == 0.3
+    assert f'selective: "aurc":{selective["aurc"]}' in out.stdout
+    assert 'selective: "target":{"target_accuracy":0.3,' in out.stdout
+    assert (tmp_path / "risk_coverage.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "risk_coverage.png").read_bytes() != (tmp_path / "diagram.png").read_bytes()
+    env["TARGET_ACCURACY"] = "1.5"
+    bad = subprocess.run(["bash", str(REPO / "clients" / "evaluate_with_curl.sh"), str(sample_archive),
+                          str(tmp_path / "bad")], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "invalid_parameter" in bad.stderr and "target_accuracy" in bad.stderr
+
+
 def test_server_readiness_reports_skipped_artifact(server):
     import httpx
 

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from models.calibration.selective import format_summary
+
 PROG = invoked_as("training.evaluate", "calib-evaluate")
 METRICS_SHOWN = ("accuracy", "nll", "brier", "ece", "mce", "adaptive_ece", "classwise_ece")
 
@@ -74,6 +76,15 @@ def accuracy_by_views(artifact_dir: str, data_source: str, *, data=None) -> dict
     return out
 
 
+def selective_summary(result: dict, target_accuracy: float | None = None):
+    """Selective prediction on the after-T test probabilities: the same report as the service's."""
+    from models.calibration import softmax
+    from models.calibration.selective import selective_report
+
+    return selective_report(softmax(result["logits"], result["temperature"]), result["dataset"].y_test,
+                            target_accuracy=target_accuracy)
+
+
 def card_mismatches(result: dict, tolerance: float = 1e-4) -> list[str]:
     """Names of figures that differ from the card (same data source assumed)."""
     card_metrics = result["card"]["metrics"]
@@ -120,24 +131,32 @@ def main(argv=None) -> int:
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
                         help="also print 95%% bootstrap intervals (N resamples) of accuracy, NLL and "
                              "ECE after T: how much a fresh test set of this size could differ")
+    parser.add_argument("--target-accuracy", type=float, metavar="A",
+                        help="also print the lowest confidence threshold whose accepted test images "
+                             "reach accuracy A (0 < A <= 1), and its coverage")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 unless the figures equal the card's (same data source)")
     args = parser.parse_args(argv)
     if args.bootstrap and args.bootstrap < 2:
         parser.error("--bootstrap needs at least 2 resamples")
+    if args.target_accuracy is not None and not 0.0 < args.target_accuracy <= 1.0:
+        parser.error(f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
 
     from models.artifact import read_card
     from training.data import recorded_data_source
     card = read_card(args.artifact)   # checks the artifact before TensorFlow is imported
     source = args.data or recorded_data_source(card)
     result = evaluate_artifact(args.artifact, source, n_bins=args.bins)
+    selective = selective_summary(result, args.target_accuracy)
     if args.json:
         print(json.dumps({"artifact": result["artifact"], "data": result["data"],
                           "temperature": result["temperature"],
-                          "before": result["before"].to_dict(), "after": result["after"].to_dict()},
+                          "before": result["before"].to_dict(), "after": result["after"].to_dict(),
+                          "selective": selective.to_dict()},
                          indent=2))
     else:
         print(format_table(result))
+        print(format_summary(selective))
     if args.views:
         for name, accuracy in accuracy_by_views(args.artifact, source, data=result["dataset"]).items():
             print(f"test accuracy, {name:<18}{accuracy:.4f}")

@@ -112,16 +112,22 @@ def _predict_body(model, result: dataplane.Prediction, t: int, return_logits: bo
 
 
 @router.post("/{name}/evaluate", response_model=EvaluateResponse, openapi_extra=EVALUATE_BODY,
-             summary="ECE report (JSON) or reliability diagram (PNG) on a labelled batch",
+             summary="ECE and selective-prediction report (JSON), reliability diagram or risk-coverage "
+                     "curve (PNG) on a labelled batch",
              responses={**error_responses(*BODY_ERRORS),
                         200: {"content": {"application/json": {}, **PNG_CONTENT},
-                              "description": "the report, or the diagram with format=png"}})
+                              "description": "the report; the reliability diagram with format=png; the "
+                                             "risk-coverage curve with format=risk_coverage_png"}})
 async def evaluate(
     request: Request,
     name: str = ModelName,
     bins: Optional[int] = Query(None, description="equal-width confidence bins (default 15)"),
     fit_temperature: bool = Query(False, description="also fit T on this batch and report metrics at it"),
-    format: Literal["json", "png"] = Query("json", description="png: the reliability diagram"),
+    format: Literal["json", "png", "risk_coverage_png"] = Query(
+        "json", description="png: the reliability diagram; risk_coverage_png: the risk-coverage curve"),
+    target_accuracy: Optional[float] = Query(
+        None, gt=0, le=1, description="also report the lowest confidence threshold whose accepted images "
+                                      "reach this accuracy, and its coverage (selective.target)"),
     resize: bool = Query(False, description="resize archive images that are not 32x32 RGB"),
     split: Optional[str] = Query(None, description="archive sub-folder holding the class folders, e.g. test"),
 ):
@@ -136,16 +142,22 @@ async def evaluate(
                                split=split, resize=resize, max_images=settings.max_eval_images,
                                max_array_bytes=_array_cap(settings))
     report = await on_model_executor(request, dataplane.evaluate, model, x, y, n_bins=n_bins,
-                                     fit=fit_temperature, chunk=settings.eval_chunk)
+                                     fit=fit_temperature, chunk=settings.eval_chunk,
+                                     target_accuracy=target_accuracy)
     request.app.state.metrics.images.labels(model.name, "evaluate").inc(len(x))
     if format == "png":
         png = await in_thread(dataplane.diagram_png, report, model.name)
         return Response(png, media_type="image/png",
                         headers={"Content-Disposition": f'inline; filename="reliability-{model.name}.png"'})
+    if format == "risk_coverage_png":
+        png = await in_thread(dataplane.risk_coverage_diagram_png, report, model.name)
+        return Response(png, media_type="image/png",
+                        headers={"Content-Disposition": f'inline; filename="risk-coverage-{model.name}.png"'})
     return {"model": model.name, "n": report.n, "n_bins": report.n_bins, "temperature": report.temperature,
             "before_temperature": report.before.to_dict(), "after_temperature": report.after.to_dict(),
             "fitted_temperature": report.fitted_temperature,
-            "after_fitted_temperature": None if report.after_fitted is None else report.after_fitted.to_dict()}
+            "after_fitted_temperature": None if report.after_fitted is None else report.after_fitted.to_dict(),
+            "selective": report.selective.report.to_dict()}
 
 
 def _labelled_json(payload: dict, num_classes: int, resize: bool, max_images: int):
