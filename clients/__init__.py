@@ -4,6 +4,7 @@
     with CalibClient("http://127.0.0.1:8000") as c:
         result = c.predict(["cat.png"], mc_samples=100)
         report = c.evaluate("validation.npz", bins=15)
+        ood = c.compare("cifar-test.npz", "svhn.npz")   # AUROC etc. per uncertainty score
 
 An API key (when the service has keys) comes from `api_key=...` or the env CALIB_API_KEY.
 
@@ -15,10 +16,13 @@ from clients.types import (
     AuthenticationError,
     CalibrationMetrics,
     ClientError,
+    ComparisonReport,
     EvaluationReport,
     ModelInfo,
+    OODFlag,
     Prediction,
     PredictResult,
+    ScoreSeparation,
     ServiceError,
     TransportError,
     Uncertainty,
@@ -31,10 +35,13 @@ __all__ = [
     "CalibClient",
     "CalibrationMetrics",
     "ClientError",
+    "ComparisonReport",
     "EvaluationReport",
     "ModelInfo",
+    "OODFlag",
     "PredictResult",
     "Prediction",
+    "ScoreSeparation",
     "ServiceError",
     "TransportError",
     "Uncertainty",

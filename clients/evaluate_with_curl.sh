@@ -11,6 +11,12 @@
 # when set; it goes to curl through a pipe, never on a command line that ps could show).
 # Writes OUTDIR/report.json and OUTDIR/diagram.png (OUTDIR defaults to .); exits non-zero and
 # prints the service's error body on failure.
+#
+# Out-of-distribution check (optional): SUSPECT=other.npz (or .npy, a PNG/JPEG) also compares the
+# images of DATA (which must then be an .npz; its labels are not used) with the suspect batch on
+# POST /v1/models/NAME/compare, writing OUTDIR/compare.json (AUROC, AUPR, FPR@95 per uncertainty
+# score, and the share of each batch the model's OOD flag marks) and OUTDIR/ood-histogram.png.
+# MC_SAMPLES (default 0; >= 2 adds the MC mutual information) and SEED (default 0) go with it.
 set -euo pipefail
 
 data=${1:?usage: evaluate_with_curl.sh DATA [OUTDIR]}
@@ -48,3 +54,15 @@ api_curl -sS --fail-with-body -F "file=@$data" "$url/v1/models/$model/evaluate?$
 
 echo "model $model: report $out/report.json, reliability diagram $out/diagram.png"
 grep -o '"ece":[0-9.e-]*' "$out/report.json" | head -2 | paste -sd' ' - | sed 's/^/before, after T: /'
+
+if [ -n "${SUSPECT:-}" ]; then
+  cq="mc_samples=${MC_SAMPLES:-0}&seed=${SEED:-0}"   # one seed: the JSON and the PNG show the same samples
+  api_curl -sS --fail-with-body -F "in_distribution=@$data" -F "suspect=@$SUSPECT" \
+    "$url/v1/models/$model/compare?$cq" -o "$out/compare.json" || { cat "$out/compare.json" >&2; echo >&2; exit 1; }
+  api_curl -sS --fail-with-body -F "in_distribution=@$data" -F "suspect=@$SUSPECT" \
+    "$url/v1/models/$model/compare?$cq&format=png" -o "$out/ood-histogram.png" \
+    || { cat "$out/ood-histogram.png" >&2; echo >&2; exit 1; }
+  echo "compare $data vs $SUSPECT: $out/compare.json, histograms $out/ood-histogram.png"
+  grep -o '"score":"[a-z_]*","auroc":[0-9.e-]*' "$out/compare.json" | sed 's/"score":"\([a-z_]*\)","auroc":/AUROC \1: /'
+  grep -o '"flagged":{[^}]*}' "$out/compare.json" || echo "OOD flag: the model has no threshold"
+fi
