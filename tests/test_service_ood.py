@@ -45,7 +45,8 @@ def fitted_artifact(tmp_path_factory, tiny_artifact, sample_data_dir) -> Path:
     out = subprocess.run([sys.executable, "-m", "training.fit_ood_threshold", str(path), "--data",
                           str(sample_data_dir)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["ood_threshold"] == json.loads((path / "model_card.json").read_text())["ood_threshold"]
+    written = json.loads((path / "model_card.json").read_text())["ood_threshold"]
+    assert json.loads(out.stdout)["ood_threshold"] == written
     return path
 
 
@@ -193,7 +194,8 @@ def test_predict_flags_above_the_threshold_and_passes_95_percent_of_validation(c
     x_val, _ = validation_images
     rows = []
     for start in range(0, len(x_val), 50):
-        r = client.post(f"/v1/models/{WITH}/predict?mc_samples=0", files={"files": ("v.npy", npy_bytes(x_val[start:start + 50]))})
+        r = client.post(f"/v1/models/{WITH}/predict?mc_samples=0",
+                        files={"files": ("v.npy", npy_bytes(x_val[start:start + 50]))})
         assert r.status_code == 200, r.text
         rows += r.json()["predictions"]
     ref = reference_scores(split_classifier, x_val)["predictive_entropy"]
@@ -273,7 +275,8 @@ def test_compare_json_matches_the_numpy_metrics(client, batches, split_classifie
 def test_compare_multipart_files_give_the_same_numbers(client, batches, split_classifier):
     x_in, x_out = batches
     files = [("in_distribution", ("in.npz", npz_bytes(x=x_in[:20]))),
-             ("in_distribution", ("a.png", png_bytes(x_in[20]))), ("in_distribution", ("b.jpg", png_bytes(x_in[21], fmt="PNG"))),
+             ("in_distribution", ("a.png", png_bytes(x_in[20]))),
+             ("in_distribution", ("b.jpg", png_bytes(x_in[21], fmt="PNG"))),
              ("suspect", ("out.npy", npy_bytes(x_out)))]
     r = client.post(compare_url(), files=files)
     assert r.status_code == 200, r.text
