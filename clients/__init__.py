@@ -4,6 +4,7 @@
     with CalibClient("http://127.0.0.1:8000") as c:
         result = c.predict(["cat.png"], mc_samples=100)
         report = c.evaluate("validation.npz", bins=15)
+        ood = c.compare("cifar-test.npz", "svhn.npz")   # AUROC etc. per uncertainty score
 
 An API key (when the service has keys) comes from `api_key=...` or the env CALIB_API_KEY.
 
@@ -17,11 +18,14 @@ from clients.types import (
     CalibrationMetrics,
     ClientError,
     CoveragePoint,
+    ComparisonReport,
     EvaluationReport,
     ModelInfo,
+    OODFlag,
     Prediction,
     PredictResult,
     SelectiveReport,
+    ScoreSeparation,
     ServiceError,
     TransportError,
     Uncertainty,
@@ -36,11 +40,14 @@ __all__ = [
     "CalibrationMetrics",
     "ClientError",
     "CoveragePoint",
+    "ComparisonReport",
     "EvaluationReport",
     "ModelInfo",
+    "OODFlag",
     "PredictResult",
     "Prediction",
     "SelectiveReport",
+    "ScoreSeparation",
     "ServiceError",
     "TransportError",
     "Uncertainty",

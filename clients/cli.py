@@ -1,4 +1,4 @@
-"""`python -m clients` / `calib-client`: predict on image files, evaluate a dataset, list models.
+"""`python -m clients` / `calib-client`: predict on image files, evaluate a dataset, compare two batches, list models.
 
 Readable tables by default, the server's JSON with --json; errors print one line
 (`calib-client: error: ...`, with the service's code and message) and exit 1 (2 for usage
@@ -13,7 +13,15 @@ import sys
 from pathlib import Path
 
 from clients.client import DEFAULT_URL, CalibClient
-from clients.types import ClientError, EvaluationReport, PredictResult, SelectiveReport, ServiceError, TransportError
+from clients.types import (
+    ClientError,
+    ComparisonReport,
+    EvaluationReport,
+    PredictResult,
+    SelectiveReport,
+    ServiceError,
+    TransportError,
+)
 
 METRICS = ("accuracy", "nll", "brier", "ece", "mce", "adaptive_ece", "classwise_ece")
 
@@ -51,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--risk-coverage-png", type=Path, metavar="FILE",
                     help="also save the risk-coverage curve to this file")
     ev.add_argument("--json", action="store_true", help="print the server's JSON")
+
+    co = sub.add_parser("compare", help="how well the uncertainty scores tell a suspect batch from an "
+                                        "in-distribution one (AUROC, AUPR, FPR@95)")
+    co.add_argument("in_distribution", type=Path, help="in-distribution images: .npy/.npz array, a PNG/JPEG, "
+                                                       "or a folder of PNG/JPEG images")
+    co.add_argument("suspect", type=Path, help="suspect images, in the same forms")
+    co.add_argument("--mc-samples", type=int, help="MC dropout samples for the mutual information (>= 2; "
+                                                   "default 0: none)")
+    co.add_argument("--seed", type=int, help="seed of the MC samples")
+    co.add_argument("--resize", action="store_true", help="let the server resize non-32x32 images")
+    co.add_argument("--png", type=Path, help="also save the score histograms to this file")
+    co.add_argument("--json", action="store_true", help="print the server's JSON")
     return p
 
 
@@ -98,13 +118,22 @@ def _predict(client: CalibClient, args) -> int:
     names = _row_names(args.files, len(result.predictions))
     width = max(12, *(len(n) + 2 for n in names))
     print(f"model {result.model}  T={result.temperature:.4f}  MC samples={result.mc_samples}  seed={result.seed}")
-    print(f"{'input':<{width}}{'label':<14}{'confidence':>11}{'pred. H':>9}{'exp. H':>9}{'MI':>9}")
+    print(f"{'input':<{width}}{'label':<14}{'confidence':>11}{'pred. H':>9}{'exp. H':>9}{'MI':>9}"
+          f"{'OOD H':>9}  OOD flag")
     for name, p in zip(names, result.predictions):
         u = p.uncertainty
         cols = (f"{u.predictive_entropy:>9.4f}{u.expected_entropy:>9.4f}{u.mutual_information:>9.4f}"
                 if u else f"{'-':>9}{'-':>9}{'-':>9}")
-        print(f"{name:<{width}}{p.label:<14}{p.confidence:>11.4f}{cols}")
+        print(f"{name:<{width}}{p.label:<14}{p.confidence:>11.4f}{cols}{_ood_columns(p.ood)}")
     return 0
+
+
+def _ood_columns(ood) -> str:
+    """The flag score and the verdict: OOD (abstain), ok, or n/a when the model has no threshold."""
+    if ood is None:
+        return f"{'-':>9}  -"
+    verdict = "n/a" if ood.flag is None else ("OOD" if ood.flag else "ok")
+    return f"{ood.value:>9.4f}  {verdict}"
 
 
 def _row_names(files: list[Path], n: int) -> list[str]:
@@ -163,4 +192,36 @@ def format_selective(sel: SelectiveReport) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"models": _models, "predict": _predict, "evaluate": _evaluate}
+
+def _compare(client: CalibClient, args) -> int:
+    batches = (str(args.in_distribution), str(args.suspect))
+    report: ComparisonReport = client.compare(*batches, mc_samples=args.mc_samples, seed=args.seed,
+                                              resize=args.resize)
+    if args.png is not None:
+        args.png.write_bytes(client.ood_histogram(*batches, mc_samples=args.mc_samples, seed=report.seed,
+                                                  resize=args.resize))
+    if args.json:
+        print(json.dumps(report.raw, indent=2))
+    else:
+        print(format_comparison(report))
+        if args.png is not None:
+            print(f"score histograms saved to {args.png}")
+    return 0
+
+
+def format_comparison(report: ComparisonReport) -> str:
+    mc = f"  MC samples={report.mc_samples}  seed={report.seed}" if report.mc_samples else ""
+    lines = [f"model {report.model}  in-distribution N={report.n_in_distribution}  "
+             f"suspect N={report.n_suspect}{mc}",
+             f"{'score':<20}{'AUROC':>8}{'AUPR':>8}{'FPR@95':>8}{'mean in':>10}{'mean suspect':>14}"]
+    for s in report.scores:
+        lines.append(f"{s.score:<20}{s.auroc:>8.4f}{s.aupr:>8.4f}{s.fpr_at_95_tpr:>8.4f}"
+                     f"{s.mean_in_distribution:>10.4f}{s.mean_suspect:>14.4f}")
+    f = report.flagged
+    lines.append("OOD flag: the model has no threshold" if f is None else
+                 f"OOD flag (entropy > {f['threshold']:.4f}): {f['in_distribution']:.1%} of in-distribution, "
+                 f"{f['suspect']:.1%} of suspect flagged")
+    return "\n".join(lines)
+
+
+COMMANDS = {"models": _models, "predict": _predict, "evaluate": _evaluate, "compare": _compare}

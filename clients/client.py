@@ -14,9 +14,10 @@ from typing import Any, Callable, Optional
 
 import httpx
 
-from clients.payloads import Body, evaluate_body, predict_body
+from clients.payloads import Body, compare_body, evaluate_body, predict_body
 from clients.types import (
     AuthenticationError,
+    ComparisonReport,
     EvaluationReport,
     ModelInfo,
     PredictResult,
@@ -108,6 +109,12 @@ class _Calls:
                       "split": split, "format": fmt, "target_accuracy": target_accuracy},
                      evaluate_body(x, y), raw=bool(png), parse=EvaluationReport.from_dict)
 
+    def _compare_call(self, in_distribution, suspect, model, mc_samples, seed, resize, png) -> _Call:
+        return _Call("POST", f"/v1/models/{self._name(model)}/compare",
+                     {"mc_samples": mc_samples, "seed": seed, "resize": resize or None,
+                      "format": "png" if png else None},
+                     compare_body(in_distribution, suspect), raw=png, parse=ComparisonReport.from_dict)
+
 
 class CalibClient(_Calls):
     """Blocking client. `model` is the default model name (else the only/first loaded one);
@@ -170,6 +177,19 @@ class CalibClient(_Calls):
         """PNG of the risk-coverage curve (with the threshold for `target_accuracy`, if given)."""
         return self._do(self._evaluate_call(x, y, self._resolve(model), None, False, resize, split,
                                             "risk_coverage_png", target_accuracy))
+
+    def compare(self, in_distribution, suspect, *, model: Optional[str] = None, mc_samples: Optional[int] = None,
+                seed: Optional[int] = None, resize: bool = False) -> ComparisonReport:
+        """AUROC/AUPR/FPR@95 of each uncertainty score between two unlabelled batches (each: paths,
+        a folder of images, PNG/JPEG bytes, a NumPy array [N,32,32,3], or nested lists)."""
+        return self._do(self._compare_call(in_distribution, suspect, self._resolve(model), mc_samples, seed,
+                                           resize, False))
+
+    def ood_histogram(self, in_distribution, suspect, *, model: Optional[str] = None,
+                      mc_samples: Optional[int] = None, seed: Optional[int] = None, resize: bool = False) -> bytes:
+        """PNG: histograms of the scores of both batches."""
+        return self._do(self._compare_call(in_distribution, suspect, self._resolve(model), mc_samples, seed,
+                                           resize, True))
 
     def close(self) -> None:
         self._http.close()
@@ -243,6 +263,18 @@ class AsyncCalibClient(_Calls):
         name = await self._resolve(model)
         return await self._do(self._evaluate_call(x, y, name, None, False, resize, split,
                                                   "risk_coverage_png", target_accuracy))
+
+    async def compare(self, in_distribution, suspect, *, model: Optional[str] = None,
+                      mc_samples: Optional[int] = None, seed: Optional[int] = None,
+                      resize: bool = False) -> ComparisonReport:
+        name = await self._resolve(model)
+        return await self._do(self._compare_call(in_distribution, suspect, name, mc_samples, seed, resize, False))
+
+    async def ood_histogram(self, in_distribution, suspect, *, model: Optional[str] = None,
+                            mc_samples: Optional[int] = None, seed: Optional[int] = None,
+                            resize: bool = False) -> bytes:
+        name = await self._resolve(model)
+        return await self._do(self._compare_call(in_distribution, suspect, name, mc_samples, seed, resize, True))
 
     async def aclose(self) -> None:
         await self._http.aclose()

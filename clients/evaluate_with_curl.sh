@@ -14,6 +14,12 @@
 # one more pass of the model over the batch).
 # Writes OUTDIR/report.json, OUTDIR/diagram.png and, when asked, OUTDIR/risk_coverage.png
 # (OUTDIR defaults to .); exits non-zero and prints the service's error body on failure.
+#
+# Out-of-distribution check (optional): SUSPECT=other.npz (or .npy, a PNG/JPEG) also compares the
+# images of DATA (which must then be an .npz; its labels are not used) with the suspect batch on
+# POST /v1/models/NAME/compare, writing OUTDIR/compare.json (AUROC, AUPR, FPR@95 per uncertainty
+# score, and the share of each batch the model's OOD flag marks) and OUTDIR/ood-histogram.png.
+# MC_SAMPLES (default 0; >= 2 adds the MC mutual information) and SEED (default 0) go with it.
 set -euo pipefail
 
 data=${1:?usage: evaluate_with_curl.sh DATA [OUTDIR]}
@@ -61,3 +67,15 @@ grep -o '"ece":[0-9.e-]*' "$out/report.json" | head -2 | paste -sd' ' - | sed 's
 # The selective block: AURC, then the threshold for TARGET_ACCURACY (the JSON is compact, one line).
 grep -o '"aurc":[0-9.e-]*,"e_aurc":[0-9.e-]*' "$out/report.json" | sed 's/^/selective: /' || true
 grep -o '"target":{[^}]*}' "$out/report.json" | sed 's/^/selective: /' || true
+
+if [ -n "${SUSPECT:-}" ]; then
+  cq="mc_samples=${MC_SAMPLES:-0}&seed=${SEED:-0}"   # one seed: the JSON and the PNG show the same samples
+  api_curl -sS --fail-with-body -F "in_distribution=@$data" -F "suspect=@$SUSPECT" \
+    "$url/v1/models/$model/compare?$cq" -o "$out/compare.json" || { cat "$out/compare.json" >&2; echo >&2; exit 1; }
+  api_curl -sS --fail-with-body -F "in_distribution=@$data" -F "suspect=@$SUSPECT" \
+    "$url/v1/models/$model/compare?$cq&format=png" -o "$out/ood-histogram.png" \
+    || { cat "$out/ood-histogram.png" >&2; echo >&2; exit 1; }
+  echo "compare $data vs $SUSPECT: $out/compare.json, histograms $out/ood-histogram.png"
+  grep -o '"score":"[a-z_]*","auroc":[0-9.e-]*' "$out/compare.json" | sed 's/"score":"\([a-z_]*\)","auroc":/AUROC \1: /'
+  grep -o '"flagged":{[^}]*}' "$out/compare.json" || echo "OOD flag: the model has no threshold"
+fi

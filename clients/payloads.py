@@ -107,3 +107,29 @@ def evaluate_body(x: Any, y: Any = None) -> Body:
         return Body(files=[("file", ("batch.npz", buf.getvalue(), "application/octet-stream"))])
     labels = y.tolist() if _is_array(y) else list(y)
     return Body(json={"instances": list(x), "labels": labels})
+
+
+IMAGE_SUFFIXES = tuple(IMAGE_TYPES)
+
+
+def _batch_items(batch: Any) -> list:
+    """A folder -> its image files (sorted, hidden ones left out); anything else as predict takes it."""
+    if isinstance(batch, (str, os.PathLike)) and Path(batch).is_dir():
+        files = sorted(p for p in Path(batch).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(batch).parts))
+        if not files:
+            raise ValueError(f"{batch}: no PNG/JPEG images in this folder")
+        return [str(p) for p in files]
+    return batch
+
+
+def compare_body(in_distribution: Any, suspect: Any) -> Body:
+    """Two batches, each as `predict_body` takes images (or a folder of images): JSON when both are
+    nested lists / {"b64"} objects, else multipart with the fields `in_distribution` and `suspect`."""
+    bodies = {"in_distribution": predict_body(_batch_items(in_distribution)),
+              "suspect": predict_body(_batch_items(suspect))}
+    if all(b.json is not None for b in bodies.values()):
+        return Body(json={name: b.json["instances"] for name, b in bodies.items()})
+    if any(b.json is not None for b in bodies.values()):
+        raise ValueError("give both batches in the same form: nested lists for both, or files/arrays for both")
+    return Body(files=[(name, part) for name, b in bodies.items() for _, part in b.files])

@@ -44,6 +44,16 @@ class Uncertainty:
 
 
 @dataclass(frozen=True)
+class OODFlag:
+    """`flag` True: the image looks out of distribution (abstain); None: the model has no threshold."""
+
+    score: str
+    value: float
+    threshold: Optional[float]
+    flag: Optional[bool]
+
+
+@dataclass(frozen=True)
 class Prediction:
     class_index: int
     label: str
@@ -52,12 +62,15 @@ class Prediction:
     uncertainty: Optional[Uncertainty]
     logits: Optional[list[float]] = None
     uncalibrated_probabilities: Optional[list[float]] = None
+    ood: Optional[OODFlag] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "Prediction":
         u = d.get("uncertainty")
+        ood = d.get("ood")
         return cls(d["class_index"], d["label"], d["confidence"], d["probabilities"],
-                   Uncertainty(**u) if u else None, d.get("logits"), d.get("uncalibrated_probabilities"))
+                   Uncertainty(**u) if u else None, d.get("logits"), d.get("uncalibrated_probabilities"),
+                   OODFlag(**{k: ood.get(k) for k in OODFlag.__dataclass_fields__}) if ood else None)
 
 
 @dataclass(frozen=True)
@@ -185,3 +198,41 @@ class ModelInfo:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelInfo":
         return cls(d["name"], d["classes"], d["temperature"], d.get("metrics", {}), d)
+
+
+@dataclass(frozen=True)
+class ScoreSeparation:
+    score: str
+    auroc: float
+    aupr: float
+    fpr_at_95_tpr: float
+    mean_in_distribution: float
+    mean_suspect: float
+
+
+@dataclass(frozen=True)
+class ComparisonReport:
+    """POST /v1/models/{name}/compare: how well each score separates the suspect batch."""
+
+    model: str
+    temperature: float
+    mc_samples: int
+    seed: Optional[int]
+    n_in_distribution: int
+    n_suspect: int
+    scores: list[ScoreSeparation]
+    flagged: Optional[dict[str, float]]   # threshold, in_distribution, suspect; None without a threshold
+    raw: dict = field(repr=False, compare=False)
+    request_id: Optional[str] = field(default=None, compare=False)  # the server's X-Request-ID
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ComparisonReport":
+        scores = [ScoreSeparation(**{k: s[k] for k in ScoreSeparation.__dataclass_fields__}) for s in d["scores"]]
+        return cls(d["model"], d["temperature"], d["mc_samples"], d.get("seed"), d["n_in_distribution"],
+                   d["n_suspect"], scores, d.get("flagged"), d)
+
+    def score(self, name: str) -> ScoreSeparation:
+        for s in self.scores:
+            if s.score == name:
+                return s
+        raise KeyError(f"no score {name!r} in this report (mutual_information needs mc_samples >= 2)")

@@ -85,6 +85,29 @@ def read_card(directory: str | os.PathLike) -> dict:
     return card
 
 
+def update_card(directory: str | os.PathLike, fields: dict) -> dict:
+    """Add or replace top-level `fields` of an artifact's card, atomically (a temporary file in the
+    same folder, then `os.replace`); `model.keras` is not touched. The card is verified first
+    (`read_card`: the checksum must match), so a field is never added to a tampered artifact.
+    `model_sha256`, `model_file` and `schema` describe the file and cannot be changed here."""
+    folder = Path(directory)
+    card = read_card(folder)
+    frozen = {"model_sha256", "model_file", "schema"} & set(fields)
+    if frozen:
+        raise ArtifactError(f"{folder / CARD_FILE}: {sorted(frozen)} describe the model file; not updatable")
+    card = {**card, **fields}
+    fd, tmp = tempfile.mkstemp(prefix=f".{CARD_FILE}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(card, indent=2, sort_keys=False) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, folder / CARD_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return card
+
+
 @dataclass
 class Artifact:
     name: str

@@ -22,6 +22,15 @@ from models.calibration import (
 )
 from models.calibration.risk_coverage_diagram import risk_coverage_png
 from models.calibration.selective import SelectiveReport, confidence_and_correct, selective_report
+from models.calibration.ood import (
+    FLAG_SCORE,
+    SCORES as OOD_SCORES,
+    Detection,
+    detection,
+    ood_threshold_problem,
+    uncertainty_scores,
+)
+from models.calibration.ood_diagram import score_histograms_png
 from models.calibration.uncertainty import MCSummary, summarize_mc_samples
 from service.inputs import InputError
 from service.registry import LoadedModel
@@ -146,3 +155,90 @@ def risk_coverage_diagram_png(evaluation: Evaluation, model_name: str) -> bytes:
         raise ValueError("this evaluation has no selective-prediction block")
     title = f"{model_name}: N={evaluation.n}, T={evaluation.temperature:.3f}, risk-coverage"
     return risk_coverage_png(sel.confidence, sel.correct, sel.report, title=title)
+
+
+# --- out-of-distribution flag and batch comparison ---------------------------------------------
+@dataclass(frozen=True)
+class OODFlags:
+    """Per image: the flag score and, when the card has a usable threshold, whether it is above."""
+
+    score: str
+    values: np.ndarray          # [N] predictive entropy (nats) of the calibrated probabilities
+    threshold: float | None     # None: the card has no (usable) ood_threshold
+    flags: np.ndarray | None    # [N] bool, values > threshold; None without a threshold
+
+
+def ood_threshold(model: LoadedModel) -> dict | None:
+    """The card's `ood_threshold` block when it can be used at the model's temperature, else None."""
+    block = model.card.get("ood_threshold")
+    if block is None or ood_threshold_problem(block, model.temperature) is not None:
+        return None
+    return block
+
+
+def ood_flags(model: LoadedModel, probabilities: np.ndarray) -> OODFlags:
+    """Flags from the deterministic calibrated probabilities, even when MC samples were drawn:
+    the threshold was fitted on those, so only they keep its 95% pass rate on clean images."""
+    values = uncertainty_scores(probabilities)[FLAG_SCORE]
+    block = ood_threshold(model)
+    if block is None:
+        return OODFlags(FLAG_SCORE, values, None, None)
+    threshold = float(block["threshold"])
+    return OODFlags(FLAG_SCORE, values, threshold, values > threshold)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How well each uncertainty score separates an in-distribution batch from a suspect one."""
+
+    n_in: int
+    n_suspect: int
+    mc_samples: int
+    seed: int | None
+    detections: list[Detection]              # one per score, OOD_SCORES order
+    scores_in: dict[str, np.ndarray]
+    scores_suspect: dict[str, np.ndarray]
+    threshold: float | None                  # the card's flag threshold (predictive entropy)
+    flagged_in: float | None                 # share of each batch above it
+    flagged_suspect: float | None
+
+
+def batch_scores(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
+                 chunk: int = 500, mc_chunk_rows: int = 65_536) -> dict[str, np.ndarray]:
+    """1 - max probability and predictive entropy of the deterministic calibrated probabilities;
+    with `mc_samples` >= 2 also the MC mutual information. `chunk` images per forward pass, so
+    features and activations stay bounded for any batch."""
+    clf, t = model.classifier, model.temperature
+    probs, mi = [], []
+    for c, start in enumerate(range(0, len(x), chunk)):
+        features = clf.features(x[start:start + chunk], chunk)
+        probs.append(softmax(clf.head_logits(features), t))
+        if mc_samples >= 2:
+            chunk_seed = (int(seed or 0) + 7_919 * c) % _SEED_MOD
+            mi.append(_mc_summary(clf, features, mc_samples, chunk_seed, t, mc_chunk_rows).mutual_information)
+    return uncertainty_scores(np.concatenate(probs), np.concatenate(mi) if mi else None)
+
+
+def compare(model: LoadedModel, x_in: np.ndarray, x_suspect: np.ndarray, *, mc_samples: int,
+            seed: int | None, chunk: int = 500, mc_chunk_rows: int = 65_536) -> Comparison:
+    """AUROC / AUPR-Out / FPR@95%TPR per score, the suspect batch as the positive class
+    (`models.calibration.ood`). Both batches use the same seed: their MC masks are drawn alike."""
+    kw = {"mc_samples": mc_samples, "seed": seed, "chunk": chunk, "mc_chunk_rows": mc_chunk_rows}
+    s_in, s_out = batch_scores(model, x_in, **kw), batch_scores(model, x_suspect, **kw)
+    detections = [detection(name, s_in[name], s_out[name]) for name in OOD_SCORES if name in s_in]
+    block = ood_threshold(model)
+    threshold = flagged_in = flagged_out = None
+    if block is not None:
+        threshold = float(block["threshold"])
+        flagged_in = float(np.mean(s_in[FLAG_SCORE] > threshold))
+        flagged_out = float(np.mean(s_out[FLAG_SCORE] > threshold))
+    return Comparison(len(x_in), len(x_suspect), mc_samples, seed if mc_samples >= 2 else None, detections,
+                      s_in, s_out, threshold, flagged_in, flagged_out)
+
+
+def comparison_png(comparison: Comparison, model_name: str) -> bytes:
+    title = (f"{model_name}: in-distribution N={comparison.n_in} vs suspect N={comparison.n_suspect}"
+             + (f", MC T={comparison.mc_samples}" if comparison.mc_samples >= 2 else ""))
+    return score_histograms_png(comparison.scores_in, comparison.scores_suspect,
+                                {d.score: d for d in comparison.detections},
+                                thresholds={FLAG_SCORE: comparison.threshold}, title=title)

@@ -373,3 +373,58 @@ def labelled_from_files(files: list[tuple[str, bytes]], *, class_names: Sequence
         return x, y
     raise InputError("missing_labels", f"{name}: this file carries no labels; upload an .npz with "
                      f"x and y, or an archive of <class>/<image> folders")
+
+
+# --- two unlabelled batches (compare) ----------------------------------------------------------
+BATCH_FIELDS = ("in_distribution", "suspect")
+
+
+def _in_batch(field: str, parse, *args, **kwargs) -> np.ndarray:
+    """Run a parser on one batch; its errors name the batch they are about."""
+    try:
+        return parse(*args, **kwargs)
+    except InputError as exc:
+        raise InputError(exc.code, f"{field}: {exc.message}", exc.status) from None
+
+
+def batches_from_json(payload: dict, *, resize: bool, max_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """`{"in_distribution": [...], "suspect": [...]}`, each a list of instances as in predict."""
+    missing = [f for f in BATCH_FIELDS if payload.get(f) is None]
+    if missing:
+        raise InputError("missing_batch", f"the JSON object needs {' and '.join(map(repr, missing))}: "
+                         f"lists of images, as 'instances' in predict")
+    out = []
+    for field in BATCH_FIELDS:
+        if not isinstance(payload[field], list):
+            raise InputError("invalid_request", f"'{field}' must be a list, got {type(payload[field]).__name__}")
+        out.append(_in_batch(field, instances_from_json, {"instances": payload[field]}, resize=resize,
+                             max_instances=max_images))
+    return out[0], out[1]
+
+
+def batches_from_files(files: list[tuple[str, bytes]], fields: list[str], *, resize: bool, max_images: int,
+                       max_array_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Multipart: the file parts of the `in_distribution` and `suspect` fields (each field may be
+    repeated), each batch read as predict reads its uploads."""
+    unexpected = sorted(set(fields) - set(BATCH_FIELDS))
+    if unexpected:
+        raise InputError("unexpected_field", f"unknown file field(s) {unexpected}; send the batches as "
+                         f"{' and '.join(BATCH_FIELDS)}")
+    missing = [f for f in BATCH_FIELDS if f not in fields]
+    if missing:
+        raise InputError("missing_batch", f"no file in the {' and '.join(missing)} field(s); send both "
+                         f"{' and '.join(BATCH_FIELDS)}")
+    out = []
+    for field in BATCH_FIELDS:
+        group = [f for f, name in zip(files, fields) if name == field]
+        out.append(_in_batch(field, images_from_files, group, resize=resize, max_instances=max_images,
+                             max_array_bytes=max_array_bytes))
+    return out[0], out[1]
+
+
+def check_compare_mc_samples(value: int, maximum: int) -> int:
+    """0 (no MC) or 2..maximum: the mutual information of one sample is always zero."""
+    if value == 1 or not 0 <= value <= maximum:
+        raise InputError("mc_samples_out_of_range", f"mc_samples={value}; expected 0 (no MC) or 2..{maximum} "
+                         f"(the mutual information needs at least two samples)")
+    return value

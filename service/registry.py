@@ -122,10 +122,23 @@ def load_registry(model_dir: str | Path, *, warmup: bool = True) -> ModelRegistr
             logger.exception("skipping artifact %s", folder)
             registry.failures.append(LoadFailure(str(folder), f"{type(exc).__name__}: {exc}"))
             continue
+        _warn_if_unusable_ood_threshold(loaded)
         logger.info("loaded model %r from %s (T=%.4f)", loaded.name, folder, loaded.temperature)
     if not registry.models:
         logger.error("no model could be loaded from %s", registry.model_dir)
     return registry
+
+
+def _warn_if_unusable_ood_threshold(model: LoadedModel) -> None:
+    """A card without `ood_threshold` (older models) serves without the OOD flag, silently; one
+    whose block is unusable (e.g. fitted at another temperature) serves without it too, but says so."""
+    from models.calibration.ood import ood_threshold_problem
+
+    block = model.card.get("ood_threshold")
+    problem = None if block is None else ood_threshold_problem(block, model.temperature)
+    if problem:
+        logger.warning("model %r: ignoring its ood_threshold (%s); predictions carry no OOD flag",
+                       model.name, problem)
 
 
 def _warm_up(model: LoadedModel) -> None:

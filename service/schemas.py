@@ -39,6 +39,22 @@ class Liveness(BaseModel):
     status: str = "alive"
 
 
+class OODThreshold(BaseModel):
+    """The card's `ood_threshold` block (written by `python -m training.fit_ood_threshold`)."""
+
+    score: str = Field(description="the score flagged on: 'predictive_entropy' of the calibrated probabilities")
+    threshold: float = Field(description="an image is flagged when its score is above this (nats)")
+    tpr: float = Field(description="share of clean validation images that pass (score <= threshold), e.g. 0.95")
+    n_images: int = Field(description="validation images the threshold was fitted on")
+    data: str = Field(description="what it was fitted on, e.g. 'validation split'")
+    temperature: float = Field(description="the temperature T it was fitted at; a card whose T differs "
+                                           "has a stale threshold, which the service ignores")
+
+
+OOD_THRESHOLD_NOTE = ("null when the card has no ood_threshold (older models) or an unusable one: "
+                      "predictions then carry no OOD flag ('flag': null)")
+
+
 class ModelSummary(BaseModel):
     name: str
     classes: list[str]
@@ -46,6 +62,7 @@ class ModelSummary(BaseModel):
     input: dict[str, Any]
     mc_dropout: Optional[dict[str, Any]] = None
     metrics: dict[str, Any] = Field(description="test-split metrics before/after temperature")
+    ood_threshold: Optional[OODThreshold] = Field(None, description=OOD_THRESHOLD_NOTE)
 
 
 class ModelList(BaseModel):
@@ -62,6 +79,7 @@ class ModelCard(BaseModel):
     input: dict[str, Any]
     metrics: dict[str, Any]
     model_sha256: str
+    ood_threshold: Optional[OODThreshold] = Field(None, description=OOD_THRESHOLD_NOTE)
 
 
 class Uncertainty(BaseModel):
@@ -73,6 +91,19 @@ class Uncertainty(BaseModel):
     mutual_information: float = Field(description="predictive - expected entropy (epistemic), nats")
 
 
+class OODFlag(BaseModel):
+    """Out-of-distribution score of one image and whether to abstain on it."""
+
+    score: str = Field(description="'predictive_entropy': entropy (nats) of the calibrated deterministic "
+                                   "probabilities, also when MC samples were drawn (the threshold was fitted on it)")
+    value: float = Field(description="this image's score; higher means less like the training data")
+    threshold: Optional[float] = Field(description="the model card's ood_threshold.threshold; null when the "
+                                                   "card has none (older models)")
+    flag: Optional[bool] = Field(description="true: value > threshold, the image looks out of distribution "
+                                             "(abstain); 95% of clean validation images are not flagged. "
+                                             "null: no threshold, the flag is unavailable")
+
+
 class PredictionOut(BaseModel):
     class_index: int
     label: str
@@ -82,6 +113,7 @@ class PredictionOut(BaseModel):
     logits: Optional[list[float]] = Field(None, description="raw logits (return_logits=true)")
     uncalibrated_probabilities: Optional[list[float]] = Field(
         None, description="softmax(logits) (return_logits=true)")
+    ood: Optional[OODFlag] = Field(None, description="out-of-distribution score and flag")
 
 
 class PredictResponse(BaseModel):
@@ -161,6 +193,38 @@ class EvaluateResponse(BaseModel):
                                                 "risk-coverage curve, threshold for target_accuracy")
 
 
+class ScoreSeparation(BaseModel):
+    """How well one uncertainty score tells the suspect batch from the in-distribution one."""
+
+    score: str = Field(description="'max_probability' (1 - max p), 'predictive_entropy' or "
+                                   "'mutual_information' (MC, mc_samples >= 2)")
+    auroc: float = Field(description="P(a suspect image scores higher than an in-distribution one); 0.5: "
+                                     "indistinguishable, 1: perfectly separated")
+    aupr: float = Field(description="average precision with the suspect images as positives (AUPR-Out)")
+    fpr_at_95_tpr: float = Field(description="share of suspect images that pass the threshold letting 95% "
+                                             "of the in-distribution batch pass (lower is better)")
+    mean_in_distribution: float
+    mean_suspect: float
+
+
+class FlaggedShare(BaseModel):
+    threshold: float = Field(description="the model card's predictive-entropy flag threshold")
+    in_distribution: float = Field(description="share of the in-distribution batch flagged")
+    suspect: float = Field(description="share of the suspect batch flagged")
+
+
+class CompareResponse(BaseModel):
+    model: str
+    temperature: float
+    mc_samples: int = Field(description="MC dropout samples drawn for the mutual information (0: none)")
+    seed: Optional[int] = Field(None, description="seed of the MC samples (null without them)")
+    n_in_distribution: int
+    n_suspect: int
+    scores: list[ScoreSeparation]
+    flagged: Optional[FlaggedShare] = Field(None, description="the service's OOD flag on both batches; "
+                                                              "null when the card has no ood_threshold")
+
+
 def _exactly(n: int, items: dict) -> dict:
     return {"type": "array", "minItems": n, "maxItems": n, "items": items}
 
@@ -200,4 +264,16 @@ EVALUATE_BODY = {"requestBody": {"required": True, "content": {
         "type": "string", "format": "binary",
         "description": ".npz with x uint8 [N,32,32,3] and y int [N], or a .tar.gz/.zip of "
                        "<class>/<image> folders"}}}},
+}}}
+
+_BATCH = {**_INSTANCES, "description": "images as in predict: 32x32x3 arrays or {\"b64\": ...}; at most "
+                                      "CALIB_MAX_EVAL_IMAGES per batch"}
+_BATCH_FILES = {**_FILES, "description": "PNG/JPEG image files, or .npy/.npz arrays [N,32,32,3] uint8 "
+                                         "(repeat the field for several files)"}
+COMPARE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["in_distribution", "suspect"],
+                                    "properties": {"in_distribution": _BATCH, "suspect": _BATCH}},
+                         "example": {"in_distribution": _EXAMPLE_IMAGES[:1], "suspect": _EXAMPLE_IMAGES[1:]}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["in_distribution", "suspect"],
+                                       "properties": {"in_distribution": _BATCH_FILES, "suspect": _BATCH_FILES}}},
 }}}

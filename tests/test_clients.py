@@ -340,3 +340,126 @@ def test_cli_bad_target_accuracy_is_the_services_one_line_error(monkeypatch, cap
     with pytest.raises(SystemExit) as usage:   # argparse's usage error: not a number
         cli.main(["--model", "m", "evaluate", str(data), "--target-accuracy", "abc"])
     assert usage.value.code == 2 and "invalid float value: 'abc'" in capsys.readouterr().err
+
+
+# --- OOD flag and compare --------------------------------------------------------------------------
+COMPARE_REPLY = {"model": "m", "temperature": 1.5, "mc_samples": 4, "seed": 7, "n_in_distribution": 2,
+                 "n_suspect": 1, "flagged": {"threshold": 0.6, "in_distribution": 0.0, "suspect": 1.0},
+                 "scores": [{"score": s, "auroc": 0.9, "aupr": 0.8, "fpr_at_95_tpr": 0.25,
+                             "mean_in_distribution": 0.1, "mean_suspect": 0.7}
+                            for s in ("max_probability", "predictive_entropy", "mutual_information")]}
+
+
+def _predict_reply(flag):
+    return {"model": "m", "temperature": 1.0, "classes": ["a", "b"], "mc_samples": 0, "seed": None,
+            "predictions": [{"class_index": 0, "label": "a", "confidence": 0.6, "probabilities": [0.6, 0.4],
+                             "uncertainty": None, "ood": {"score": "predictive_entropy", "value": 0.67,
+                                                          "threshold": None if flag is None else 0.5,
+                                                          "flag": flag}}]}
+
+
+def test_compare_request_shapes_and_report(tmp_path):
+    import numpy as np
+
+    seen = []
+
+    def handler(request):
+        seen.append(request)
+        if request.url.params.get("format") == "png":
+            return httpx.Response(200, content=b"\x89PNG...", headers={"content-type": "image/png"})
+        return httpx.Response(200, json=COMPARE_REPLY, headers={"X-Request-ID": "cmp-1"})
+
+    (tmp_path / "suspect" / ".hidden").mkdir(parents=True)
+    (tmp_path / "suspect" / "1.png").write_bytes(b"png-1")
+    (tmp_path / "suspect" / "0.jpg").write_bytes(b"jpg-0")
+    (tmp_path / "suspect" / "notes.txt").write_text("not an image")
+    (tmp_path / "suspect" / ".hidden" / "2.png").write_bytes(b"hidden")
+    with _mock(handler) as client:
+        report = client.compare(np.zeros((2, 32, 32, 3), np.uint8), str(tmp_path / "suspect"), mc_samples=4, seed=7)
+        assert report.request_id == "cmp-1" and report.n_suspect == 1 and report.seed == 7
+        assert report.score("mutual_information").auroc == 0.9 and report.flagged["suspect"] == 1.0
+        client.compare([[[[1, 2, 3]]]], [[[[4, 5, 6]]]])
+        assert client.ood_histogram([[[[1, 2, 3]]]], [[[[4, 5, 6]]]]).startswith(b"\x89PNG")
+        with pytest.raises(ValueError, match="same form"):
+            client.compare([[[[1, 2, 3]]]], np.zeros((1, 32, 32, 3), np.uint8))
+        (tmp_path / "text-only").mkdir()
+        (tmp_path / "text-only" / "a.txt").write_text("no image")
+        with pytest.raises(ValueError, match="no PNG/JPEG"):
+            client.compare(str(tmp_path / "text-only"), str(tmp_path / "suspect"))
+    files_req, json_req, png_req = seen
+    assert files_req.url.path == "/v1/models/m/compare"
+    assert files_req.url.params["mc_samples"] == "4" and files_req.url.params["seed"] == "7"
+    body = files_req.content
+    assert body.count(b'name="in_distribution"') == 1 and body.count(b'name="suspect"') == 2
+    assert body.index(b'filename="0.jpg"') < body.index(b'filename="1.png"') and b"hidden" not in body
+    assert json.loads(json_req.content) == {"in_distribution": [[[[1, 2, 3]]]], "suspect": [[[[4, 5, 6]]]]}
+    assert "mc_samples" not in json_req.url.params and png_req.url.params["format"] == "png"
+
+
+def test_async_compare():
+    import asyncio
+
+    from clients import AsyncCalibClient
+
+    async def run():
+        transport = httpx.MockTransport(lambda r: httpx.Response(200, json=COMPARE_REPLY))
+        async with AsyncCalibClient("http://svc", model="m", transport=transport) as c:
+            return await c.compare([[[[0, 0, 0]]]], [[[[9, 9, 9]]]])
+
+    report = asyncio.run(run())
+    assert [s.score for s in report.scores] == ["max_probability", "predictive_entropy", "mutual_information"]
+
+
+def test_prediction_carries_the_ood_flag():
+    for flag in (True, False, None):
+        with _mock(lambda r, f=flag: httpx.Response(200, json=_predict_reply(f))) as client:
+            ood = client.predict([[[[0, 0, 0]]]]).predictions[0].ood
+        assert (ood.score, ood.value, ood.flag) == ("predictive_entropy", 0.67, flag)
+        assert ood.threshold == (None if flag is None else 0.5)
+
+
+def test_cli_predict_shows_the_ood_flag_and_compare_prints_the_table(monkeypatch, capsys, tmp_path):
+    import functools
+
+    from clients import CalibClient, cli
+
+    flags = iter([True, None])
+
+    def handler(request):
+        if request.url.path.endswith("/predict"):
+            return httpx.Response(200, json=_predict_reply(next(flags)))
+        if request.url.params.get("format") == "png":
+            return httpx.Response(200, content=b"\x89PNG-hist")
+        return httpx.Response(200, json=COMPARE_REPLY)
+
+    monkeypatch.setattr(cli, "CalibClient", functools.partial(CalibClient, transport=httpx.MockTransport(handler)))
+    img = tmp_path / "cat.png"
+    img.write_bytes(b"png")
+    assert cli.main(["--model", "m", "predict", str(img)]) == 0
+    out = capsys.readouterr().out
+    assert "OOD flag" in out and out.splitlines()[-1].endswith("0.6700  OOD")
+    assert cli.main(["--model", "m", "predict", str(img)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("0.6700  n/a")
+
+    png = tmp_path / "hist.png"
+    assert cli.main(["--model", "m", "compare", str(img), str(img), "--mc-samples", "4", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "mutual_information" in out and "0.9000" in out and "100.0% of suspect flagged" in out
+    assert png.read_bytes() == b"\x89PNG-hist"
+    assert cli.main(["--model", "m", "compare", str(img), str(img), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == COMPARE_REPLY
+
+
+def test_cli_compare_service_error_is_one_line(monkeypatch, capsys, tmp_path):
+    import functools
+
+    from clients import CalibClient, cli
+
+    reply = {"error": {"code": "missing_batch", "message": "no file in the suspect field(s)", "status": 422}}
+    monkeypatch.setattr(cli, "CalibClient", functools.partial(
+        CalibClient, transport=httpx.MockTransport(lambda r: httpx.Response(422, json=reply))))
+    img = tmp_path / "a.png"
+    img.write_bytes(b"png")
+    assert cli.main(["--model", "m", "compare", str(img), str(img)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("calib-client: error: [missing_batch] (HTTP 422)") and err.count("\n") == 1

@@ -109,3 +109,43 @@ def uncertainty_scores(mean_probabilities, mutual_information=None) -> dict[str,
     if mutual_information is not None:
         scores["mutual_information"] = np.asarray(mutual_information, dtype=np.float64).reshape(-1)
     return scores
+
+
+# --- the service's abstain threshold -----------------------------------------------------------
+FLAG_SCORE = "predictive_entropy"   # the score the service flags on (available with or without MC)
+FLAG_TPR = 0.95                     # share of clean validation images that must pass
+
+
+def fit_ood_threshold(logits, temperature: float, tpr: float = FLAG_TPR, *,
+                      data: str = "validation split") -> dict:
+    """The model card's `ood_threshold` block: the predictive-entropy threshold (nats) of the
+    calibrated probabilities softmax(logits / T) that lets `tpr` of these (clean, in-distribution)
+    images pass. The service flags an image when its entropy is above it. The temperature is
+    recorded because the threshold is only valid at the temperature it was fitted with."""
+    from .metrics import softmax
+
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[0] == 0:
+        raise ValueError(f"logits must be a non-empty [N, K] array, got shape {z.shape}")
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    entropy = uncertainty_scores(softmax(z, float(temperature)))[FLAG_SCORE]
+    return {"score": FLAG_SCORE, "threshold": threshold_at_tpr(entropy, tpr), "tpr": float(tpr),
+            "n_images": int(z.shape[0]), "data": data, "temperature": float(temperature)}
+
+
+def ood_threshold_problem(block, temperature: float) -> str | None:
+    """Why a card's `ood_threshold` block cannot be used at this temperature (None: it can).
+    A threshold fitted at another temperature is stale: entropies shift when T changes."""
+    if not isinstance(block, dict):
+        return f"expected an object, got {type(block).__name__}"
+    if block.get("score") != FLAG_SCORE:
+        return f"score {block.get('score')!r}; the service flags on {FLAG_SCORE!r}"
+    value, fitted_t = block.get("threshold"), block.get("temperature")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        return f"threshold {value!r} is not a non-negative number"
+    if isinstance(fitted_t, bool) or not isinstance(fitted_t, (int, float)):
+        return f"temperature {fitted_t!r} is not a number"
+    if abs(float(fitted_t) - float(temperature)) > 1e-6 * max(1.0, abs(float(temperature))):
+        return f"fitted at T={fitted_t}, but the model's temperature is {temperature}: refit it"
+    return None

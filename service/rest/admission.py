@@ -2,7 +2,7 @@
 than it can hold (the limits themselves live in service.admission).
 
 Order per request, before any of the body is read:
-1. an evaluate request takes an evaluation slot, waiting in the bounded queue if need be. Its body
+1. an evaluate (or compare) request takes an evaluation slot, waiting in the bounded queue if need be. Its body
    stays in the client's socket while it waits (uvicorn reads at most 64 KiB ahead), so a
    rejected or queued 29 MB upload costs the server nothing; a client that disconnects while
    queued leaves the queue at once.
@@ -27,7 +27,9 @@ from service.rest.errors import error_response
 # The routes that take a body, by path (matched here, before the router runs): their template,
 # to label a 503 in the metrics as the router would, and whether they go through the gate.
 BODY_ROUTES = [(re.compile(r"^/v1/models/(?P<name>[^/]+)/evaluate/?$"), "/v1/models/{name}/evaluate", True),
-               (re.compile(r"^/v1/models/(?P<name>[^/]+)/predict/?$"), "/v1/models/{name}/predict", False)]
+               (re.compile(r"^/v1/models/(?P<name>[^/]+)/predict/?$"), "/v1/models/{name}/predict", False),
+               # compare runs the model over two whole batches: as heavy as evaluate, so gated like it
+               (re.compile(r"^/v1/models/(?P<name>[^/]+)/compare/?$"), "/v1/models/{name}/compare", True)]
 # /v2 infer parses its body as JSON whatever the Content-Type (tritonclient sends none): charged as JSON.
 V2_INFER = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer/?$")
 

@@ -40,7 +40,7 @@ ERROR_RESPONSES: dict[int, dict] = {
     422: _documented("the input or a query parameter is invalid; `code` names the problem "
                      "(`invalid_shape`, `invalid_parameter`, `too_many_instances`, ...)"),
     503: _documented("`not_ready`: no model is loaded (the service is starting, or every artifact failed "
-                    "to load: see /health/ready); or `overloaded` (predict, evaluate): too many evaluations "
+                    "to load: see /health/ready); or `overloaded` (predict, evaluate, compare): too many evaluations "
                     "running and queued, or the buffered-bytes budget is spent; retry after `Retry-After` "
                     "seconds (`details.reason`: queue_full, queue_timeout or byte_budget)"),
 }

@@ -19,9 +19,11 @@ from service.rest.requests import (
     settings_of,
 )
 from service.schemas import (
+    COMPARE_BODY,
     EVALUATE_BODY,
     PNG_CONTENT,
     PREDICT_BODY,
+    CompareResponse,
     EvaluateResponse,
     ModelCard,
     ModelList,
@@ -41,7 +43,7 @@ def _summary(model) -> dict:
     card = model.card
     return {"name": model.name, "classes": model.classes, "temperature": model.temperature,
             "input": card.get("input", {}), "mc_dropout": card.get("mc_dropout"),
-            "metrics": card.get("metrics", {})}
+            "metrics": card.get("metrics", {}), "ood_threshold": dataplane.ood_threshold(model)}
 
 
 @router.get("", response_model=ModelList, summary="Loaded models and their calibration metrics")
@@ -53,7 +55,7 @@ async def list_models(request: Request) -> dict:
 @router.get("/{name}", response_model=ModelCard, summary="A model's card", responses=error_responses(404, 422))
 async def get_model(request: Request, name: str = ModelName) -> dict:
     model = model_of(request, name)
-    return {**model.card, "name": model.name}
+    return {**model.card, "name": model.name, "ood_threshold": dataplane.ood_threshold(model)}
 
 
 @router.post("/{name}/predict", response_model=PredictResponse, responses=error_responses(*BODY_ERRORS),
@@ -92,6 +94,7 @@ def _predict_body(model, result: dataplane.Prediction, t: int, return_logits: bo
     classes = model.classes
     probs = result.probabilities
     index = probs.argmax(axis=1)
+    ood = dataplane.ood_flags(model, probs)
     rows = []
     for i, k in enumerate(index.tolist()):
         row = {"class_index": k, "label": classes[k], "confidence": float(probs[i, k]),
@@ -103,6 +106,8 @@ def _predict_body(model, result: dataplane.Prediction, t: int, return_logits: bo
                                   "predictive_entropy": float(mc.predictive_entropy[i]),
                                   "expected_entropy": float(mc.expected_entropy[i]),
                                   "mutual_information": float(mc.mutual_information[i])}
+        row["ood"] = {"score": ood.score, "value": float(ood.values[i]), "threshold": ood.threshold,
+                      "flag": None if ood.flags is None else bool(ood.flags[i])}
         if return_logits:
             row["logits"] = result.logits[i].astype(float).tolist()
             row["uncalibrated_probabilities"] = result.uncalibrated[i].tolist()
@@ -168,3 +173,56 @@ def _labelled_json(payload: dict, num_classes: int, resize: bool, max_images: in
 def _array_cap(settings) -> int:
     """An uploaded array may inflate (npz compression) to at most 8x the body limit."""
     return 8 * settings.max_body_bytes
+
+
+@router.post("/{name}/compare", response_model=CompareResponse, openapi_extra=COMPARE_BODY,
+             summary="How well the uncertainty scores separate a suspect batch from an in-distribution one",
+             description="Two unlabelled batches (JSON lists, or multipart file fields `in_distribution` and "
+                         "`suspect`: PNG/JPEG files or .npy/.npz arrays). Returns AUROC, AUPR-Out and FPR at 95% "
+                         "TPR per score (the suspect batch is the positive class), the batch sizes and score "
+                         "means, and the share of each batch the model's OOD flag marks; with `format=png`, "
+                         "histograms of the scores of both batches. Admitted like evaluate (one evaluation "
+                         "slot, bounded queue).",
+             responses={**error_responses(*BODY_ERRORS),
+                        200: {"content": {"application/json": {}, **PNG_CONTENT},
+                              "description": "the report, or the score histograms with format=png"}})
+async def compare(
+    request: Request,
+    name: str = ModelName,
+    mc_samples: int = Query(0, description="MC dropout samples T for the mutual information: 0 (none, "
+                                           "the default) or at least 2"),
+    seed: Optional[int] = Query(None, description="seed of the dropout masks (random if omitted)"),
+    format: Literal["json", "png"] = Query("json", description="png: histograms of the scores of both batches"),
+    resize: bool = Query(False, description="resize encoded images that are not 32x32 RGB"),
+):
+    settings = settings_of(request)
+    model = model_of(request, name)
+    t = inputs.check_compare_mc_samples(mc_samples, settings.max_mc_samples)
+    seed = inputs.check_seed(seed)
+    if t >= 2 and seed is None:
+        seed = secrets.randbelow(2**31 - 1)
+    payload = await read_payload(request, max_files=2 * settings.max_eval_images)
+    if payload.json is not None:
+        x_in, x_out = await in_thread(inputs.batches_from_json, payload.json, resize=resize,
+                                      max_images=settings.max_eval_images)
+    else:
+        x_in, x_out = await in_thread(inputs.batches_from_files, payload.files, payload.fields, resize=resize,
+                                      max_images=settings.max_eval_images, max_array_bytes=_array_cap(settings))
+    result = await on_model_executor(request, dataplane.compare, model, x_in, x_out, mc_samples=t, seed=seed,
+                                     chunk=settings.eval_chunk, mc_chunk_rows=settings.mc_chunk_rows)
+    metrics = request.app.state.metrics
+    metrics.images.labels(model.name, "compare").inc(len(x_in) + len(x_out))
+    metrics.mc_samples.labels(model.name).inc(t * (len(x_in) + len(x_out)))
+    if format == "png":
+        png = await in_thread(dataplane.comparison_png, result, model.name)
+        return Response(png, media_type="image/png",
+                        headers={"Content-Disposition": f'inline; filename="ood-{model.name}.png"'})
+    flagged = None
+    if result.threshold is not None:
+        flagged = {"threshold": result.threshold, "in_distribution": result.flagged_in,
+                   "suspect": result.flagged_suspect}
+    return {"model": model.name, "temperature": model.temperature, "mc_samples": t, "seed": result.seed,
+            "n_in_distribution": result.n_in, "n_suspect": result.n_suspect, "flagged": flagged,
+            "scores": [{"score": d.score, "auroc": d.auroc, "aupr": d.aupr, "fpr_at_95_tpr": d.fpr_at_95_tpr,
+                        "mean_in_distribution": d.mean_in, "mean_suspect": d.mean_out}
+                       for d in result.detections]}

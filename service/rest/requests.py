@@ -27,10 +27,12 @@ T = TypeVar("T")
 
 @dataclass
 class Payload:
-    """Either `json` (a dict) or `files` [(filename, bytes)] from a multipart upload."""
+    """Either `json` (a dict) or `files` [(filename, bytes)] from a multipart upload; `fields`
+    holds each file's form field name (an endpoint with two batches tells them apart by it)."""
 
     json: dict | None = None
     files: list[tuple[str, bytes]] = field(default_factory=list)
+    fields: list[str] = field(default_factory=list)
 
 
 def settings_of(request: Request) -> Settings:
@@ -70,13 +72,15 @@ async def read_payload(request: Request, *, max_files: int) -> Payload:
         body = await request.body()
         return Payload(json=await in_thread(parse_json_object, body))
     if ctype == "multipart/form-data":
-        return Payload(files=await _read_files(request, max_files))
+        parts = await _read_files(request, max_files)
+        return Payload(files=[(name, data) for _, name, data in parts], fields=[key for key, _, _ in parts])
     shown = ctype or request.headers.get("content-type") or "none"
     raise InputError("unsupported_media_type",
                      f"Content-Type {shown}: send application/json or multipart/form-data", 415)
 
 
-async def _read_files(request: Request, max_files: int) -> list[tuple[str, bytes]]:
+async def _read_files(request: Request, max_files: int) -> list[tuple[str, str, bytes]]:
+    """[(form field, filename, bytes)] of the file parts."""
     try:
         form = await request.form(max_files=max_files, max_fields=100)
     except StarletteHTTPException as exc:
@@ -88,7 +92,7 @@ async def _read_files(request: Request, max_files: int) -> list[tuple[str, bytes
         files = []
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
-                files.append((value.filename or key, await value.read()))
+                files.append((key, value.filename or key, await value.read()))
     finally:
         await form.close()
     if not files:
