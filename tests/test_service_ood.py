@@ -66,6 +66,9 @@ def ood_model_dir(tmp_path_factory, tiny_artifact, fitted_artifact) -> Path:
     root = tmp_path_factory.mktemp("ood_models")
     shutil.copytree(fitted_artifact, root / WITH)
     shutil.copytree(tiny_artifact, root / WITHOUT)
+    older = json.loads((root / WITHOUT / "model_card.json").read_text())   # a card from before the flag
+    older.pop("ood_threshold", None)
+    (root / WITHOUT / "model_card.json").write_text(json.dumps(older, indent=2))
     shutil.copytree(fitted_artifact, root / STALE)
     block = read_card(root / STALE)["ood_threshold"]
     update_card(root / STALE, {"name": STALE, "ood_threshold": {**block, "temperature": block["temperature"] + 0.5}})
@@ -129,8 +132,11 @@ def test_command_writes_the_block_and_leaves_the_model_alone(tiny_artifact, fitt
     after = read_card(fitted_artifact)                   # the checksum still verifies
     assert (hashlib.sha256((fitted_artifact / "model.keras").read_bytes()).hexdigest()
             == hashlib.sha256((tiny_artifact / "model.keras").read_bytes()).hexdigest())
-    assert {k: v for k, v in after.items() if k != "ood_threshold"} == before
+    assert {k: v for k, v in after.items() if k != "ood_threshold"} == {
+        k: v for k, v in before.items() if k != "ood_threshold"}
     block = after["ood_threshold"]
+    # training.train wrote the same block: the command recreates its validation split exactly
+    assert block["threshold"] == pytest.approx(before["ood_threshold"]["threshold"], rel=1e-5)
     assert set(block) == BLOCK_KEYS
     assert block["n_images"] == before["data"]["n_validation"] == 100
     assert block["temperature"] == before["temperature"] and block["tpr"] == 0.95

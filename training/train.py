@@ -6,7 +6,8 @@
 1. load CIFAR-10 and split 45,000 train / 5,000 validation (seeded, Guo et al. 2017);
 2. train the CNN with label smoothing, a piecewise-linear schedule and a weight penalty
    (airbench backbone: fit its whitening stem on 5,000 training images first);
-3. fit the temperature on the validation split (never the test split);
+3. fit the temperature on the validation split (never the test split), and the OOD threshold
+   that lets 95% of those images pass;
 4. evaluate on the test split before and after temperature scaling;
 5. write `model.keras` + model card atomically.
 """
@@ -65,6 +66,7 @@ def run(config) -> Path:
 
     from models.artifact import save_artifact
     from models.calibration import compute_metrics, fit_temperature
+    from models.calibration.ood import fit_ood_threshold
     from models.inference import SplitClassifier
     from models.mixing import CutMix, MixUp
     from models.network import (NetworkConfig, build_backbone, build_classifier, build_head,
@@ -154,6 +156,7 @@ def run(config) -> Path:
     card = build_card(config, net, data, temperature, before, after, validation_after, history,
                       train_seconds, wall, train_cpu_seconds=train_cpu_seconds, n_train=len(x_train), n_val=len(x_val),
                       params=model.count_params())
+    card["ood_threshold"] = fit_ood_threshold(val_logits, temperature)   # 95% of clean validation pass
     save_artifact(model, card, out, overwrite=config.overwrite)
     print(f"artifact written to {out}", flush=True)
     return out
