@@ -59,6 +59,7 @@ class ModelRegistry:
     """Name -> model. Read-only after startup, so request threads share it without locks."""
 
     model_dir: Path
+    default: str | None = None           # listed first (clients use the first listed model)
     models: dict[str, LoadedModel] = field(default_factory=dict)
     failures: list[LoadFailure] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -70,7 +71,8 @@ class ModelRegistry:
             raise UnknownModelError(name, sorted(self.models)) from None
 
     def names(self) -> list[str]:
-        return sorted(self.models)
+        """Sorted, with the default model (if loaded) first."""
+        return sorted(self.models, key=lambda name: (name != self.default, name))
 
     @property
     def ready(self) -> bool:
@@ -96,12 +98,12 @@ def candidate_dirs(model_dir: Path) -> list[Path]:
                   and ((p / CARD_FILE).exists() or (p / MODEL_FILE).exists()))
 
 
-def load_registry(model_dir: str | Path, *, warmup: bool = True) -> ModelRegistry:
+def load_registry(model_dir: str | Path, *, warmup: bool = True, default: str | None = None) -> ModelRegistry:
     """Load every artifact under `model_dir`, verifying checksums; skip (and record) bad ones."""
     from models.artifact import ArtifactError, load_artifact  # imports TensorFlow: only when loading
     from models.inference import SplitClassifier
 
-    registry = ModelRegistry(Path(model_dir))
+    registry = ModelRegistry(Path(model_dir), default=default)
     if not registry.model_dir.is_dir():
         msg = f"model directory {registry.model_dir} does not exist"
         logger.error(msg)

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from service.api_keys import check_keys, read_key_file, split_keys
 
 # `models/shipped` sits next to this package both in the repo and in site-packages.
+DEFAULT_MODEL = "cifar10-augmix"   # AugMix + shift-aware temperature: calibrated under corruption
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "shipped"
 ENV_PREFIX = "CALIB_"
 
@@ -27,6 +28,8 @@ class Settings(BaseSettings):
                                       hide_input_in_errors=True)
 
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="a folder of artifacts, or one artifact")
+    default_model: str = Field(DEFAULT_MODEL, description="listed first by /v1/models, so clients that take "
+                                                        "the first model get it (ignored if not loaded)")
     host: str = Field("127.0.0.1", description="bind address (the container sets 0.0.0.0)")
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

@@ -535,3 +535,14 @@ def test_prometheus_metrics(app_client, images):
     assert value(f'calib_mc_samples_drawn_total{{model="{MODEL}"}}') >= 20
     app_client.post("/v1/models/zzz-random-name/predict", json=GOOD)  # no label per unknown name
     assert "zzz-random-name" not in app_client.get("/metrics").text
+
+
+def test_the_default_model_is_listed_first(tmp_path):
+    """Clients take the first listed model, so CALIB_DEFAULT_MODEL decides what they get."""
+    from service.registry import ModelRegistry
+
+    registry = ModelRegistry(tmp_path, default="m-b")
+    registry.models.update({"m-a": object(), "m-b": object(), "m-c": object()})
+    assert registry.names() == ["m-b", "m-a", "m-c"]
+    registry.default = "absent"
+    assert registry.names() == ["m-a", "m-b", "m-c"]
