@@ -9,12 +9,13 @@ Every number the service returns is checked against the NumPy functions of
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +40,17 @@ def compare_url(name: str = WITH) -> str:
 # --- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fitted_artifact(tmp_path_factory, tiny_artifact, sample_data_dir) -> Path:
-    """A copy of the tiny artifact with the threshold written by the real command (a subprocess)."""
+    """A copy of the tiny artifact with the threshold written by the command's `main` (in-process:
+    a subprocess would import TensorFlow again, minutes on a busy machine)."""
+    from training.fit_ood_threshold import main
+
     path = tmp_path_factory.mktemp("ood") / WITH
     shutil.copytree(tiny_artifact, path)
-    out = subprocess.run([sys.executable, "-m", "training.fit_ood_threshold", str(path), "--data",
-                          str(sample_data_dir)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main([str(path), "--data", str(sample_data_dir)]) == 0
     written = json.loads((path / "model_card.json").read_text())["ood_threshold"]
-    assert json.loads(out.stdout)["ood_threshold"] == written
+    assert json.loads(stdout.getvalue())["ood_threshold"] == written
     return path
 
 
@@ -387,11 +391,11 @@ def test_curl_script_compares_two_batches(ood_model_dir, batches, tmp_path, spli
     data.write_bytes(npz_bytes(x=x_in, y=np.zeros(len(x_in), np.int64)))
     suspect.write_bytes(npy_bytes(x_out))
     try:
-        with ServerProcess(ood_model_dir, log_path=tmp_path / "server.log", ready_timeout=120) as running:
+        with ServerProcess(ood_model_dir, log_path=tmp_path / "server.log", ready_timeout=300) as running:
             env = {**os.environ, "CALIB_URL": running.url, "CALIB_MODEL": WITH, "SUSPECT": str(suspect),
                    "MC_SAMPLES": "4"}
             out = subprocess.run(["bash", str(REPO / "clients" / "evaluate_with_curl.sh"), str(data),
-                                  str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=180)
+                                  str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
     except ServerError as exc:
         pytest.fail(str(exc))
     assert out.returncode == 0, out.stderr
