@@ -6,7 +6,7 @@
 # strips what the server never loads (C headers, test suites); the runtime stage copies only that
 # environment, so no pip cache, build tool or source layer ends up in the image.
 # SERVICE_EXTRA picks the TensorFlow wheel: service-cpu (tensorflow-cpu, the default: no CUDA
-# kernels, ~1.5 GB smaller) or service (the full tensorflow wheel, as `make test` installs).
+# kernels, ~0.7 GB smaller) or service (the full tensorflow wheel, as `make test` installs).
 ARG SERVICE_EXTRA=service-cpu
 
 FROM python:3.11-slim AS builder
