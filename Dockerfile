@@ -1,20 +1,27 @@
 # Calibrated CIFAR-10 service: the shipped model behind `python -m service` (uvicorn).
 # Build: docker build -t calib-service .   Run: docker run -p 8000:8000 calib-service
-FROM python:3.11-slim
+# Checked for real (podman build, run, HEALTHCHECK, answers equal to the host's): deploy/container/check.sh
+#
+# Two stages: the builder installs the project and its wheels into a virtual environment and
+# strips what the server never loads (C headers, test suites); the runtime stage copies only that
+# environment, so no pip cache, build tool or source layer ends up in the image.
+# SERVICE_EXTRA picks the TensorFlow wheel: service-cpu (tensorflow-cpu, the default: no CUDA
+# kernels, ~0.7 GB smaller) or service (the full tensorflow wheel, as `make test` installs).
+ARG SERVICE_EXTRA=service-cpu
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    TF_CPP_MIN_LOG_LEVEL=3 \
-    TF_ENABLE_ONEDNN_OPTS=1 \
-    MPLCONFIGDIR=/tmp/matplotlib \
-    CALIB_HOST=0.0.0.0 \
-    CALIB_PORT=8000
+FROM python:3.11-slim AS builder
+ARG SERVICE_EXTRA
+# Package-index settings for this stage only (never in the image): a mirror or the CA bundle of
+# a TLS-intercepting proxy, e.g. `--build-arg PIP_CERT=...` (deploy/container/check.sh).
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_TRUSTED_HOST
+ARG PIP_CERT
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 
-RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin app
-WORKDIR /app
-
+RUN python -m venv /opt/venv
+WORKDIR /src
 # Project code; models/ includes the shipped artifact models/shipped/ (package data, so the
 # installed package resolves its default model directory without a CWD).
 COPY pyproject.toml README.md ./
@@ -22,10 +29,31 @@ COPY models/ models/
 COPY training/ training/
 COPY service/ service/
 COPY clients/ clients/
+# Non-editable install: the code lands in site-packages, /src is not copied on. Then strip
+# tensorflow/include (headers for compiling custom ops) and the packages' own test suites;
+# the .pyc files stay (the non-root user could not write them, so every start would recompile).
 # DL3013: this installs the project itself; its dependency pins live in pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[service]" \
-    && python -I -c "import service.settings as s; assert (s.DEFAULT_MODEL_DIR / 'cifar10-airbench' / 'model_card.json').is_file(), s.DEFAULT_MODEL_DIR"
+RUN /opt/venv/bin/pip install --no-cache-dir ".[${SERVICE_EXTRA}]" \
+    && site=$(/opt/venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
+    && rm -rf "$site/tensorflow/include" \
+    && find "$site" -type d -name tests -path "*/site-packages/*/tests" -prune -exec rm -rf {} + \
+    && /opt/venv/bin/python -I -c "import service.settings as s; assert (s.DEFAULT_MODEL_DIR / 'cifar10-airbench' / 'model_card.json').is_file(), s.DEFAULT_MODEL_DIR"
+
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/venv/bin:$PATH \
+    TF_CPP_MIN_LOG_LEVEL=3 \
+    TF_ENABLE_ONEDNN_OPTS=1 \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    CALIB_HOST=0.0.0.0 \
+    CALIB_PORT=8000
+
+RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin app
+COPY --from=builder /opt/venv /opt/venv
+WORKDIR /home/app
 
 USER 10001
 EXPOSE 8000

@@ -1,12 +1,17 @@
-"""The Dockerfile (no Docker engine here): hadolint clean, and its CMD is the tested serve command."""
+"""The Dockerfile and its CI check, statically: hadolint clean, its CMD is the tested serve command,
+the extra it installs exists, and CI builds and runs the image (deploy/container/check.sh, which
+needs podman, so CI runs it as its own step after the tests rather than from here)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,7 @@ from service.__main__ import SERVE_COMMAND
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
+CHECK = REPO / "deploy" / "container" / "check.sh"
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -56,8 +62,69 @@ def test_image_shape():
     assert any(kw == "EXPOSE" and rest == "8000" for kw, rest in ins)
     health = [rest for kw, rest in ins if kw == "HEALTHCHECK"]
     assert health and "/health/ready" in health[0]
-    assert any(kw == "RUN" and '".[service]"' in rest for kw, rest in ins)
+    assert any(kw == "RUN" and '".[${SERVICE_EXTRA}]"' in rest for kw, rest in ins)
     env = " ".join(rest for kw, rest in ins if kw == "ENV")
     assert "CALIB_HOST=0.0.0.0" in env and "CALIB_PORT=8000" in env
     assert "models/" in " ".join(rest for kw, rest in ins if kw == "COPY")
     assert ".venv" in (REPO / ".dockerignore").read_text()
+
+
+def test_installed_extra_is_a_tensorflow_extra_of_the_project():
+    """SERVICE_EXTRA's default and its alternative name extras that bring TensorFlow and the HTTP stack."""
+    ins = instructions()
+    default = next(rest for kw, rest in ins if kw == "ARG" and rest.startswith("SERVICE_EXTRA="))
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert default == "SERVICE_EXTRA=service-cpu"
+    assert extras["service-cpu"] == ["calibrated-cifar[tf-cpu,http]"]
+    assert extras["service"] == ["calibrated-cifar[tf,http]"]
+    assert extras["tf-cpu"] == ["tensorflow-cpu==2.21.*"]
+    # both wheels at the same release: the image computes what the tested environment computes
+    assert extras["tf"][0].split("==")[1] == extras["tf-cpu"][0].split("==")[1]
+    assert "fastapi>=0.115" in extras["http"]
+
+
+def test_runtime_stage_copies_only_the_environment():
+    """Multi-stage: the last stage gets the builder's venv, no source and no pip install of its own."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    runtime = text[text.rindex("\nFROM "):]
+    assert "COPY --from=builder /opt/venv /opt/venv" in runtime
+    assert "pip install" not in runtime
+    assert "PATH=/opt/venv/bin:$PATH" in runtime
+
+
+def test_build_context_leaves_out_local_state():
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
+    assert {".venv", ".git", "runs", "data"} <= ignored
+
+
+def test_ci_runs_the_container_check_after_the_tests():
+    assert CHECK.is_file() and os.access(CHECK, os.X_OK)
+    assert CHECK.read_text().startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in CHECK.read_text()
+    steps = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    test_step = steps.index("make test EXTRAS=dev,lab")
+    check_steps = [i for i, line in enumerate(steps) if "deploy/container/check.sh" in line]
+    assert check_steps and min(check_steps) > test_step
+
+
+def test_container_check_script_is_valid_bash():
+    out = subprocess.run(["bash", "-n", str(CHECK)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_compare_flags_differences_beyond_the_tolerance():
+    """The checker compares whole JSON answers: numbers within 1e-5, everything else exactly."""
+    spec = importlib.util.spec_from_file_location("compare", REPO / "deploy" / "container" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    a = {"predictions": [{"probabilities": [0.25, 0.75], "label": "cat"}], "n": 2}
+    assert compare.differences(a, a) == []
+    close = {"predictions": [{"probabilities": [0.25 + 5e-6, 0.75], "label": "cat"}], "n": 2}
+    assert compare.differences(a, close) == []
+    far = {"predictions": [{"probabilities": [0.25 + 2e-5, 0.75], "label": "cat"}], "n": 2}
+    assert [path for path, _ in compare.differences(a, far)] == [".predictions[0].probabilities[0]"]
+    assert compare.differences(a, {**a, "predictions": [{"probabilities": [0.25, 0.75], "label": "dog"}]})
+    assert compare.differences(a, {**a, "n": 3})
+    assert compare.differences(a, {"predictions": []})
+    assert compare.max_abs_difference(a, far) == pytest.approx(2e-5)
