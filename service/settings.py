@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="a folder of artifacts, or one artifact")
     host: str = Field("127.0.0.1", description="bind address (the container sets 0.0.0.0)")
     port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(
+        1, ge=1, le=32, description="server processes on the port, each with its own copy of the models "
+                                    "(memory x N, see docs/workers.md); /metrics sums them")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     # --- API keys (off unless a key is configured); see service.api_keys -----------------------
