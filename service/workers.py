@@ -1,7 +1,7 @@
 """Several server processes on one port (`CALIB_WORKERS` > 1).
 
 uvicorn's own supervisor runs them (no gunicorn: one dependency less, the same `python -m
-service` command, and uvicorn >= 0.30 restarts a dead worker, pings hung ones and replaces all of
+service` command, and uvicorn >= 0.37 restarts a dead worker, pings hung ones and replaces all of
 them on SIGHUP). Its workers are fresh interpreters (spawn), so each one builds the app from this
 module's factory and loads the models itself. The parent owns a private prometheus-client
 multiprocess directory: set in the environment before any worker imports prometheus_client
