@@ -41,16 +41,27 @@ def serve(argv: list[str]) -> int:
     if not settings.model_dir.exists():
         raise CommandError(f"model directory {settings.model_dir} does not exist "
                            f"(set {ENV_PREFIX}MODEL_DIR to a folder of artifacts or one artifact)")
+    if settings.workers > 1:
+        # before anything imports prometheus_client: the workers' metrics dir must be in the environment
+        from service.workers import serve_workers
+
+        setup_logging(settings)
+        serve_workers(settings)
+        return 0
     import uvicorn   # the app's imports take seconds: only once the settings are known good
 
     from service.app import create_app
 
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings)
     # access_log=False: the app writes its own access line ("service.access", with the request ID)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level, timeout_graceful_shutdown=10, access_log=False)
     return 0
+
+
+def setup_logging(settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def load_settings():

@@ -3,6 +3,7 @@ micro-batchers) and wiring."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from service.rest import auth, errors, health, models, v2
 from service.rest.admission import AdmissionMiddleware
 from service.rest.limits import BodyLimitMiddleware
 from service.rest.request_id import ServiceApp
+from service.rest.served_by import ServedByMiddleware
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -60,11 +62,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      observer=app.state.metrics.observe_batch)
         predictor.start()
         app.state.predictor = predictor
+        metrics = app.state.metrics
+        publisher = (asyncio.create_task(metrics.publish_live_gauges())
+                     if metrics.multiprocess_dir is not None else None)
         logger.info("serving %d model(s) from %s: %s", len(registry.models), settings.model_dir,
                     ", ".join(registry.names()) or "none")
         try:
             yield
         finally:
+            if publisher is not None:
+                publisher.cancel()
+            metrics.close()
             await predictor.aclose()  # before the executor: no batch is submitted to a closed pool
             app.state.executor.shutdown(wait=True, cancel_futures=True)
             if settings.gc_freeze:
@@ -87,5 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AdmissionMiddleware, fastapi_app=app)  # inside the body limit: 413 before 503
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, fastapi_app=app)  # outside the body limit: sees 413s too
+    if settings.workers > 1:
+        app.add_middleware(ServedByMiddleware)
     # (ServiceApp puts its RequestIdMiddleware outside all of these and Starlette's error handler)
     return app

@@ -1,13 +1,20 @@
 """Prometheus metrics, one CollectorRegistry per app (so several apps can live in one process,
 as they do in the tests) and a pure-ASGI middleware that counts and times every request.
 
+With several server processes (CALIB_WORKERS > 1, service.workers) the values live in
+prometheus-client's multiprocess files and a scrape sums every worker's, whichever worker answers.
+
 Labels use the route template (`/v1/models/{name}/predict`), never the raw path, and the model
 label only names loaded models, so a client cannot blow up the label cardinality.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
 import time
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -18,6 +25,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 disable_created_metrics()  # no *_created series: they double the scrape for no use here
 
@@ -25,8 +33,37 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory prometheus_client writes to (it reads the variable at import)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+_LIVE_GAUGE_FILE = re.compile(r"^gauge_live\w*?_(\d+)\.db$")
+
+
+def forget_dead_processes(path: str) -> None:
+    """mark_process_dead for every worker whose live-gauge file outlived it: a worker that
+    exits cleanly does it itself (ServiceMetrics.close), one that crashed (and that uvicorn
+    replaced) cannot. POSIX only (os.kill(pid, 0) would kill the process on Windows)."""
+    if os.name != "posix":
+        return
+    for file in Path(path).glob("gauge_live*.db"):
+        match = _LIVE_GAUGE_FILE.match(file.name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            mark_process_dead(pid, path)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
 class ServiceMetrics:
     def __init__(self) -> None:
+        self.multiprocess_dir = multiprocess_dir()
+        self._watched: list[tuple[Gauge, object]] = []
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("calib_http_requests", "HTTP requests by endpoint, model, method and status",
@@ -45,13 +82,20 @@ class ServiceMetrics:
         self.batch_requests = Histogram("calib_predict_batch_requests",
                                         "Requests per shared backbone pass of the predict micro-batcher",
                                         ["model"], buckets=BATCH_BUCKETS, registry=r)
-        self.models_loaded = Gauge("calib_models_loaded", "Models in the registry", registry=r)
-        self.load_failures = Gauge("calib_model_load_failures", "Artifacts skipped at startup", registry=r)
+        # per worker (a `pid` label when there are several): each worker loads the models itself
+        self.models_loaded = Gauge("calib_models_loaded", "Models in the registry", registry=r,
+                                   multiprocess_mode="liveall")
+        self.load_failures = Gauge("calib_model_load_failures", "Artifacts skipped at startup", registry=r,
+                                   multiprocess_mode="liveall")
         # admission control (service.admission); the gauges read the live limiter state at scrape time
-        self.evaluations_in_flight = Gauge("calib_evaluations_in_flight", "Evaluations holding a slot", registry=r)
-        self.evaluations_queued = Gauge("calib_evaluations_queued", "Evaluations waiting for a slot", registry=r)
+        # (summed over the live workers when there are several)
+        self.evaluations_in_flight = Gauge("calib_evaluations_in_flight", "Evaluations holding a slot",
+                                           registry=r, multiprocess_mode="livesum")
+        self.evaluations_queued = Gauge("calib_evaluations_queued", "Evaluations waiting for a slot",
+                                        registry=r, multiprocess_mode="livesum")
         self.buffered_bytes = Gauge("calib_buffered_bytes_reserved",
-                                    "Bytes of the request-memory budget reserved by requests in flight", registry=r)
+                                    "Bytes of the request-memory budget reserved by requests in flight",
+                                    registry=r, multiprocess_mode="livesum")
         self.admission_rejections = Counter("calib_admission_rejections",
                                             "Requests refused with 503 overloaded, by reason "
                                             "(queue_full, queue_timeout, byte_budget)", ["reason"], registry=r)
@@ -61,12 +105,32 @@ class ServiceMetrics:
         self.batch_requests.labels(model).observe(requests)
 
     def watch_admission(self, gate, budget) -> None:
-        self.evaluations_in_flight.set_function(lambda: gate.in_flight)
-        self.evaluations_queued.set_function(lambda: gate.waiting)
-        self.buffered_bytes.set_function(lambda: budget.used)
+        self._watched = [(self.evaluations_in_flight, lambda: gate.in_flight),
+                         (self.evaluations_queued, lambda: gate.waiting),
+                         (self.buffered_bytes, lambda: budget.used)]
+        for gauge, read in self._watched:
+            gauge.set_function(read)
+
+    async def publish_live_gauges(self, period_s: float = 1.0) -> None:
+        """With several workers, copy the function gauges into the shared files every period:
+        a scrape reads the files, and another worker cannot call this one's functions."""
+        while True:
+            for gauge, read in self._watched:
+                gauge.set(read())
+            await asyncio.sleep(period_s)
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        forget_dead_processes(self.multiprocess_dir)
+        registry = CollectorRegistry()  # a fresh one per scrape, as prometheus-client documents
+        MultiProcessCollector(registry, path=self.multiprocess_dir)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+    def close(self) -> None:
+        """The worker is stopping: its live gauges leave the sums (its counters stay counted)."""
+        if self.multiprocess_dir is not None:
+            mark_process_dead(os.getpid(), self.multiprocess_dir)
 
 
 def endpoint_label(scope) -> str:

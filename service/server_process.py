@@ -8,6 +8,7 @@ what ships, and start-up, readiness and shutdown are handled alike.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -62,8 +63,9 @@ class ServerProcess:
         return self._log.read().decode("utf-8", errors="replace")[-chars:]
 
     def start(self) -> "ServerProcess":
+        # its own process group: with CALIB_WORKERS > 1 a hung server's workers are killed with it
         self.proc = subprocess.Popen(serve_command(), cwd=REPO, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, start_new_session=os.name == "posix")
         return self
 
     def wait_ready(self) -> None:
@@ -82,15 +84,47 @@ class ServerProcess:
                 raise ServerError(f"server not ready after {self.ready_timeout:g} s:\n{self.log_tail()}")
             time.sleep(0.3)
 
+    def wait_workers(self, workers: int, timeout: float | None = None) -> set[int]:
+        """With CALIB_WORKERS > 1, /health/ready answers once the first worker is up: ask on fresh
+        connections until `workers` distinct `X-Served-By` PIDs have answered; returns them."""
+        import httpx
+
+        deadline = time.monotonic() + (self.ready_timeout if timeout is None else timeout)
+        pids: set[int] = set()
+        while len(pids) < workers:
+            if self.proc.poll() is not None:
+                raise ServerError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                r = httpx.get(f"{self.url}/health/ready", timeout=5)
+                if r.status_code == 200 and "x-served-by" in r.headers:
+                    pids.add(int(r.headers["x-served-by"]))
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerError(f"{len(pids)} of {workers} workers answered after the timeout:\n"
+                                  f"{self.log_tail()}")
+            time.sleep(0.05)
+        return pids
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(20)
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self._kill()
                 self.proc.wait(10)
         self._log.close()
+
+    def _kill(self) -> None:
+        """SIGKILL to the whole process group (the server and any workers it started)."""
+        if os.name == "posix":
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                return
+            except ProcessLookupError:
+                pass
+        self.proc.kill()
 
     def __enter__(self) -> "ServerProcess":
         self.start()

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
                                                         "the first model get it (ignored if not loaded)")
     host: str = Field("127.0.0.1", description="bind address (the container sets 0.0.0.0)")
     port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(
+        1, ge=1, le=32, description="server processes on the port, each with its own copy of the models "
+                                    "(memory x N, see docs/workers.md); /metrics sums them")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     # --- API keys (off unless a key is configured); see service.api_keys -----------------------

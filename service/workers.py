@@ -1,0 +1,64 @@
+"""Several server processes on one port (`CALIB_WORKERS` > 1).
+
+uvicorn's own supervisor runs them (no gunicorn: one dependency less, the same `python -m
+service` command, and uvicorn >= 0.37 restarts a dead worker, pings hung ones and replaces all of
+them on SIGHUP). Its workers are fresh interpreters (spawn), so each one builds the app from this
+module's factory and loads the models itself. The parent owns a private prometheus-client
+multiprocess directory: set in the environment before any worker imports prometheus_client
+(which reads it once, at import), removed when the last worker is gone, so /metrics sums the
+workers of this run and never those of an earlier one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+APP_FACTORY = "service.workers:worker_app"
+# How long a worker may leave the supervisor's ping unanswered before it is killed and replaced:
+# uvicorn's 5 s default is too short for a worker busy loading TensorFlow models on a shared CPU.
+HEALTHCHECK_TIMEOUT_S = 60
+
+
+@contextmanager
+def metrics_dir():
+    """A fresh PROMETHEUS_MULTIPROC_DIR in the environment (inherited by the workers), removed
+    afterwards; a value set by the user is replaced for the run (its old files would be summed in)."""
+    previous = os.environ.get(MULTIPROC_ENV)
+    path = tempfile.mkdtemp(prefix="calib-metrics-")
+    os.environ[MULTIPROC_ENV] = path
+    try:
+        yield path
+    finally:
+        if previous is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = previous
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def worker_app():
+    """uvicorn's app factory, called in each worker: the settings come from the environment the
+    parent checked and passed on; logging is set up as the parent's is (spawn starts it blank)."""
+    from training.cli import setup_tensorflow
+
+    setup_tensorflow()  # as the parent did: quiet start-up, oneDNN kernels
+    from service.__main__ import load_settings, setup_logging
+    from service.app import create_app
+
+    settings = load_settings()
+    setup_logging(settings)
+    return create_app(settings)
+
+
+def serve_workers(settings) -> None:
+    """Serve with `settings.workers` processes until SIGINT/SIGTERM, then clean up."""
+    import uvicorn
+
+    with metrics_dir():
+        uvicorn.run(APP_FACTORY, factory=True, workers=settings.workers, host=settings.host,
+                    port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=10,
+                    access_log=False, timeout_worker_healthcheck=HEALTHCHECK_TIMEOUT_S)
