@@ -470,7 +470,9 @@ def test_unknown_model_route_and_method(app_client):
     assert "'nope'" in msg and MODEL in msg
     error_of(app_client.post("/v1/models/nope/evaluate", json=GOOD), 404, "unknown_model")
     error_of(app_client.post("/v1/models/broken/predict", json=GOOD), 404, "unknown_model")
-    error_of(app_client.get("/v2/anything"), 404, "not_found")
+    error_of(app_client.get("/v3/anything"), 404, "not_found")
+    v2 = app_client.get("/v2/anything")          # /v2 answers in the Open Inference Protocol's shape
+    assert v2.status_code == 404 and isinstance(v2.json()["error"], str)
     error_of(app_client.get(PREDICT), 405, "method_not_allowed")
 
 
