@@ -53,6 +53,8 @@ class TrainConfig:
     n_validation: int | None = None  # None: 10% of the training images, at most 5000 (CIFAR-10: 5000)
     seed: int = 0
     mixed_precision: bool = False    # mixed_bfloat16 (slow on CPUs without native bf16)
+    distributed: bool = False        # MultiWorkerMirroredStrategy from TF_CONFIG (training.distributed);
+                                     # --batch-size stays the global batch, only the chief writes
     overwrite: bool = False
     verbose: int = 2
 
@@ -147,6 +149,13 @@ def parse_args(argv=None, *, prog: str = "calib-train") -> TrainConfig:
                      "must see whole 32x32 images")
     if config.low_res_epochs and not 12 <= config.low_res_size < 32:
         parser.error("--low-res-size must be between 12 and 31 pixels (the net pools three times)")
+    if config.distributed:
+        from training.distributed import unsupported_options
+
+        refused = unsupported_options(config)
+        if refused:
+            parser.error(f"--distributed does not support {', '.join(refused)}: "
+                         "train those recipes in one process")
     try:
         config.group_widths_tuple()
     except ValueError:
