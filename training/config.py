@@ -118,6 +118,13 @@ def parse_args(argv=None, *, prog: str = "calib-train") -> TrainConfig:
         parser.error("--optimizer must be sgd, adamw or muon")
     if config.arch not in ("resnet9", "airbench"):
         parser.error("--arch must be resnet9 or airbench")
+    if config.distributed:   # before the checks below that import Keras
+        from training.distributed import unsupported_options
+
+        refused = unsupported_options(config)
+        if refused:
+            parser.error(f"--distributed does not support {', '.join(refused)}: "
+                         "train those recipes in one process")
     if (config.activation, config.batchnorm) != (defaults.activation, defaults.batchnorm):
         # the network's own lists of choices; it imports Keras (seconds): only when needed
         from models.network import ACTIVATIONS, BATCHNORMS
@@ -149,13 +156,6 @@ def parse_args(argv=None, *, prog: str = "calib-train") -> TrainConfig:
                      "must see whole 32x32 images")
     if config.low_res_epochs and not 12 <= config.low_res_size < 32:
         parser.error("--low-res-size must be between 12 and 31 pixels (the net pools three times)")
-    if config.distributed:
-        from training.distributed import unsupported_options
-
-        refused = unsupported_options(config)
-        if refused:
-            parser.error(f"--distributed does not support {', '.join(refused)}: "
-                         "train those recipes in one process")
     try:
         config.group_widths_tuple()
     except ValueError:
