@@ -141,10 +141,11 @@ def run(config) -> Path:
         callbacks.append(FreezeLayersAfter([backbone.get_layer("whiten")], config.whiten_bias_epochs))
     if config.freeze_group1_epochs:
         callbacks.append(FreezeLayersAfter(conv_group_layers(backbone, 1), config.freeze_group1_epochs))
-    history = train_model.fit(train_ds, epochs=config.epochs, validation_data=validation,
-                              steps_per_epoch=steps_per_epoch, shuffle=False,  # the dataset shuffles
-                              validation_freq=validation_freq or 1, validation_batch_size=1000,
-                              verbose=config.verbose, callbacks=callbacks)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        history = train_model.fit(train_ds, epochs=config.epochs, validation_data=validation,
+                                  steps_per_epoch=steps_per_epoch, shuffle=False,  # the dataset shuffles
+                                  validation_freq=validation_freq or 1, validation_batch_size=1000,
+                                  verbose=config.verbose, callbacks=callbacks)
     train_seconds = time.time() - fit_started
     train_cpu_seconds = time.process_time() - fit_cpu_started   # all threads: robust to a busy machine
 
