@@ -105,3 +105,53 @@ def write_path(output: str | os.PathLike, chief: bool):
         yield scratch / Path(output).name
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+
+def adapt_fit_to_multi_worker(model) -> None:
+    """Let Keras 3's TensorFlow `fit` run under MultiWorkerMirroredStrategy (checked on Keras 3.15).
+
+    Two steps of Keras's TensorFlow trainer fail with this strategy, both by handing a value
+    to `strategy.reduce` that its collective all-reduce cannot take (MirroredStrategy can):
+    - before training, `fit` builds the model, loss and metrics from one batch
+      (`_maybe_symbolic_build`) and merges that batch's `PerReplica` values with
+      `strategy.reduce("MEAN", batch, axis=None)` on the whole (images, labels) tuple, which fails
+      with "Attempt to convert a value (PerReplica:{...}) ... to a Tensor". Only the shapes and
+      dtypes matter, so the override below builds from the dataset's element_spec instead. It
+      must not draw a batch either: Keras then restarts the iterator, and our pipeline
+      reshuffles on every new iteration (reshuffle_each_iteration), so training would start
+      on the second shuffle, not the single-process run's first (measured: step-0 loss 2.429
+      instead of 2.390);
+    - after each train or test step, the scalar loss and metric results are merged with
+      `strategy.reduce("MEAN", value, axis=0)` ("Invalid reduction dimension 0 for input with
+      0 dimensions"). The steps below return each scalar as a 1-element vector, so that
+      reduction averages the workers' results (each worker's over equally many images) into
+      one scalar again, as a single process would log it.
+    Both are instance overrides of private Keras methods; a Keras without them fails loudly here.
+    """
+    from keras.src import tree
+    import tensorflow as tf
+
+    missing = [name for name in ("_maybe_symbolic_build", "_symbolic_build", "train_step", "test_step")
+               if not hasattr(model, name)]
+    if missing:
+        raise RuntimeError(f"this Keras has no Trainer.{', '.join(missing)}: check whether its fit "
+                           "still needs training.distributed.adapt_fit_to_multi_worker")
+    strategy = model.distribute_strategy
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:   # shapes and dtypes only: a TensorSpec has both
+            data_batch = iterator.data_adapter.get_tf_dataset().element_spec
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    def as_vectors(step):
+        def step_returning_vectors(data):
+            return tree.map_structure(
+                lambda v: tf.reshape(v, [1]) if tf.is_tensor(v) and v.shape.rank == 0 else v, step(data))
+        return step_returning_vectors
+
+    model._maybe_symbolic_build = maybe_symbolic_build
+    if strategy.extended._in_multi_worker_mode():   # Keras's condition for the axis=0 reduction
+        model.train_step = as_vectors(model.train_step)
+        model.test_step = as_vectors(model.test_step)

@@ -83,7 +83,8 @@ def run(config) -> Path:
 
     strategy = None
     if config.distributed:   # before any TensorFlow op: it sets up the collectives
-        from training.distributed import is_chief, multi_worker_strategy, shard_by_data, write_path
+        from training.distributed import (adapt_fit_to_multi_worker, is_chief, multi_worker_strategy,
+                                          shard_by_data, write_path)
 
         strategy = multi_worker_strategy()
         print(f"distributed: {strategy.num_replicas_in_sync} replicas, this worker is "
@@ -126,6 +127,8 @@ def run(config) -> Path:
                                                       label_smoothing=config.label_smoothing),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         )
+        if strategy is not None:   # Keras 3.15's fit trips over this strategy
+            adapt_fit_to_multi_worker(train_model)
     widths = net.group_widths or config.width
     print(f"model: {train_model.count_params():,} parameters, {net.arch}, width {widths}", flush=True)
     validation = None
