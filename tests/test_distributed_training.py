@@ -1,16 +1,24 @@
 """`python -m training.train --distributed`: two workers on 127.0.0.1 train what one process trains.
 
 Two worker processes (TF_CONFIG cluster of two, task index 0 and 1) and one ordinary process
-train the same recipe on the fixture (global batch 50, seed 1, 2 epochs of 4 steps, no dropout:
+train the same recipe on the fixture (global batch 50, seed 1, 1 epoch of 4 steps, no dropout:
 each worker would draw its dropout masks from the same seed stream, so they cannot equal the
 single run's). The workers see the single run's batches split in halves (same seeded shuffle and
-augmentation, auto-shard DATA) and normalise with statistics over both halves (synchronized BN),
-so the per-epoch losses and the final weights agree up to float summation order: all-reduced
-gradients and BN moments computed as E[x^2]-E[x]^2 instead of a two-pass variance.
-Tolerance rtol 1e-4 / atol 1e-5: float32 reordering of sums over 8 steps stays near 1e-6, while
-a different batch order or per-worker BN statistics change weights by 1e-2 and more. NOT YET
-MEASURED here: the machine was too busy for the run to finish in the session that wrote this
-(the test prints the max abs differences; record them here once measured).
+augmentation, auto-shard DATA; checked image by image) and normalise with statistics over both
+halves (synchronized BN), so they compute the same steps up to float arithmetic. Not bit-equal:
+synchronized BN takes the variance as E[x^2]-E[x]^2 where the single process's BN uses a
+two-pass variance, and the sums run in another order; near-constant channels turn these ~1e-7
+differences into larger ones, and SGD at the default peak rate 0.4 amplifies them step by step
+(measured: with synchronized BN in both runs the step losses agree to 6e-6 for 3 steps, then
+the weights part). Hence the small peak rate 0.02 here: the test checks the split and the
+all-reduce, not the recipe.
+Measured (this recipe, 2-core AMD EPYC, TF 2.21 / Keras 3.15.1): max abs difference of the
+losses 6.7e-5 (train, of 2.417) and 8.3e-5 (validation), accuracy 0, validation accuracy
+0.02 (2 of 100 near-tied images), trained weights 2.1e-3 (|w| up to ~1.4).
+Tolerances: losses rtol 1e-4 (a wrong data order, e.g. training starting on the second
+shuffle, moved the first step's loss by 4e-2), accuracies 0.03, weights atol 5e-3 (about 2x
+the measured). The fitted temperature is left out of the weights: it is fitted after training
+on a near-flat NLL of an untrained net, so it moves with tiny logit changes.
 Only the chief (worker 0) writes --output; worker 1 writes to a temporary directory it deletes.
 """
 
@@ -28,9 +36,12 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 420   # seconds for all three processes together (about 1 minute on an idle 2-core machine)
-RECIPE = ["--arch", "resnet9", "--optimizer", "sgd", "--width", "4", "--epochs", "2", "--batch-size", "50",
-          "--n-validation", "100", "--dropout", "0", "--seed", "1", "--verbose", "0"]
-RTOL, ATOL = 1e-4, 1e-5
+RECIPE = ["--arch", "resnet9", "--optimizer", "sgd", "--width", "4", "--epochs", "1", "--batch-size", "50",
+          "--n-validation", "100", "--dropout", "0", "--seed", "1", "--verbose", "0",
+          "--learning-rate", "0.02"]
+RTOL, ATOL = 1e-4, 1e-5          # losses
+WEIGHT_ATOL = 5e-3               # trained weights (|w| up to ~1.4)
+ACCURACY_ATOL = 0.03             # 3 of the 100 validation images
 
 
 def free_ports(n: int) -> list[int]:
@@ -96,20 +107,23 @@ def test_two_workers_train_the_single_process_model_and_only_the_chief_writes(tm
     # only the chief's artifact, nothing else, at the shared --output
     assert sorted(p.name for p in shared.parent.iterdir()) == ["model"]
     assert "no artifact written" in logs["worker1"].read_text()
-    one, two = (json.loads((d / "card.json").read_text()) for d in (single, shared))
+    one, two = (json.loads((d / "model_card.json").read_text()) for d in (single, shared))
     assert two["training"]["config"]["distributed"] and not one["training"]["config"]["distributed"]
     assert two["training"]["network"]["sync_batchnorm"]
 
     h1, h2 = one["training"]["history"], two["training"]["history"]
-    assert set(h1) == set(h2) and len(h1["loss"]) == 2
-    for key in h1:
+    assert set(h1) == set(h2) and len(h1["loss"]) == 1
+    for key in ("loss", "val_loss"):
         np.testing.assert_allclose(h2[key], h1[key], rtol=RTOL, atol=ATOL, err_msg=key)
+    for key in ("accuracy", "val_accuracy"):   # counts of images: near-ties may flip
+        np.testing.assert_allclose(h2[key], h1[key], atol=ACCURACY_ATOL, err_msg=key)
     w1, w2 = weights(single), weights(shared)
     assert [w.shape for w in w1] == [w.shape for w in w2]
-    for a, b in zip(w1, w2):
-        np.testing.assert_allclose(b, a, rtol=RTOL, atol=ATOL)
-    print("max abs diff: weights", max(float(np.abs(a - b).max()) for a, b in zip(w1, w2)),
-          "history", max(float(np.abs(np.subtract(h1[k], h2[k])).max()) for k in h1))
+    # the last weight is the temperature, fitted after training (compared through the losses)
+    for a, b in zip(w1[:-1], w2[:-1]):
+        np.testing.assert_allclose(b, a, atol=WEIGHT_ATOL)
+    print("max abs diff: weights", max(float(np.abs(a - b).max()) for a, b in zip(w1[:-1], w2[:-1])),
+          "history", {k: float(np.abs(np.subtract(h1[k], h2[k])).max()) for k in h1})
 
 
 def test_distributed_refuses_recipes_it_cannot_reproduce(capsys):
