@@ -42,6 +42,8 @@ class NetworkConfig:
     activation: str = "relu"       # "relu", "gelu" or "quick_gelu" (x * sigmoid(1.702 x))
     translate_tta: bool = False    # also average the views shifted by (1,1) and (-1,-1) pixels
     group_widths: tuple = ()       # airbench: channels of the three groups; () means (w, 2w, 2w)
+    sync_batchnorm: bool = False   # "keras" BN: batch statistics over all replicas (multi-worker
+                                   # training), so a global batch normalises as in one process
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +57,8 @@ def _bn(cfg: NetworkConfig, name: str, scale: bool = True):
     if cfg.batchnorm == "custom":
         return MyBatchNorm(momentum=cfg.bn_momentum, epsilon=1e-5, name=name)
     if cfg.batchnorm == "keras":
-        return layers.BatchNormalization(momentum=cfg.bn_momentum, epsilon=1e-5, scale=scale, name=name)
+        return layers.BatchNormalization(momentum=cfg.bn_momentum, epsilon=1e-5, scale=scale, name=name,
+                                         synchronized=cfg.sync_batchnorm)
     if cfg.batchnorm == "fused":
         return FusedBatchNorm(momentum=cfg.bn_momentum, epsilon=1e-5, scale=scale, name=name)
     raise ValueError(f"batchnorm must be 'keras', 'fused' or 'custom', got {cfg.batchnorm!r}")

@@ -53,6 +53,8 @@ class TrainConfig:
     n_validation: int | None = None  # None: 10% of the training images, at most 5000 (CIFAR-10: 5000)
     seed: int = 0
     mixed_precision: bool = False    # mixed_bfloat16 (slow on CPUs without native bf16)
+    distributed: bool = False        # MultiWorkerMirroredStrategy from TF_CONFIG (training.distributed);
+                                     # --batch-size stays the global batch, only the chief writes
     overwrite: bool = False
     verbose: int = 2
 
@@ -116,6 +118,13 @@ def parse_args(argv=None, *, prog: str = "calib-train") -> TrainConfig:
         parser.error("--optimizer must be sgd, adamw or muon")
     if config.arch not in ("resnet9", "airbench"):
         parser.error("--arch must be resnet9 or airbench")
+    if config.distributed:   # before the checks below that import Keras
+        from training.distributed import unsupported_options
+
+        refused = unsupported_options(config)
+        if refused:
+            parser.error(f"--distributed does not support {', '.join(refused)}: "
+                         "train those recipes in one process")
     if (config.activation, config.batchnorm) != (defaults.activation, defaults.batchnorm):
         # the network's own lists of choices; it imports Keras (seconds): only when needed
         from models.network import ACTIVATIONS, BATCHNORMS

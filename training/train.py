@@ -10,6 +10,10 @@
    that lets 95% of those images pass;
 4. evaluate on the test split before and after temperature scaling;
 5. write `model.keras` + model card atomically.
+
+With --distributed, every worker of TF_CONFIG's cluster runs this same script: the strategy
+splits each global batch across them and all-reduces the gradients; only the chief writes
+(training.distributed, docs/distributed-training.md).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from training.cli import UsageError, command, invoked_as, setup_tensorflow
 
 setup_tensorflow()
 
+import contextlib
 import dataclasses
 import datetime
 import platform
@@ -48,6 +53,10 @@ def run(config) -> Path:
     started = time.time()
     if Path(config.output).exists() and not config.overwrite:   # before, not after, training
         raise UsageError(f"--output {config.output} already exists; pass --overwrite to replace it")
+    if config.distributed:
+        from training.distributed import read_tf_config
+
+        read_tf_config()   # a missing or bad TF_CONFIG fails now, not after loading the data
 
     # 1. Data (before TensorFlow is imported: a bad source fails in a second) ------------------
     data = load_cifar10(config.data)
@@ -74,6 +83,14 @@ def run(config) -> Path:
     from training.optimization import FreezeLayersAfter, Lookahead, build_optimizer
     from training.pipeline import training_dataset
 
+    strategy = None
+    if config.distributed:   # before any TensorFlow op: it sets up the collectives
+        from training.distributed import (adapt_fit_to_multi_worker, is_chief, multi_worker_strategy,
+                                          shard_by_data, write_path)
+
+        strategy = multi_worker_strategy()
+        print(f"distributed: {strategy.num_replicas_in_sync} replicas, this worker is "
+              f"{'the chief' if is_chief(strategy) else 'not the chief'}", flush=True)
     keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -90,6 +107,8 @@ def run(config) -> Path:
                                 mix_layer=mix_layer, alternate_flip=config.alternate_flip,
                                 epochs=config.epochs, low_res_size=config.low_res_size,
                                 low_res_steps=low_res_steps, augmix=config.augmix)
+    if strategy is not None:   # global batches, each split across the workers
+        train_ds = shard_by_data(train_ds)
 
     # 2. Model and training ----------------------------------------------------------------
     net = NetworkConfig(width=config.width, num_classes=num_classes, dropout=config.dropout,
@@ -97,18 +116,21 @@ def run(config) -> Path:
                         arch=config.arch, activation=config.activation, batchnorm=config.batchnorm,
                         bn_momentum=config.bn_momentum,
                         logit_scale=config.logit_scale, translate_tta=config.translate_tta,
-                        group_widths=config.group_widths_tuple())
-    backbone = build_backbone(net, any_size=low_res_steps > 0)   # any size: low-res crops first
-    if net.arch == "airbench":
-        set_whitening(backbone, x_train[:5000], eps=config.whiten_eps)
-    head = build_head(net, int(backbone.output.shape[-1]))
-    train_model = build_classifier(net, test_time_views=False, backbone=backbone, head=head)
-    train_model.compile(
-        optimizer=build_optimizer(config, steps_per_epoch * config.epochs),
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True,
-                                                  label_smoothing=config.label_smoothing),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-    )
+                        group_widths=config.group_widths_tuple(), sync_batchnorm=strategy is not None)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():  # mirrored weights
+        backbone = build_backbone(net, any_size=low_res_steps > 0)   # any size: low-res crops first
+        if net.arch == "airbench":
+            set_whitening(backbone, x_train[:5000], eps=config.whiten_eps)
+        head = build_head(net, int(backbone.output.shape[-1]))
+        train_model = build_classifier(net, test_time_views=False, backbone=backbone, head=head)
+        train_model.compile(
+            optimizer=build_optimizer(config, steps_per_epoch * config.epochs),
+            loss=keras.losses.CategoricalCrossentropy(from_logits=True,
+                                                      label_smoothing=config.label_smoothing),
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        )
+        if strategy is not None:   # Keras 3.15's fit trips over this strategy
+            adapt_fit_to_multi_worker(train_model)
     widths = net.group_widths or config.width
     print(f"model: {train_model.count_params():,} parameters, {net.arch}, width {widths}", flush=True)
     validation = None
@@ -124,10 +146,11 @@ def run(config) -> Path:
         callbacks.append(FreezeLayersAfter([backbone.get_layer("whiten")], config.whiten_bias_epochs))
     if config.freeze_group1_epochs:
         callbacks.append(FreezeLayersAfter(conv_group_layers(backbone, 1), config.freeze_group1_epochs))
-    history = train_model.fit(train_ds, epochs=config.epochs, validation_data=validation,
-                              steps_per_epoch=steps_per_epoch, shuffle=False,  # the dataset shuffles
-                              validation_freq=validation_freq or 1, validation_batch_size=1000,
-                              verbose=config.verbose, callbacks=callbacks)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        history = train_model.fit(train_ds, epochs=config.epochs, validation_data=validation,
+                                  steps_per_epoch=steps_per_epoch, shuffle=False,  # the dataset shuffles
+                                  validation_freq=validation_freq or 1, validation_batch_size=1000,
+                                  verbose=config.verbose, callbacks=callbacks)
     train_seconds = time.time() - fit_started
     train_cpu_seconds = time.process_time() - fit_cpu_started   # all threads: robust to a busy machine
 
@@ -151,14 +174,16 @@ def run(config) -> Path:
           f"ECE-15 {before.ece:.4f} -> {after.ece:.4f}  NLL {before.nll:.4f} -> {after.nll:.4f}"
           f"  wall {wall:.0f}s", flush=True)
 
-    # 5. Artifact -------------------------------------------------------------------------------
+    # 5. Artifact (with --distributed: the chief's; the other workers' go to a deleted temp dir) --
     out = Path(config.output)
     card = build_card(config, net, data, temperature, before, after, validation_after, history,
                       train_seconds, wall, train_cpu_seconds=train_cpu_seconds, n_train=len(x_train), n_val=len(x_val),
                       params=model.count_params())
     card["ood_threshold"] = fit_ood_threshold(val_logits, temperature)   # 95% of clean validation pass
-    save_artifact(model, card, out, overwrite=config.overwrite)
-    print(f"artifact written to {out}", flush=True)
+    chief = strategy is None or is_chief(strategy)
+    with write_path(out, chief) if strategy is not None else contextlib.nullcontext(out) as target:
+        save_artifact(model, card, target, overwrite=config.overwrite)
+    print(f"artifact written to {out}" if chief else "not the chief: no artifact written", flush=True)
     return out
 
 
