@@ -67,7 +67,7 @@ def test_new_ids_are_unique_per_request(app_client):
 def test_every_error_kind_carries_the_id(app_client):
     """404 (route and model), 405, 415, 422, 413 (declared and streamed): header == body."""
     cases = [
-        (app_client.get("/v2/anything"), 404, "not_found"),
+        (app_client.get("/v3/anything"), 404, "not_found"),
         (app_client.get("/v1/models/nope"), 404, "unknown_model"),
         (app_client.get(PREDICT), 405, "method_not_allowed"),
         (app_client.post(PREDICT, content=b"hi", headers={"content-type": "text/plain"}), 415,

@@ -39,7 +39,7 @@ FILE_KEY = "from-the-secret-file-77"
 KEYS = (KEY_A, KEY_B, FILE_KEY)
 PREDICT = f"/v1/models/{MODEL}/predict"
 GOOD = {"instances": [np.zeros((32, 32, 3), np.uint8).tolist()]}
-OPEN_PATHS = {"/health/live", "/health/ready", "/metrics"}
+OPEN_PATHS = {"/health/live", "/health/ready", "/metrics", "/v2/health/live", "/v2/health/ready"}
 
 
 def _settings(model_dir, **kwargs):
@@ -72,6 +72,10 @@ def keyed(keyed_settings):
 
 
 def _unauthorized(response) -> str:
+    if response.url.path.startswith("/v2"):     # the Open Inference Protocol's {"error": "..."}
+        assert response.status_code == 401 and isinstance(response.json()["error"], str), response.text
+        assert response.headers["www-authenticate"] == "Bearer"
+        return response.json()["error"]
     msg = error_of(response, 401, "unauthorized")
     assert response.headers["www-authenticate"] == "Bearer"
     assert response.json()["error"]["request_id"] == response.headers["x-request-id"]
@@ -284,7 +288,7 @@ def test_openapi_declares_the_schemes_and_the_401(keyed):
                                        "name": "X-API-Key"}
     assert schemes["BearerAuth"]["type"] == "http" and schemes["BearerAuth"]["scheme"] == "bearer"
     v1_ops = [(path, op) for path, ops in spec["paths"].items() if path.startswith("/v1/") for op in ops.values()]
-    assert len(v1_ops) == 4
+    assert len(v1_ops) == 5      # list, card, predict, evaluate, compare
     for path, op in v1_ops:
         # a list of alternatives: either scheme is enough
         assert sorted(op["security"], key=str) == [{"ApiKeyHeader": []}, {"BearerAuth": []}], path

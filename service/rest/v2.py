@@ -12,6 +12,7 @@ changes exactly when the weights do, so a client can pin the weights it validate
 
 from __future__ import annotations
 
+import json
 import secrets
 
 from fastapi import APIRouter, Path, Request
@@ -201,3 +202,26 @@ def _validation_message(exc: ValidationError, limit: int = 5) -> str:
     parts = [f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors()[:limit]]
     more = exc.error_count() - limit
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def document_400_not_422(app) -> None:
+    """FastAPI documents a 422 `HTTPValidationError` on every route with parameters; under /v2 the
+    service answers those cases with 400 in the protocol's shape (`errors.error_response`), so
+    drop the 422 from the /v2 operations and the unused FastAPI schemas from the document."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = generate()
+        for path, operations in spec.get("paths", {}).items():
+            if path.startswith("/v2"):
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+        if "#/components/schemas/HTTPValidationError" not in json.dumps(spec.get("paths", {})):
+            for name in ("HTTPValidationError", "ValidationError"):
+                spec.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi
