@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 FIXTURE = HERE / "cifar10-fixture"
 PER_CLASS = 30
-# sha256 of the sample tar.gz (../shared/README.md); refuse to build from anything else
+# sha256 of the 2,000-image sample tar.gz (provenance: tests/data/README.md); refuse anything else
 SAMPLE_SHA256 = "4fb85359f9a6bd6e6f58d73db9d772f9306dd7fde9f4a96c48b33dfe4852f37a"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
