@@ -17,6 +17,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
+from models.calibration.uncertainty import MCSummary, summarize_mc_samples
 from models.layers import MCDropout, TemperatureScaling
 
 
@@ -94,6 +95,21 @@ class SplitClassifier:
         seed_pair = tf.constant([int(seed) % (2**31 - 1), 7919], tf.int64)
         return self._mc_fn(tf.convert_to_tensor(features, tf.float32), tf.constant(n_samples),
                            seed_pair).numpy()
+
+    def mc_summary_from_features(self, features: np.ndarray, n_samples: int, seed: int, temperature: float,
+                                 chunk_rows: int = 65_536) -> MCSummary:
+        """`summarize_mc_samples` of T head samples, at most `chunk_rows` (T x images) rows per
+        call so memory stays bounded for any batch; chunk c draws with seed + 1_000_003 * c."""
+        per_chunk = max(1, chunk_rows // n_samples)
+        parts = [summarize_mc_samples(self.mc_logits_from_features(features[start:start + per_chunk], n_samples,
+                                                                   (seed + 1_000_003 * c) % (2**31 - 1)),
+                                      temperature)
+                 for c, start in enumerate(range(0, len(features), per_chunk))]
+        if len(parts) == 1:
+            return parts[0]
+        cat = lambda attr: np.concatenate([getattr(p, attr) for p in parts])  # noqa: E731
+        return MCSummary(n_samples, cat("mean"), cat("variance"), cat("predictive_entropy"),
+                         cat("expected_entropy"), cat("mutual_information"))
 
     def mc_logits(self, images: np.ndarray, n_samples: int, seed: int = 0) -> np.ndarray:
         return self.mc_logits_from_features(self.features(images), n_samples, seed)

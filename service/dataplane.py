@@ -31,7 +31,7 @@ from models.calibration.ood import (
     uncertainty_scores,
 )
 from models.calibration.ood_diagram import score_histograms_png
-from models.calibration.uncertainty import MCSummary, summarize_mc_samples
+from models.calibration.uncertainty import MCSummary
 from service.inputs import InputError
 from service.registry import LoadedModel
 
@@ -88,23 +88,8 @@ def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | N
     summary = None
     if mc_samples > 0:
         seed = 0 if seed is None else int(seed)
-        summary = _mc_summary(clf, features, mc_samples, seed, t, mc_chunk_rows)
+        summary = clf.mc_summary_from_features(features, mc_samples, seed, t, mc_chunk_rows)
     return Prediction(logits, softmax(logits, t), softmax(logits, 1.0), summary, seed)
-
-
-def _mc_summary(clf, features: np.ndarray, n_samples: int, seed: int, temperature: float,
-                chunk_rows: int) -> MCSummary:
-    per_chunk = max(1, chunk_rows // n_samples)
-    parts = []
-    for c, start in enumerate(range(0, len(features), per_chunk)):
-        chunk_seed = (seed + 1_000_003 * c) % _SEED_MOD
-        samples = clf.mc_logits_from_features(features[start:start + per_chunk], n_samples, chunk_seed)
-        parts.append(summarize_mc_samples(samples, temperature))
-    if len(parts) == 1:
-        return parts[0]
-    cat = lambda attr: np.concatenate([getattr(p, attr) for p in parts])  # noqa: E731
-    return MCSummary(n_samples, cat("mean"), cat("variance"), cat("predictive_entropy"),
-                     cat("expected_entropy"), cat("mutual_information"))
 
 
 def logits_in_chunks(model: LoadedModel, x: np.ndarray, chunk: int) -> np.ndarray:
@@ -215,7 +200,7 @@ def batch_scores(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: in
         probs.append(softmax(clf.head_logits(features), t))
         if mc_samples >= 2:
             chunk_seed = (int(seed or 0) + 7_919 * c) % _SEED_MOD
-            mi.append(_mc_summary(clf, features, mc_samples, chunk_seed, t, mc_chunk_rows).mutual_information)
+            mi.append(clf.mc_summary_from_features(features, mc_samples, chunk_seed, t, mc_chunk_rows).mutual_information)
     return uncertainty_scores(np.concatenate(probs), np.concatenate(mi) if mi else None)
 
 

@@ -21,7 +21,6 @@ import numpy as np
 
 from models.calibration import compute_metrics, detection, softmax, uncertainty_scores
 from models.calibration.metrics import CalibrationMetrics
-from models.calibration.uncertainty import summarize_mc_samples
 
 METRICS = ("accuracy", "nll", "brier", "ece")
 AGGREGATE_NAMES = {"accuracy": "cA", "nll": "cNLL", "brier": "cBrier", "ece": "cCE"}
@@ -76,13 +75,8 @@ class ModelRunner:
         return SetOutputs(np.asarray(logits, np.float32), scores)
 
     def _mutual_information(self, features: np.ndarray) -> np.ndarray:
-        per_chunk = max(1, MC_CHUNK_ROWS // self.mc_samples)
-        parts = []
-        for c, start in enumerate(range(0, len(features), per_chunk)):
-            samples = self.classifier.mc_logits_from_features(
-                features[start:start + per_chunk], self.mc_samples, seed=self.seed + 1_000_003 * c)
-            parts.append(summarize_mc_samples(samples, self.temperature).mutual_information)
-        return np.concatenate(parts)
+        return self.classifier.mc_summary_from_features(features, self.mc_samples, self.seed, self.temperature,
+                                                        MC_CHUNK_ROWS).mutual_information
 
 
 def set_metrics(outputs: SetOutputs, labels: np.ndarray, temperature: float) -> CalibrationMetrics:
