@@ -20,7 +20,7 @@ import numpy as np
 from .errors import DataSourceError
 from .image_folder import _Entry, _labelled_arrays, _path_entries, _is_image
 
-__all__ = ["CIFAR10_CLASSES", "CifarData", "load_cifar10", "recorded_data_source"]
+__all__ = ["CIFAR10_CLASSES", "CifarData", "load_cifar10", "load_python_batch", "recorded_data_source"]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -245,6 +245,13 @@ def _unpickle(entry: _Entry) -> dict[Any, Any]:
         raise DataSourceError(
             f"CIFAR-10 batch file {entry.display} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+def load_python_batch(data: bytes, display: str) -> dict[str, Any]:
+    """A CIFAR python batch (CIFAR-10's or CIFAR-100's) through the restricted unpickler (numpy
+    arrays and plain containers only), with str keys; `display` names it in errors."""
+    batch = _unpickle(_Entry((display,), display, data=data))
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
 def _get(d: dict[Any, Any], key: str) -> Any:

@@ -94,14 +94,14 @@ def _folder_checksum(root: Path) -> str:
 
 def _cifar100_images(data: bytes, display: str) -> np.ndarray:
     """The images of a CIFAR-100 python batch (`test` or `train`), via the restricted unpickler."""
-    from training.data.cifar import _Entry, _get, _unpickle   # one unpickling rule for both CIFARs
+    from training.data.cifar import load_python_batch   # one unpickling rule for both CIFARs
 
-    batch = _unpickle(_Entry((CIFAR100_TEST,), display, data=data))
-    x = _get(batch, "data")
+    batch = load_python_batch(data, display)
+    x = batch.get("data")
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
         desc = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
         raise DataSourceError(f"CIFAR-100 file {display}: data must be uint8 [N, 3072], got {desc}")
-    if _get(batch, "fine_labels") is None:
+    if batch.get("fine_labels") is None:
         raise DataSourceError(f"CIFAR-100 file {display}: no 'fine_labels' (not a CIFAR-100 batch)")
     return np.ascontiguousarray(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
 
