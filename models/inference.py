@@ -17,7 +17,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from models.calibration.uncertainty import MCSummary, summarize_mc_samples
+from models.calibration.uncertainty import MCSummary, chunked_mc_summary, mc_seed_pair
 from models.layers import MCDropout, TemperatureScaling
 
 
@@ -92,24 +92,16 @@ class SplitClassifier:
         """[T, B, K] uncalibrated logits from T dropout masks on the head."""
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        seed_pair = tf.constant([int(seed) % (2**31 - 1), 7919], tf.int64)
+        seed_pair = tf.constant(mc_seed_pair(seed), tf.int64)
         return self._mc_fn(tf.convert_to_tensor(features, tf.float32), tf.constant(n_samples),
                            seed_pair).numpy()
 
     def mc_summary_from_features(self, features: np.ndarray, n_samples: int, seed: int, temperature: float,
                                  chunk_rows: int = 65_536) -> MCSummary:
         """`summarize_mc_samples` of T head samples, at most `chunk_rows` (T x images) rows per
-        call so memory stays bounded for any batch; chunk c draws with seed + 1_000_003 * c."""
-        per_chunk = max(1, chunk_rows // n_samples)
-        parts = [summarize_mc_samples(self.mc_logits_from_features(features[start:start + per_chunk], n_samples,
-                                                                   (seed + 1_000_003 * c) % (2**31 - 1)),
-                                      temperature)
-                 for c, start in enumerate(range(0, len(features), per_chunk))]
-        if len(parts) == 1:
-            return parts[0]
-        cat = lambda attr: np.concatenate([getattr(p, attr) for p in parts])  # noqa: E731
-        return MCSummary(n_samples, cat("mean"), cat("variance"), cat("predictive_entropy"),
-                         cat("expected_entropy"), cat("mutual_information"))
+        call so memory stays bounded for any batch (`chunked_mc_summary`: chunk c draws with
+        seed + 1_000_003 * c)."""
+        return chunked_mc_summary(self.mc_logits_from_features, features, n_samples, seed, temperature, chunk_rows)
 
     def mc_logits(self, images: np.ndarray, n_samples: int, seed: int = 0) -> np.ndarray:
         return self.mc_logits_from_features(self.features(images), n_samples, seed)

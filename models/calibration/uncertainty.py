@@ -46,3 +46,31 @@ def summarize_mc_samples(sample_logits: np.ndarray, temperature: float = 1.0) ->
     expected = _entropy_from_log(logp).mean(axis=0)
     mutual = np.maximum(predictive - expected, 0.0)
     return MCSummary(z.shape[0], mean, variance, predictive, expected, mutual)
+
+
+# The MC head's seeding, shared by both runtimes (models.inference, models.litert_classifier) so the
+# same request seed draws the same dropout masks: the stateless seed pair of layer i is
+# (seed + i, MC_SEED_SALT + i), and chunk c of a large batch draws with seed + CHUNK_SEED_STRIDE * c.
+MC_SEED_MOD = 2**31 - 1
+MC_SEED_SALT = 7919
+CHUNK_SEED_STRIDE = 1_000_003
+
+
+def mc_seed_pair(seed: int) -> tuple[int, int]:
+    return int(seed) % MC_SEED_MOD, MC_SEED_SALT
+
+
+def chunked_mc_summary(mc_logits_from_features, features: np.ndarray, n_samples: int, seed: int,
+                       temperature: float, chunk_rows: int = 65_536) -> MCSummary:
+    """`summarize_mc_samples` of `mc_logits_from_features(features_chunk, n_samples, seed_c)` ([T, B, K])
+    with at most `chunk_rows` (T x images) rows per call, so memory stays bounded for any batch."""
+    per_chunk = max(1, chunk_rows // n_samples)
+    parts = [summarize_mc_samples(mc_logits_from_features(features[start:start + per_chunk], n_samples,
+                                                          (seed + CHUNK_SEED_STRIDE * c) % MC_SEED_MOD),
+                                  temperature)
+             for c, start in enumerate(range(0, len(features), per_chunk))]
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda attr: np.concatenate([getattr(p, attr) for p in parts])  # noqa: E731
+    return MCSummary(n_samples, cat("mean"), cat("variance"), cat("predictive_entropy"),
+                     cat("expected_entropy"), cat("mutual_information"))
