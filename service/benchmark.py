@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from service import dataplane
     from service.registry import load_registry
 
-    registry = load_registry(args.model_dir)
+    registry = load_registry(args.model_dir, runtime="keras")  # compares against the Keras references
     if not registry.models:
         reasons = "; ".join(f"{f.path}: {f.error}" for f in registry.failures)
         raise CommandError(f"no model loaded from {args.model_dir}: {reasons or 'no artifact in it'}")

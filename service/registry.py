@@ -33,7 +33,8 @@ class LoadedModel:
     name: str
     path: Path
     card: dict
-    classifier: object  # models.inference.SplitClassifier
+    classifier: object  # models.inference.SplitClassifier or models.litert_classifier.LiteRTClassifier
+    runtime: str = "keras"
 
     @property
     def classes(self) -> list[str]:
@@ -98,11 +99,40 @@ def candidate_dirs(model_dir: Path) -> list[Path]:
                   and ((p / CARD_FILE).exists() or (p / MODEL_FILE).exists()))
 
 
-def load_registry(model_dir: str | Path, *, warmup: bool = True, default: str | None = None) -> ModelRegistry:
-    """Load every artifact under `model_dir`, verifying checksums; skip (and record) bad ones."""
-    from models.artifact import ArtifactError, load_artifact  # imports TensorFlow: only when loading
+def resolve_runtime(runtime: str) -> str:
+    """`auto` -> keras when TensorFlow and Keras are installed, else litert (the container's)."""
+    if runtime != "auto":
+        return runtime
+    import importlib.util
+
+    installed = all(importlib.util.find_spec(name) is not None for name in ("tensorflow", "keras"))
+    return "keras" if installed else "litert"
+
+
+def _load_keras(folder: Path) -> LoadedModel:
+    from models.artifact import load_artifact  # imports TensorFlow: only when loading
     from models.inference import SplitClassifier
 
+    artifact = load_artifact(folder)
+    return LoadedModel(artifact.name, folder, artifact.card, SplitClassifier(artifact.model), "keras")
+
+
+def _load_litert(folder: Path) -> LoadedModel:
+    from models.litert_classifier import LiteRTClassifier  # NumPy + LiteRT: no TensorFlow
+
+    card, classifier = LiteRTClassifier.from_artifact(folder)
+    return LoadedModel(card.get("name", folder.name), folder, card, classifier, "litert")
+
+
+def load_registry(model_dir: str | Path, *, warmup: bool = True, default: str | None = None,
+                  runtime: str = "auto") -> ModelRegistry:
+    """Load every artifact under `model_dir` with `runtime` (keras, litert or auto), verifying
+    checksums; skip (and record) bad ones."""
+    from models.artifact import ArtifactError
+
+    runtime = resolve_runtime(runtime)
+    load = {"keras": _load_keras, "litert": _load_litert}[runtime]
+    logger.info("runtime: %s", runtime)
     registry = ModelRegistry(Path(model_dir), default=default)
     if not registry.model_dir.is_dir():
         msg = f"model directory {registry.model_dir} does not exist"
@@ -111,8 +141,7 @@ def load_registry(model_dir: str | Path, *, warmup: bool = True, default: str | 
         return registry
     for folder in candidate_dirs(registry.model_dir):
         try:
-            artifact = load_artifact(folder)
-            loaded = LoadedModel(artifact.name, folder, artifact.card, SplitClassifier(artifact.model))
+            loaded = load(folder)
             if warmup:
                 _warm_up(loaded)
             registry.add(loaded)
@@ -125,7 +154,7 @@ def load_registry(model_dir: str | Path, *, warmup: bool = True, default: str | 
             registry.failures.append(LoadFailure(str(folder), f"{type(exc).__name__}: {exc}"))
             continue
         _warn_if_unusable_ood_threshold(loaded)
-        logger.info("loaded model %r from %s (T=%.4f)", loaded.name, folder, loaded.temperature)
+        logger.info("loaded model %r from %s (T=%.4f, %s)", loaded.name, folder, loaded.temperature, loaded.runtime)
     if not registry.models:
         logger.error("no model could be loaded from %s", registry.model_dir)
     return registry
@@ -146,7 +175,8 @@ def _warn_if_unusable_ood_threshold(model: LoadedModel) -> None:
 def _warm_up(model: LoadedModel) -> None:
     """Trace the tf.functions now, so the first request is not the slow one: for one image and
     for a batch of two, which makes them retrace once for any batch size (`reduce_retracing`) --
-    the predict micro-batcher runs the backbone on batches of every size (~0.5 s per retrace)."""
+    the predict micro-batcher runs the backbone on batches of every size (~0.5 s per retrace).
+    (LiteRT: allocates the first interpreter's tensors.)"""
     import numpy as np
 
     for n in (1, 2):

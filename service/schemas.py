@@ -6,7 +6,7 @@ JSON or multipart; their schemas are still published so the generated docs show 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,6 +63,9 @@ class ModelSummary(BaseModel):
     mc_dropout: Optional[dict[str, Any]] = None
     metrics: dict[str, Any] = Field(description="test-split metrics before/after temperature")
     ood_threshold: Optional[OODThreshold] = Field(None, description=OOD_THRESHOLD_NOTE)
+    runtime: Literal["keras", "litert"] = Field(
+        "keras", description="what serves this model: keras (TensorFlow) or litert (backbone.tflite + the "
+                             "NumPy head, no TensorFlow); CALIB_RUNTIME")
 
 
 class ModelList(BaseModel):
@@ -80,6 +83,9 @@ class ModelCard(BaseModel):
     metrics: dict[str, Any]
     model_sha256: str
     ood_threshold: Optional[OODThreshold] = Field(None, description=OOD_THRESHOLD_NOTE)
+    runtime: Literal["keras", "litert"] = Field(
+        "keras", description="what serves this model: keras (TensorFlow) or litert (backbone.tflite + the "
+                             "NumPy head, no TensorFlow); CALIB_RUNTIME")
 
 
 class Uncertainty(BaseModel):

@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="predict micro-batching: how long a batch stays open for more "
                                         "requests after its first one (ms); 0 disables batching")
+    runtime: Literal["auto", "keras", "litert"] = Field(
+        "auto", description="what runs the models: keras (TensorFlow), litert (the exported backbone.tflite + "
+                            "head.npz, no TensorFlow: the container's), auto = keras when TensorFlow is "
+                            "installed, else litert")
     warmup: bool = Field(True, description="trace the model functions once at startup")
     gc_freeze: bool = Field(
         True, description="after loading the models, exclude every object alive then from the cyclic GC "

@@ -184,6 +184,11 @@ def run(config) -> Path:
     with write_path(out, chief) if strategy is not None else contextlib.nullcontext(out) as target:
         save_artifact(model, card, target, overwrite=config.overwrite)
     print(f"artifact written to {out}" if chief else "not the chief: no artifact written", flush=True)
+    if chief:   # backbone.tflite + head.npz for the TensorFlow-free serving runtime (CALIB_RUNTIME=litert)
+        from training.export_litert import export_litert
+
+        check = export_litert(out)["check"]
+        print(f"LiteRT export checked: max |p_litert - p_keras| {check['max_abs_probability_diff']:.2e}", flush=True)
     return out
 
 

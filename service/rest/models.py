@@ -43,7 +43,8 @@ def _summary(model) -> dict:
     card = model.card
     return {"name": model.name, "classes": model.classes, "temperature": model.temperature,
             "input": card.get("input", {}), "mc_dropout": card.get("mc_dropout"),
-            "metrics": card.get("metrics", {}), "ood_threshold": dataplane.ood_threshold(model)}
+            "metrics": card.get("metrics", {}), "ood_threshold": dataplane.ood_threshold(model),
+            "runtime": model.runtime}
 
 
 @router.get("", response_model=ModelList, summary="Loaded models and their calibration metrics")
@@ -55,7 +56,8 @@ async def list_models(request: Request) -> dict:
 @router.get("/{name}", response_model=ModelCard, summary="A model's card", responses=error_responses(404, 422))
 async def get_model(request: Request, name: str = ModelName) -> dict:
     model = model_of(request, name)
-    return {**model.card, "name": model.name, "ood_threshold": dataplane.ood_threshold(model)}
+    return {**model.card, "name": model.name, "ood_threshold": dataplane.ood_threshold(model),
+            "runtime": model.runtime}
 
 
 @router.post("/{name}/predict", response_model=PredictResponse, responses=error_responses(*BODY_ERRORS),

@@ -39,7 +39,7 @@ from service.v2_schemas import (
 )
 
 SERVER_NAME = "calibrated-cifar10"
-PLATFORM = "tensorflow_keras"
+PLATFORMS = {"keras": "tensorflow_keras", "litert": "tensorflow_lite"}   # by LoadedModel.runtime
 # Our own protocol extension: the `mc_samples` / `seed` / `resize` request parameters and the
 # MC-dropout outputs (docs/open-inference-protocol.md).
 EXTENSIONS = ["calibrated_uncertainty"]
@@ -108,7 +108,7 @@ async def server_metadata(request: Request) -> dict:
 
 # --- model metadata and readiness --------------------------------------------------------------
 def _metadata(model: LoadedModel) -> dict:
-    return {"name": model.name, "versions": [version_of(model)], "platform": PLATFORM,
+    return {"name": model.name, "versions": [version_of(model)], "platform": PLATFORMS[model.runtime],
             "inputs": v2_tensors.input_metadata(), "outputs": v2_tensors.output_metadata(model.num_classes)}
 
 
