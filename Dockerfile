@@ -5,9 +5,12 @@
 # Two stages: the builder installs the project and its wheels into a virtual environment and
 # strips what the server never loads (C headers, test suites); the runtime stage copies only that
 # environment, so no pip cache, build tool or source layer ends up in the image.
-# SERVICE_EXTRA picks the TensorFlow wheel: service-cpu (tensorflow-cpu, the default: no CUDA
-# kernels, ~0.7 GB smaller) or service (the full tensorflow wheel, as `make test` installs).
-ARG SERVICE_EXTRA=service-cpu
+# SERVICE_EXTRA picks what runs the model: service-litert (the default: LiteRT runs each artifact's
+# exported backbone.tflite, the head and MC dropout are NumPy, no TensorFlow in the image; the
+# answers equal Keras' to 1e-5, docs/container.md), service-cpu (tensorflow-cpu: Keras, ~1.7 GB) or
+# service (the full tensorflow wheel, as `make test` installs). The server picks its runtime from
+# what is installed (CALIB_RUNTIME=auto).
+ARG SERVICE_EXTRA=service-litert
 
 FROM python:3.11-slim AS builder
 ARG SERVICE_EXTRA
@@ -30,7 +33,7 @@ COPY training/ training/
 COPY service/ service/
 COPY clients/ clients/
 # Non-editable install: the code lands in site-packages, /src is not copied on. Then strip
-# tensorflow/include (headers for compiling custom ops) and the packages' own test suites;
+# tensorflow/include (headers for compiling custom ops; absent with service-litert) and the packages' own test suites;
 # the .pyc files stay (the non-root user could not write them, so every start would recompile).
 # DL3013: this installs the project itself; its dependency pins live in pyproject.toml.
 # hadolint ignore=DL3013
@@ -38,7 +41,7 @@ RUN /opt/venv/bin/pip install --no-cache-dir ".[${SERVICE_EXTRA}]" \
     && site=$(/opt/venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
     && rm -rf "$site/tensorflow/include" \
     && find "$site" -type d -name tests -path "*/site-packages/*/tests" -prune -exec rm -rf {} + \
-    && /opt/venv/bin/python -I -c "import service.settings as s; assert (s.DEFAULT_MODEL_DIR / 'cifar10-airbench' / 'model_card.json').is_file(), s.DEFAULT_MODEL_DIR"
+    && /opt/venv/bin/python -I -c "import service.settings as s; assert (s.DEFAULT_MODEL_DIR / 'cifar10-airbench' / 'model_card.json').is_file(), s.DEFAULT_MODEL_DIR; assert all((d / 'backbone.tflite').is_file() for d in s.DEFAULT_MODEL_DIR.iterdir() if (d / 'model_card.json').is_file()), 'shipped model without backbone.tflite: python -m training.export_litert'"
 
 FROM python:3.11-slim
 

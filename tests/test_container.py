@@ -69,12 +69,15 @@ def test_image_shape():
     assert ".venv" in (REPO / ".dockerignore").read_text()
 
 
-def test_installed_extra_is_a_tensorflow_extra_of_the_project():
-    """SERVICE_EXTRA's default and its alternative name extras that bring TensorFlow and the HTTP stack."""
+def test_installed_extra_is_a_service_extra_of_the_project():
+    """SERVICE_EXTRA's default brings LiteRT and the HTTP stack but no TensorFlow; its alternatives
+    bring TensorFlow and the HTTP stack."""
     ins = instructions()
     default = next(rest for kw, rest in ins if kw == "ARG" and rest.startswith("SERVICE_EXTRA="))
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert default == "SERVICE_EXTRA=service-cpu"
+    assert default == "SERVICE_EXTRA=service-litert"
+    assert extras["service-litert"] == ["calibrated-cifar[litert,http]"]
+    assert not any("tensorflow" in req for req in extras["litert"] + extras["http"])
     assert extras["service-cpu"] == ["calibrated-cifar[tf-cpu,http]"]
     assert extras["service"] == ["calibrated-cifar[tf,http]"]
     assert extras["tf-cpu"] == ["tensorflow-cpu==2.21.*"]

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build the service image with podman, run it, and check it against `python -m service` on the host:
 # readiness, the image's HEALTHCHECK, the non-root uid, JSON and multipart predict and an evaluate
-# whose numbers must equal the host server's (deploy/container/compare.py). Prints build seconds,
-# image size and start-to-ready seconds. Called by .ci/run after the tests.
+# whose numbers must equal the host server's (deploy/container/compare.py): the image serves with
+# LiteRT (no TensorFlow in it), the host with Keras (CALIB_RUNTIME=keras), so this also checks the
+# two runtimes against each other. Prints build seconds, image size and start-to-ready seconds.
+# Called by .ci/run after the tests.
 #
 # Idempotent: installs and configures podman only when missing, makes a stand-in base image only
 # when python:3.11-slim is absent (no registry is reachable in CI), removes its container on exit.
@@ -125,8 +127,8 @@ uid=$(podman exec "$NAME" id -u)
 if [ "$uid" != 10001 ]; then echo "the server runs as uid $uid, not 10001" >&2; exit 1; fi
 
 hport=$(free_port)
-echo "== python -m service on the host, 127.0.0.1:$hport"
-CALIB_PORT=$hport CALIB_HOST=127.0.0.1 "$PYTHON" -m service > /tmp/calib-host-server.log 2>&1 &
+echo "== python -m service on the host (CALIB_RUNTIME=keras), 127.0.0.1:$hport"
+CALIB_RUNTIME=keras CALIB_PORT=$hport CALIB_HOST=127.0.0.1 "$PYTHON" -m service > /tmp/calib-host-server.log 2>&1 &
 host_pid=$!
 if ! wait_ready "http://127.0.0.1:$hport/health/ready" 300; then tail -30 /tmp/calib-host-server.log; exit 1; fi
 

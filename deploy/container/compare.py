@@ -2,8 +2,9 @@
 
 `python deploy/container/compare.py CONTAINER_URL HOST_URL`: sends the same JSON predict,
 multipart predict and evaluate (64 fixture JPEGs, every shipped model) to both servers and
-requires equal answers: every number within 1e-5, everything else identical. Then times a
-64-image predict on each (median of 5). Exit 1 on the first difference. httpx only, so the
+requires equal answers: every number within 1e-5, everything else identical (the container may
+serve with LiteRT and the host with Keras: `GET /v1/models` says which, and is printed; MC dropout
+draws the same masks on both for the same seed). Then times a 64-image predict on each (median of 5). Exit 1 on the first difference. httpx only, so the
 check needs nothing the project does not already install.
 """
 
@@ -95,6 +96,8 @@ def main(argv: list[str]) -> int:
     if [m["name"] for m in models] != [m["name"] for m in host_models]:
         print(f"models differ: {[m['name'] for m in models]} vs {[m['name'] for m in host_models]}")
         return 1
+    print(f"  runtime: container {sorted({m.get('runtime') for m in models})}, "
+          f"host {sorted({m.get('runtime') for m in host_models})}")
     worst = 0.0
     for m in models:
         for what, call in requests(m["name"], m["classes"], paths).items():
