@@ -49,7 +49,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         registry = await anyio.to_thread.run_sync(
             lambda: load_registry(settings.model_dir, warmup=settings.warmup,
-                                  default=settings.default_model, runtime=settings.runtime))
+                                  default=settings.default_model, runtime=settings.runtime,
+                                  litert_threads=settings.litert_threads or None))
         app.state.registry = registry
         app.state.metrics.models_loaded.set(len(registry.models))
         app.state.metrics.load_failures.set(len(registry.failures))

@@ -6,6 +6,7 @@ readiness endpoint reports it) and loading goes on. Nothing here knows about HTT
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -117,21 +118,21 @@ def _load_keras(folder: Path) -> LoadedModel:
     return LoadedModel(artifact.name, folder, artifact.card, SplitClassifier(artifact.model), "keras")
 
 
-def _load_litert(folder: Path) -> LoadedModel:
+def _load_litert(folder: Path, num_threads: int | None = None) -> LoadedModel:
     from models.litert_classifier import LiteRTClassifier  # NumPy + LiteRT: no TensorFlow
 
-    card, classifier = LiteRTClassifier.from_artifact(folder)
+    card, classifier = LiteRTClassifier.from_artifact(folder, num_threads=num_threads)
     return LoadedModel(card.get("name", folder.name), folder, card, classifier, "litert")
 
 
 def load_registry(model_dir: str | Path, *, warmup: bool = True, default: str | None = None,
-                  runtime: str = "auto") -> ModelRegistry:
+                  runtime: str = "auto", litert_threads: int | None = None) -> ModelRegistry:
     """Load every artifact under `model_dir` with `runtime` (keras, litert or auto), verifying
-    checksums; skip (and record) bad ones."""
+    checksums; skip (and record) bad ones. `litert_threads`: per LiteRT interpreter (None: CPU count)."""
     from models.artifact import ArtifactError
 
     runtime = resolve_runtime(runtime)
-    load = {"keras": _load_keras, "litert": _load_litert}[runtime]
+    load = _load_keras if runtime == "keras" else functools.partial(_load_litert, num_threads=litert_threads)
     logger.info("runtime: %s", runtime)
     registry = ModelRegistry(Path(model_dir), default=default)
     if not registry.model_dir.is_dir():

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
         "auto", description="what runs the models: keras (TensorFlow), litert (the exported backbone.tflite + "
                             "head.npz, no TensorFlow: the container's), auto = keras when TensorFlow is "
                             "installed, else litert")
+    litert_threads: int = Field(
+        0, ge=0, le=64, description="CALIB_RUNTIME=litert: threads of each LiteRT interpreter (one per "
+                                    "inference thread that runs the backbone); 0 = the CPU count")
     warmup: bool = Field(True, description="trace the model functions once at startup")
     gc_freeze: bool = Field(
         True, description="after loading the models, exclude every object alive then from the cyclic GC "
