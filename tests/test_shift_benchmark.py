@@ -102,6 +102,31 @@ def test_quick_run_writes_a_consistent_report(tmp_path, tiny_artifact, sample_da
 
 # --- pieces ---------------------------------------------------------------------------------------
 
+def test_litert_backbone_gives_the_keras_report(tmp_path, tiny_artifact, sample_data_dir):
+    """--backbone-runtime litert only swaps the backbone for its LiteRT export: same metrics and
+    the same MC mutual information (the head and its dropout masks stay Keras')."""
+    from training.shift.__main__ import main
+
+    docs = {}
+    for runtime in ("keras", "litert"):
+        out = tmp_path / runtime
+        assert main([str(tiny_artifact), "--quick", "--data", str(sample_data_dir), "--cache-dir", "none",
+                     "--backbone-runtime", runtime, "--output", str(out)]) == 0
+        docs[runtime] = json.loads((out / "report.json").read_text())
+    keras_model, litert_model = docs["keras"]["models"][0], docs["litert"]["models"][0]
+    assert "--backbone-runtime litert" in docs["litert"]["command"]
+    for key in ("cA", "cNLL", "cBrier", "cCE"):
+        assert litert_model["aggregates"][key] == pytest.approx(keras_model["aggregates"][key], abs=1e-5)
+    for set_name, row in keras_model["per_set"].items():
+        assert litert_model["per_set"][set_name]["accuracy"] == row["accuracy"]
+        assert litert_model["per_set"][set_name]["ece"] == pytest.approx(row["ece"], abs=1e-5)
+    mi_keras = keras_model["ood"]["corruption_per_set"]
+    mi_litert = litert_model["ood"]["corruption_per_set"]
+    for set_name, scores in mi_keras.items():
+        assert mi_litert[set_name]["mutual_information"]["auroc"] == pytest.approx(
+            scores["mutual_information"]["auroc"], abs=2e-3)
+
+
 def test_stratified_subset_keeps_class_shares_and_is_seeded():
     labels = np.repeat(np.arange(10), [100, 100, 100, 100, 100, 100, 100, 100, 100, 103])
     idx = stratified_subset(labels, 200, seed=3)
