@@ -59,7 +59,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="inference")
         predictor = BatchedPredictor(registry.models.values(), app.state.executor,
                                      max_images=settings.batch_max_images, wait_ms=settings.batch_wait_ms,
-                                     observer=app.state.metrics.observe_batch)
+                                     observer=app.state.metrics.observe_batch,
+                                     stage_observer=app.state.metrics.observe_stage,
+                                     policy=settings.batch_policy)
         predictor.start()
         app.state.predictor = predictor
         metrics = app.state.metrics

@@ -34,6 +34,16 @@ logger = logging.getLogger("service.batching")
 
 # Called after each shared backbone pass with (model name, images, requests): metrics.
 BatchObserver = Callable[[str, int, int], None]
+# Called with (model name, stage, seconds) for each stage of one predict request: metrics, so a
+# profile under load shows where a request's time goes (see STAGES).
+StageObserver = Callable[[str, str, float], None]
+
+
+# How a batch is closed. window: it stays open `wait_seconds` after its first request (a lone
+# request waits that long). continuous: it takes what is queued when the backbone is free and
+# never waits; requests that arrive during a pass queue up and form the next batch, so batches
+# grow with the load and a lone request goes at once.
+POLICIES = ("window", "continuous")
 
 
 class BatchForwardError(RuntimeError):
@@ -45,21 +55,26 @@ class _Entry:
     images: np.ndarray
     future: asyncio.Future
     enqueued: float  # loop time
+    started: float = 0.0   # loop time its backbone pass was submitted
+    finished: float = 0.0  # loop time its backbone pass returned
 
 
 class MicroBatcher:
     """One model's queue and the worker coroutine that drains it (start/aclose on one loop)."""
 
     def __init__(self, model: LoadedModel, executor: Executor, *, max_images: int, wait_seconds: float,
-                 batch_size: int = 500, observer: BatchObserver | None = None):
+                 batch_size: int = 500, observer: BatchObserver | None = None,
+                 stage_observer: StageObserver | None = None, continuous: bool = False):
         if max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {max_images}")
         self.model = model
         self.max_images = max_images
         self.wait_seconds = max(0.0, float(wait_seconds))
+        self.continuous = continuous
         self.batch_size = batch_size
         self._executor = executor
         self._observer = observer
+        self._stage_observer = stage_observer
         self._queue: asyncio.Queue[_Entry] | None = None
         self._worker: asyncio.Task | None = None
         self._open: list[_Entry] = []      # the batch being collected or computed
@@ -99,13 +114,20 @@ class MicroBatcher:
             raise ValueError(f"{len(images)} images: the batcher takes 1..{self.max_images}")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put_nowait(_Entry(images, future, loop.time()))
+        entry = _Entry(images, future, loop.time())
+        self._queue.put_nowait(entry)
         try:
-            return await future
+            features = await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 future.exception()  # resolved just as the client went away: mark it retrieved
             raise
+        if self._stage_observer is not None:
+            name, observe = self.model.name, self._stage_observer
+            observe(name, "batch_queue", entry.started - entry.enqueued)
+            observe(name, "backbone", entry.finished - entry.started)
+            observe(name, "wakeup", loop.time() - entry.finished)
+        return features
 
     # --- the worker ----------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -119,14 +141,19 @@ class MicroBatcher:
             self._open = []
 
     async def _collect(self) -> None:
-        """Fill `_open`: the oldest waiting request, then whatever arrives before its deadline."""
+        """Fill `_open`: the oldest waiting request, then whatever arrives before its deadline
+        (window) or whatever is queued right now (continuous)."""
         loop = asyncio.get_running_loop()
         first = self._carry if self._carry is not None else await self._queue.get()
         self._carry = None
         self._open = [first]
         n = len(first.images)
         deadline = first.enqueued + self.wait_seconds
+        if self.continuous:
+            await asyncio.sleep(0)  # let requests that are ready to enqueue do so first
         while n < self.max_images:
+            if self._queue.empty() and self.continuous:
+                break
             if self._queue.empty():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -152,15 +179,18 @@ class MicroBatcher:
             return
         x = live[0].images if len(live) == 1 else np.concatenate([e.images for e in live])
         loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             features = await loop.run_in_executor(
                 self._executor, functools.partial(self.model.classifier.features, x, self.batch_size))
         except Exception as exc:
             self._fail(live, exc)
             return
+        finished = loop.time()
         start = 0
         for entry in live:
             stop = start + len(entry.images)
+            entry.started, entry.finished = started, finished
             if not entry.future.done():
                 entry.future.set_result(features[start:stop])
             start = stop
@@ -185,14 +215,20 @@ class BatchedPredictor:
     inference executor shared with them."""
 
     def __init__(self, models: Iterable[LoadedModel], executor: Executor, *, max_images: int, wait_ms: float,
-                 batch_size: int = 500, observer: BatchObserver | None = None):
+                 batch_size: int = 500, observer: BatchObserver | None = None,
+                 stage_observer: StageObserver | None = None, policy: str = "window"):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown batch policy {policy!r}; expected one of {', '.join(POLICIES)}")
         self.enabled = wait_ms > 0
         self.max_images = max_images
         self._executor = executor
+        self._stage_observer = stage_observer
         self._batchers: dict[str, MicroBatcher] = {}
         if self.enabled:
             self._batchers = {m.name: MicroBatcher(m, executor, max_images=max_images, wait_seconds=wait_ms / 1000,
-                                                   batch_size=batch_size, observer=observer)
+                                                   batch_size=batch_size, observer=observer,
+                                                   stage_observer=stage_observer,
+                                                   continuous=policy == "continuous")
                               for m in models}
 
     def batcher(self, name: str) -> MicroBatcher | None:
@@ -214,6 +250,11 @@ class BatchedPredictor:
         if batcher is not None and 0 < len(x) <= batcher.max_images:
             features = await batcher.features(x)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(
+        started = loop.time()
+        result = await loop.run_in_executor(self._executor, functools.partial(
             dataplane.predict, model, x, mc_samples=mc_samples, seed=seed, mc_chunk_rows=mc_chunk_rows,
             features=features))
+        if self._stage_observer is not None:
+            self._stage_observer(model.name, "unbatched" if features is None else "head_mc",
+                                 loop.time() - started)
+        return result

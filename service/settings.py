@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="predict micro-batching: how long a batch stays open for more "
                                         "requests after its first one (ms); 0 disables batching")
+    batch_policy: Literal["window", "continuous"] = Field(
+        "window", description="predict micro-batching: 'window' keeps a batch open CALIB_BATCH_WAIT_MS; "
+                              "'continuous' takes what is queued whenever the backbone is free, never waits "
+                              "(see docs/workers.md)")
     warmup: bool = Field(True, description="trace the model functions once at startup")
     gc_freeze: bool = Field(
         True, description="after loading the models, exclude every object alive then from the cyclic GC "
