@@ -3,12 +3,14 @@
 Each loaded model gets a `MicroBatcher`: a request of at most `batch_max_images` images puts
 (images, future) on the model's queue; the worker coroutine takes the oldest waiting request,
 keeps the batch open until `batch_wait_ms` after that request arrived (or until
-`batch_max_images` images are in), runs the backbone once on the concatenation in the inference
-executor and resolves each request's future with its own rows of the features. Everything else
-(head, MC dropout with the request's seed and T, options) then runs per request in
-`dataplane.predict`, so the MC masks never depend on the other requests. What batching can change
-is the backbone's rounding: float32 kernels may pick a different code path for a batch of one
+`batch_max_images` images are in), runs the backbone and the deterministic head once on the
+concatenation in the inference executor and resolves each request's future with its own rows of
+the features and logits. MC dropout (with the request's seed and T) and the options then run per
+request in `dataplane.predict`, so the MC masks never depend on the other requests. What batching
+can change is the rounding: float32 kernels may pick a different code path for a batch of one
 than for a larger batch (on the shipped model, up to ~4e-6 absolute on features of magnitude ~8).
+The head is one call per batch because, per request, it cost more than the backbone pass itself
+(a profile under 64 clients: docs/workers.md).
 
 Requests with more images than `batch_max_images`, and every request when `batch_wait_ms` is 0,
 skip the queue and run `dataplane.predict` in the executor as before. A failing forward pass fails
@@ -108,6 +110,11 @@ class MicroBatcher:
 
     async def features(self, images: np.ndarray) -> np.ndarray:
         """The backbone features of `images` (1..max_images of them), computed in a shared pass."""
+        return (await self.features_and_logits(images))[0]
+
+    async def features_and_logits(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The backbone features and deterministic head logits of `images`, both computed in one
+        shared pass: the head is one call for the whole batch, not one per request."""
         if not self.running:
             raise RuntimeError(f"the micro-batcher of model {self.model.name!r} is not running")
         if not 0 < len(images) <= self.max_images:
@@ -181,8 +188,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            features = await loop.run_in_executor(
-                self._executor, functools.partial(self.model.classifier.features, x, self.batch_size))
+            features, logits = await loop.run_in_executor(self._executor, self._pass, x)
         except Exception as exc:
             self._fail(live, exc)
             return
@@ -192,13 +198,18 @@ class MicroBatcher:
             stop = start + len(entry.images)
             entry.started, entry.finished = started, finished
             if not entry.future.done():
-                entry.future.set_result(features[start:stop])
+                entry.future.set_result((features[start:stop], logits[start:stop]))
             start = stop
         if self._observer is not None:
             try:
                 self._observer(self.model.name, len(x), len(live))
             except Exception:
                 logger.exception("batch observer failed")
+
+    def _pass(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        clf = self.model.classifier
+        features = clf.features(x, self.batch_size)
+        return features, clf.head_logits(features)
 
     def _fail(self, entries: list[_Entry], exc: Exception) -> None:
         n = sum(len(e.images) for e in entries)
@@ -246,14 +257,14 @@ class BatchedPredictor:
         """`dataplane.predict`, with the backbone pass shared with concurrent requests when the
         request is small enough; the head and MC sampling always run per request."""
         batcher = self._batchers.get(model.name)
-        features = None
+        features = logits = None
         if batcher is not None and 0 < len(x) <= batcher.max_images:
-            features = await batcher.features(x)
+            features, logits = await batcher.features_and_logits(x)
         loop = asyncio.get_running_loop()
         started = loop.time()
         result = await loop.run_in_executor(self._executor, functools.partial(
             dataplane.predict, model, x, mc_samples=mc_samples, seed=seed, mc_chunk_rows=mc_chunk_rows,
-            features=features))
+            features=features, logits=logits))
         if self._stage_observer is not None:
             self._stage_observer(model.name, "unbatched" if features is None else "head_mc",
                                  loop.time() - started)

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
                                                         "the first model get it (ignored if not loaded)")
     host: str = Field("127.0.0.1", description="bind address (the container sets 0.0.0.0)")
     port: int = Field(8000, ge=0, le=65535)
+    graceful_timeout_s: float = Field(
+        10.0, ge=0, le=3600, description="on SIGTERM/SIGINT: stop accepting at once, give the requests in flight "
+                                         "this long to finish, then cancel them (an evaluation stops at its next "
+                                         "chunk; its client gets 503 shutting_down) and exit")
     workers: int = Field(
         1, ge=1, le=32, description="server processes on the port, each with its own copy of the models "
                                     "(memory x N, see docs/workers.md); /metrics sums them")
