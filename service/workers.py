@@ -6,7 +6,8 @@ them on SIGHUP). Its workers are fresh interpreters (spawn), so each one builds 
 module's factory and loads the models itself. The parent owns a private prometheus-client
 multiprocess directory: set in the environment before any worker imports prometheus_client
 (which reads it once, at import), removed when the last worker is gone, so /metrics sums the
-workers of this run and never those of an earlier one.
+workers of this run and never those of an earlier one. A worker that dies before it ever served
+stops the server, and `python -m service` exits 1 (a broken app restarted forever helps nobody).
 """
 
 from __future__ import annotations
