@@ -93,6 +93,21 @@ def profile(delta: dict, model: str) -> tuple[list[tuple[str, float]], float]:
     return stages, total
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and all its descendants alive now (with CALIB_WORKERS > 1 the
+    workers are the server's children)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
 def _pct(values, q) -> float:
     return float(np.percentile(values, q)) * 1e3
 
@@ -112,10 +127,10 @@ def measure(server: ServerProcess, model: str, body: bytes, clients: int, reques
             lat.append(time.perf_counter() - start)
     seq_p50 = _pct(lat, 50)
     before = scrape(server.url, model)
-    server0, own0 = cpu_seconds(server.pid), own_cpu_seconds()
+    server0, own0 = tree_cpu_seconds(server.pid), own_cpu_seconds()
     wall, lat, _ = asyncio.run(load(server.url, path, body, clients, max(1, requests // clients)))
     own = (own_cpu_seconds() - own0) / wall
-    srv = (cpu_seconds(server.pid) - server0) / wall
+    srv = (tree_cpu_seconds(server.pid) - server0) / wall
     delta = _diff(scrape(server.url, model), before)
     labels = f'{{model="{model}"}}'
     passes = delta.get(f"calib_predict_batch_images_count{labels}", 0.0)
@@ -183,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for server in servers:
             server.start()
-        for server in servers:
+        for server, (_, settings) in zip(servers, configs):
             server.wait_ready()
+            if int(settings.get("workers", 1)) > 1:
+                server.wait_workers(int(settings["workers"]), timeout=900)
         print(f"{args.clients} concurrent one-image clients, {args.requests} requests; one keep-alive "
               f"connection each; load generator: this process")
         for round_ in range(args.rounds):
