@@ -46,7 +46,10 @@ def serve(argv: list[str]) -> int:
         from service.workers import serve_workers
 
         setup_logging(settings)
-        serve_workers(settings)
+        failed = serve_workers(settings)
+        if failed:
+            raise CommandError(f"{failed} worker process(es) failed to start (see the log above: e.g. the app "
+                               "or its models could not load); the server stopped")
         return 0
     import uvicorn   # the app's imports take seconds: only once the settings are known good
 
@@ -55,7 +58,8 @@ def serve(argv: list[str]) -> int:
     setup_logging(settings)
     # access_log=False: the app writes its own access line ("service.access", with the request ID)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=10, access_log=False)
+                log_level=settings.log_level, timeout_graceful_shutdown=settings.graceful_timeout_s,
+                access_log=False)
     return 0
 
 

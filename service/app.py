@@ -60,7 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="inference")
         predictor = BatchedPredictor(registry.models.values(), app.state.executor,
                                      max_images=settings.batch_max_images, wait_ms=settings.batch_wait_ms,
-                                     observer=app.state.metrics.observe_batch)
+                                     observer=app.state.metrics.observe_batch,
+                                     stage_observer=app.state.metrics.observe_stage,
+                                     policy=settings.batch_policy)
         predictor.start()
         app.state.predictor = predictor
         metrics = app.state.metrics
@@ -71,11 +73,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            for stop in app.state.model_work:  # long model work still running gives up at its next chunk
+                stop.set()
             if publisher is not None:
                 publisher.cancel()
             metrics.close()
             await predictor.aclose()  # before the executor: no batch is submitted to a closed pool
-            app.state.executor.shutdown(wait=True, cancel_futures=True)
+            # off the loop: a cancelled evaluation's 503 is still being written while its chunk ends
+            await asyncio.to_thread(app.state.executor.shutdown, wait=True, cancel_futures=True)
             if settings.gc_freeze:
                 gc.unfreeze()  # collectable again once the app is gone (tests build many apps)
 
@@ -85,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServiceMetrics()
     app.state.registry = None
     app.state.predictor = None
+    app.state.model_work = set()  # stop events of the evaluate/compare calls in the executor
     errors.install(app)
     keys = KeyRing(settings.all_api_keys)
     auth.install(app, keys)

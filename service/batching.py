@@ -3,12 +3,14 @@
 Each loaded model gets a `MicroBatcher`: a request of at most `batch_max_images` images puts
 (images, future) on the model's queue; the worker coroutine takes the oldest waiting request,
 keeps the batch open until `batch_wait_ms` after that request arrived (or until
-`batch_max_images` images are in), runs the backbone once on the concatenation in the inference
-executor and resolves each request's future with its own rows of the features. Everything else
-(head, MC dropout with the request's seed and T, options) then runs per request in
-`dataplane.predict`, so the MC masks never depend on the other requests. What batching can change
-is the backbone's rounding: float32 kernels may pick a different code path for a batch of one
+`batch_max_images` images are in), runs the backbone and the deterministic head once on the
+concatenation in the inference executor and resolves each request's future with its own rows of
+the features and logits. MC dropout (with the request's seed and T) and the options then run per
+request in `dataplane.predict`, so the MC masks never depend on the other requests. What batching
+can change is the rounding: float32 kernels may pick a different code path for a batch of one
 than for a larger batch (on the shipped model, up to ~4e-6 absolute on features of magnitude ~8).
+The head is one call per batch because, per request, it cost more than the backbone pass itself
+(a profile under 64 clients: docs/workers.md).
 
 Requests with more images than `batch_max_images`, and every request when `batch_wait_ms` is 0,
 skip the queue and run `dataplane.predict` in the executor as before. A failing forward pass fails
@@ -34,6 +36,16 @@ logger = logging.getLogger("service.batching")
 
 # Called after each shared backbone pass with (model name, images, requests): metrics.
 BatchObserver = Callable[[str, int, int], None]
+# Called with (model name, stage, seconds) for each stage of one predict request: metrics, so a
+# profile under load shows where a request's time goes (see STAGES).
+StageObserver = Callable[[str, str, float], None]
+
+
+# How a batch is closed. window: it stays open `wait_seconds` after its first request (a lone
+# request waits that long). continuous: it takes what is queued when the backbone is free and
+# never waits; requests that arrive during a pass queue up and form the next batch, so batches
+# grow with the load and a lone request goes at once.
+POLICIES = ("window", "continuous")
 
 
 class BatchForwardError(RuntimeError):
@@ -45,21 +57,26 @@ class _Entry:
     images: np.ndarray
     future: asyncio.Future
     enqueued: float  # loop time
+    started: float = 0.0   # loop time its backbone pass was submitted
+    finished: float = 0.0  # loop time its backbone pass returned
 
 
 class MicroBatcher:
     """One model's queue and the worker coroutine that drains it (start/aclose on one loop)."""
 
     def __init__(self, model: LoadedModel, executor: Executor, *, max_images: int, wait_seconds: float,
-                 batch_size: int = 500, observer: BatchObserver | None = None):
+                 batch_size: int = 500, observer: BatchObserver | None = None,
+                 stage_observer: StageObserver | None = None, continuous: bool = False):
         if max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {max_images}")
         self.model = model
         self.max_images = max_images
         self.wait_seconds = max(0.0, float(wait_seconds))
+        self.continuous = continuous
         self.batch_size = batch_size
         self._executor = executor
         self._observer = observer
+        self._stage_observer = stage_observer
         self._queue: asyncio.Queue[_Entry] | None = None
         self._worker: asyncio.Task | None = None
         self._open: list[_Entry] = []      # the batch being collected or computed
@@ -93,19 +110,31 @@ class MicroBatcher:
 
     async def features(self, images: np.ndarray) -> np.ndarray:
         """The backbone features of `images` (1..max_images of them), computed in a shared pass."""
+        return (await self.features_and_logits(images))[0]
+
+    async def features_and_logits(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The backbone features and deterministic head logits of `images`, both computed in one
+        shared pass: the head is one call for the whole batch, not one per request."""
         if not self.running:
             raise RuntimeError(f"the micro-batcher of model {self.model.name!r} is not running")
         if not 0 < len(images) <= self.max_images:
             raise ValueError(f"{len(images)} images: the batcher takes 1..{self.max_images}")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put_nowait(_Entry(images, future, loop.time()))
+        entry = _Entry(images, future, loop.time())
+        self._queue.put_nowait(entry)
         try:
-            return await future
+            features = await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 future.exception()  # resolved just as the client went away: mark it retrieved
             raise
+        if self._stage_observer is not None:
+            name, observe = self.model.name, self._stage_observer
+            observe(name, "batch_queue", entry.started - entry.enqueued)
+            observe(name, "backbone", entry.finished - entry.started)
+            observe(name, "wakeup", loop.time() - entry.finished)
+        return features
 
     # --- the worker ----------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -119,14 +148,19 @@ class MicroBatcher:
             self._open = []
 
     async def _collect(self) -> None:
-        """Fill `_open`: the oldest waiting request, then whatever arrives before its deadline."""
+        """Fill `_open`: the oldest waiting request, then whatever arrives before its deadline
+        (window) or whatever is queued right now (continuous)."""
         loop = asyncio.get_running_loop()
         first = self._carry if self._carry is not None else await self._queue.get()
         self._carry = None
         self._open = [first]
         n = len(first.images)
         deadline = first.enqueued + self.wait_seconds
+        if self.continuous:
+            await asyncio.sleep(0)  # let requests that are ready to enqueue do so first
         while n < self.max_images:
+            if self._queue.empty() and self.continuous:
+                break
             if self._queue.empty():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -152,23 +186,30 @@ class MicroBatcher:
             return
         x = live[0].images if len(live) == 1 else np.concatenate([e.images for e in live])
         loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
-            features = await loop.run_in_executor(
-                self._executor, functools.partial(self.model.classifier.features, x, self.batch_size))
+            features, logits = await loop.run_in_executor(self._executor, self._pass, x)
         except Exception as exc:
             self._fail(live, exc)
             return
+        finished = loop.time()
         start = 0
         for entry in live:
             stop = start + len(entry.images)
+            entry.started, entry.finished = started, finished
             if not entry.future.done():
-                entry.future.set_result(features[start:stop])
+                entry.future.set_result((features[start:stop], logits[start:stop]))
             start = stop
         if self._observer is not None:
             try:
                 self._observer(self.model.name, len(x), len(live))
             except Exception:
                 logger.exception("batch observer failed")
+
+    def _pass(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        clf = self.model.classifier
+        features = clf.features(x, self.batch_size)
+        return features, clf.head_logits(features)
 
     def _fail(self, entries: list[_Entry], exc: Exception) -> None:
         n = sum(len(e.images) for e in entries)
@@ -185,14 +226,20 @@ class BatchedPredictor:
     inference executor shared with them."""
 
     def __init__(self, models: Iterable[LoadedModel], executor: Executor, *, max_images: int, wait_ms: float,
-                 batch_size: int = 500, observer: BatchObserver | None = None):
+                 batch_size: int = 500, observer: BatchObserver | None = None,
+                 stage_observer: StageObserver | None = None, policy: str = "window"):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown batch policy {policy!r}; expected one of {', '.join(POLICIES)}")
         self.enabled = wait_ms > 0
         self.max_images = max_images
         self._executor = executor
+        self._stage_observer = stage_observer
         self._batchers: dict[str, MicroBatcher] = {}
         if self.enabled:
             self._batchers = {m.name: MicroBatcher(m, executor, max_images=max_images, wait_seconds=wait_ms / 1000,
-                                                   batch_size=batch_size, observer=observer)
+                                                   batch_size=batch_size, observer=observer,
+                                                   stage_observer=stage_observer,
+                                                   continuous=policy == "continuous")
                               for m in models}
 
     def batcher(self, name: str) -> MicroBatcher | None:
@@ -210,10 +257,15 @@ class BatchedPredictor:
         """`dataplane.predict`, with the backbone pass shared with concurrent requests when the
         request is small enough; the head and MC sampling always run per request."""
         batcher = self._batchers.get(model.name)
-        features = None
+        features = logits = None
         if batcher is not None and 0 < len(x) <= batcher.max_images:
-            features = await batcher.features(x)
+            features, logits = await batcher.features_and_logits(x)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(
+        started = loop.time()
+        result = await loop.run_in_executor(self._executor, functools.partial(
             dataplane.predict, model, x, mc_samples=mc_samples, seed=seed, mc_chunk_rows=mc_chunk_rows,
-            features=features))
+            features=features, logits=logits))
+        if self._stage_observer is not None:
+            self._stage_observer(model.name, "unbatched" if features is None else "head_mc",
+                                 loop.time() - started)
+        return result

@@ -8,6 +8,7 @@ The backbone may also have run earlier, on several requests' images at once (`se
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,17 @@ from service.inputs import InputError
 from service.registry import LoadedModel
 
 _SEED_MOD = 2**31 - 1
+
+
+class WorkCancelled(Exception):
+    """Long model work (evaluate, compare) gave up between two chunks because its `stop` event
+    was set: the server is stopping and its graceful timeout is over. A thread cannot be killed,
+    so this is how a 10,000-image evaluation ends within one chunk instead of running on."""
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise WorkCancelled("the model work was cancelled")
 
 
 @dataclass(frozen=True)
@@ -74,17 +86,21 @@ class Evaluation:
 
 def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
             mc_chunk_rows: int = 65_536, batch_size: int = 500,
-            features: np.ndarray | None = None) -> Prediction:
-    """`features`: the backbone's output for `x` when already computed (the micro-batcher,
-    `service.batching`, runs it for several requests at once); the head and the MC sampling
-    depend only on the features and the seed, never on which other images shared the pass."""
+            features: np.ndarray | None = None, logits: np.ndarray | None = None) -> Prediction:
+    """`features` (and `logits`, the deterministic head on them): the backbone's output for `x`
+    when already computed (the micro-batcher, `service.batching`, runs both for several requests
+    at once); the MC sampling depends only on the features and the seed, never on which other
+    images shared the pass."""
     clf = model.classifier
     t = model.temperature
     if features is None:
         features = clf.features(x, batch_size)
     elif len(features) != len(x):
         raise ValueError(f"{len(features)} feature rows for {len(x)} images")
-    logits = clf.head_logits(features)
+    if logits is None:
+        logits = clf.head_logits(features)
+    elif len(logits) != len(x):
+        raise ValueError(f"{len(logits)} logit rows for {len(x)} images")
     summary = None
     if mc_samples > 0:
         seed = 0 if seed is None else int(seed)
@@ -92,15 +108,21 @@ def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | N
     return Prediction(logits, softmax(logits, t), softmax(logits, 1.0), summary, seed)
 
 
-def logits_in_chunks(model: LoadedModel, x: np.ndarray, chunk: int) -> np.ndarray:
-    """Deterministic logits, `chunk` images per forward pass: activations stay bounded."""
-    parts = [model.classifier.logits(x[i:i + chunk], batch_size=chunk) for i in range(0, len(x), chunk)]
+def logits_in_chunks(model: LoadedModel, x: np.ndarray, chunk: int,
+                     stop: threading.Event | None = None) -> np.ndarray:
+    """Deterministic logits, `chunk` images per forward pass: activations stay bounded. `stop`
+    set: WorkCancelled before the next chunk."""
+    parts = []
+    for i in range(0, len(x), chunk):
+        _check(stop)
+        parts.append(model.classifier.logits(x[i:i + chunk], batch_size=chunk))
     return np.concatenate(parts).astype(np.float64)
 
 
 def evaluate(model: LoadedModel, x: np.ndarray, y: np.ndarray, *, n_bins: int, fit: bool,
-             chunk: int = 500, target_accuracy: float | None = None) -> Evaluation:
-    logits = logits_in_chunks(model, x, chunk)
+             chunk: int = 500, target_accuracy: float | None = None,
+             stop: threading.Event | None = None) -> Evaluation:
+    logits = logits_in_chunks(model, x, chunk, stop)
     return evaluate_logits(logits, y, temperature=model.temperature, n_bins=n_bins, fit=fit,
                            target_accuracy=target_accuracy)
 
@@ -189,13 +211,15 @@ class Comparison:
 
 
 def batch_scores(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
-                 chunk: int = 500, mc_chunk_rows: int = 65_536) -> dict[str, np.ndarray]:
+                 chunk: int = 500, mc_chunk_rows: int = 65_536,
+                 stop: threading.Event | None = None) -> dict[str, np.ndarray]:
     """1 - max probability and predictive entropy of the deterministic calibrated probabilities;
     with `mc_samples` >= 2 also the MC mutual information. `chunk` images per forward pass, so
     features and activations stay bounded for any batch."""
     clf, t = model.classifier, model.temperature
     probs, mi = [], []
     for c, start in enumerate(range(0, len(x), chunk)):
+        _check(stop)
         features = clf.features(x[start:start + chunk], chunk)
         probs.append(softmax(clf.head_logits(features), t))
         if mc_samples >= 2:
@@ -205,10 +229,11 @@ def batch_scores(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: in
 
 
 def compare(model: LoadedModel, x_in: np.ndarray, x_suspect: np.ndarray, *, mc_samples: int,
-            seed: int | None, chunk: int = 500, mc_chunk_rows: int = 65_536) -> Comparison:
+            seed: int | None, chunk: int = 500, mc_chunk_rows: int = 65_536,
+            stop: threading.Event | None = None) -> Comparison:
     """AUROC / AUPR-Out / FPR@95%TPR per score, the suspect batch as the positive class
     (`models.calibration.ood`). Both batches use the same seed: their MC masks are drawn alike."""
-    kw = {"mc_samples": mc_samples, "seed": seed, "chunk": chunk, "mc_chunk_rows": mc_chunk_rows}
+    kw = {"mc_samples": mc_samples, "seed": seed, "chunk": chunk, "mc_chunk_rows": mc_chunk_rows, "stop": stop}
     s_in, s_out = batch_scores(model, x_in, **kw), batch_scores(model, x_suspect, **kw)
     detections = [detection(name, s_in[name], s_out[name]) for name in OOD_SCORES if name in s_in]
     block = ood_threshold(model)

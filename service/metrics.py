@@ -31,6 +31,20 @@ disable_created_metrics()  # no *_created series: they double the scrape for no 
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# The stages of `calib_predict_stage_seconds`, in the order a predict request goes through them.
+# What the whole request took minus their sum is the framework's share: middleware, routing,
+# query validation, response validation and JSON encoding (FastAPI), and the write.
+PREDICT_STAGES = {
+    "read_body": "receive the body and parse it as JSON (or multipart)",
+    "decode": "JSON instances / uploaded files to a uint8 array",
+    "batch_queue": "queued in the micro-batcher until its shared backbone pass starts",
+    "backbone": "the shared backbone pass, from its submission to the executor until it returns",
+    "wakeup": "from the end of the backbone pass until the request's coroutine runs again (event loop lag)",
+    "head_mc": "this request's head and MC dropout in the executor, with its wait for a thread",
+    "unbatched": "the whole model call in the executor, for a request the micro-batcher does not take",
+    "respond": "the response dict built from the arrays",
+}
 
 
 def multiprocess_dir() -> str | None:
@@ -82,6 +96,9 @@ class ServiceMetrics:
         self.batch_requests = Histogram("calib_predict_batch_requests",
                                         "Requests per shared backbone pass of the predict micro-batcher",
                                         ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.predict_stage = Histogram("calib_predict_stage_seconds",
+                                       "Where a predict request's time goes, by stage (PREDICT_STAGES)",
+                                       ["model", "stage"], buckets=STAGE_BUCKETS, registry=r)
         # per worker (a `pid` label when there are several): each worker loads the models itself
         self.models_loaded = Gauge("calib_models_loaded", "Models in the registry", registry=r,
                                    multiprocess_mode="liveall")
@@ -103,6 +120,9 @@ class ServiceMetrics:
     def observe_batch(self, model: str, images: int, requests: int) -> None:
         self.batch_images.labels(model).observe(images)
         self.batch_requests.labels(model).observe(requests)
+
+    def observe_stage(self, model: str, stage: str, seconds: float) -> None:
+        self.predict_stage.labels(model, stage).observe(seconds)
 
     def watch_admission(self, gate, budget) -> None:
         self._watched = [(self.evaluations_in_flight, lambda: gate.in_flight),

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
                                                         "the first model get it (ignored if not loaded)")
     host: str = Field("127.0.0.1", description="bind address (the container sets 0.0.0.0)")
     port: int = Field(8000, ge=0, le=65535)
+    graceful_timeout_s: float = Field(
+        10.0, ge=0, le=3600, description="on SIGTERM/SIGINT: stop accepting at once, give the requests in flight "
+                                         "this long to finish, then cancel them (an evaluation stops at its next "
+                                         "chunk; its client gets 503 shutting_down) and exit")
     workers: int = Field(
         1, ge=1, le=32, description="server processes on the port, each with its own copy of the models "
                                     "(memory x N, see docs/workers.md); /metrics sums them")
@@ -90,6 +94,10 @@ class Settings(BaseSettings):
     litert_threads: int = Field(
         0, ge=0, le=64, description="CALIB_RUNTIME=litert: threads of each LiteRT interpreter (one per "
                                     "inference thread that runs the backbone); 0 = the CPU count")
+    batch_policy: Literal["window", "continuous"] = Field(
+        "window", description="predict micro-batching: 'window' keeps a batch open CALIB_BATCH_WAIT_MS; "
+                              "'continuous' takes what is queued whenever the backbone is free, never waits "
+                              "(see docs/workers.md)")
     warmup: bool = Field(True, description="trace the model functions once at startup")
     gc_freeze: bool = Field(
         True, description="after loading the models, exclude every object alive then from the cyclic GC "

@@ -6,15 +6,19 @@ them on SIGHUP). Its workers are fresh interpreters (spawn), so each one builds 
 module's factory and loads the models itself. The parent owns a private prometheus-client
 multiprocess directory: set in the environment before any worker imports prometheus_client
 (which reads it once, at import), removed when the last worker is gone, so /metrics sums the
-workers of this run and never those of an earlier one.
+workers of this run and never those of an earlier one. A worker that dies before it ever served
+stops the server, and `python -m service` exits 1 (a broken app restarted forever helps nobody).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+
+logger = logging.getLogger("service.workers")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 APP_FACTORY = "service.workers:worker_app"
@@ -54,11 +58,55 @@ def worker_app():
     return create_app(settings)
 
 
-def serve_workers(settings) -> None:
-    """Serve with `settings.workers` processes until SIGINT/SIGTERM, then clean up."""
+def serve_workers(settings) -> int:
+    """Serve with `settings.workers` processes until SIGINT/SIGTERM, then clean up; returns how
+    many workers failed to start (uvicorn's supervisor then stops them all, but `uvicorn.run`
+    returns normally, so without this count `python -m service` would exit 0)."""
     import uvicorn
 
     with metrics_dir():
-        uvicorn.run(APP_FACTORY, factory=True, workers=settings.workers, host=settings.host,
-                    port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=10,
-                    access_log=False, timeout_worker_healthcheck=HEALTHCHECK_TIMEOUT_S)
+        config = uvicorn.Config(APP_FACTORY, factory=True, workers=settings.workers, host=settings.host,
+                                port=settings.port, log_level=settings.log_level,
+                                timeout_graceful_shutdown=settings.graceful_timeout_s, access_log=False,
+                                timeout_worker_healthcheck=HEALTHCHECK_TIMEOUT_S)
+        sock = config.bind_socket()
+        try:
+            supervisor = _supervisor_class()(config, sockets=[sock])
+            supervisor.run()
+        finally:
+            sock.close()
+    return supervisor.failed_at_startup
+
+
+def _supervisor_class():
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        """uvicorn's supervisor, except that any worker that dies before it ever served stops the
+        server as a start-up failure. uvicorn itself only recognises exit code 3 (its lifespan or
+        config failures); an exception in the app factory exits 1 and would be restarted forever,
+        each time loading TensorFlow again."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.ready: set[int] = set()
+            self.failed_at_startup = 0
+
+        def keep_subprocess_alive(self) -> None:
+            if self.should_exit.is_set():
+                return
+            for process in self.processes:
+                pid = process.process.pid
+                if pid in self.ready:
+                    continue
+                if process.process.exitcode is not None:
+                    logger.error("worker process [%s] exited with %s before it served; stopping the server",
+                                 pid, process.process.exitcode)
+                    self.failed_at_startup += 1
+                    self.should_exit.set()
+                    return
+                if process.is_ready(timeout=1):
+                    self.ready.add(pid)
+            super().keep_subprocess_alive()
+
+    return Supervisor

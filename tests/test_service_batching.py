@@ -169,7 +169,8 @@ def test_dataplane_with_precomputed_features_is_bit_identical(model, images):
 def test_concurrent_requests_share_passes_and_match_sequential(service_model_dir, shared_registry, model,
                                                                images, backbone_spy):
     """16 one-image requests at once: a few backbone passes, and per request the numbers of the
-    unbatched path (same seed) up to backbone rounding, and exactly those of its own feature rows."""
+    unbatched path (same seed) up to backbone rounding, and exactly those of its own rows of the
+    pass's features and head logits."""
     from service import dataplane
 
     seeds = [1000 + i for i in range(len(images))]
@@ -199,7 +200,8 @@ def test_concurrent_requests_share_passes_and_match_sequential(service_model_dir
         x_batch, f_batch = next((x, f) for x, f in batched_calls if (x == images[i]).all(axis=(1, 2, 3)).any())
         row = int(np.flatnonzero((x_batch == images[i]).all(axis=(1, 2, 3)))[0])
         ref = dataplane.predict(model, images[i:i + 1], mc_samples=T, seed=seeds[i], mc_chunk_rows=1000,
-                                features=f_batch[row:row + 1])
+                                features=f_batch[row:row + 1],
+                                logits=model.classifier.head_logits(f_batch)[row:row + 1])
         got = c["predictions"][0]
         assert got["probabilities"] == ref.probabilities[0].tolist()
         assert got["uncertainty"]["mean"] == ref.mc.mean[0].tolist()
@@ -398,3 +400,84 @@ def test_lifespan_freezes_the_loaded_models_out_of_the_gc_and_unfreezes_at_shutd
     gc.unfreeze()
     assert asyncio.run(scenario()) > 10_000  # TensorFlow, Keras and the model's objects
     assert gc.get_freeze_count() == 0
+
+
+# --- the continuous policy and the per-stage profile --------------------------------------------------
+def test_continuous_policy_never_waits_and_batches_what_queued_during_a_pass(model, images, monkeypatch):
+    """A lone request goes at once (the 10 s window is not used); requests that arrive while a
+    pass runs form the next batch together."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.batching import MicroBatcher
+
+    clf = model.classifier
+    real = clf.features
+    entered, release = threading.Event(), threading.Event()
+
+    def gated(x, batch_size=500):
+        entered.set()
+        release.wait(20)
+        return real(x, batch_size)
+
+    sizes = []
+
+    async def scenario():
+        with ThreadPoolExecutor(2) as pool:
+            batcher = MicroBatcher(model, pool, max_images=8, wait_seconds=10.0, continuous=True,
+                                   observer=lambda name, n, k: sizes.append((n, k)))
+            batcher.start()
+            try:
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                alone = await batcher.features(images[:1])
+                alone_s = loop.time() - start
+                monkeypatch.setattr(clf, "features", gated)
+                first = asyncio.create_task(batcher.features(images[1:2]))
+                assert await asyncio.to_thread(entered.wait, 20)  # the pass of `first` runs ...
+                rest = [asyncio.create_task(batcher.features(images[i:i + 1])) for i in range(2, 5)]
+                await asyncio.sleep(0.05)  # ... while three more queue up
+                release.set()
+                return alone, alone_s, await first, await asyncio.gather(*rest)
+            finally:
+                release.set()
+                await batcher.aclose()
+
+    alone, alone_s, first, rest = asyncio.run(scenario())
+    assert alone_s < 5  # far below the 10 s window
+    assert sizes == [(1, 1), (1, 1), (3, 3)]
+    assert_features_close(alone, real(images[:1]))
+    assert_features_close(first, real(images[1:2]))
+    for i, got in zip(range(2, 5), rest):
+        assert_features_close(got, real(images[i:i + 1]))
+
+
+def test_unknown_batch_policy_is_refused(model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.batching import BatchedPredictor
+
+    with ThreadPoolExecutor(1) as pool, pytest.raises(ValueError, match="batch policy"):
+        BatchedPredictor([model], pool, max_images=4, wait_ms=2, policy="greedy")
+
+
+@pytest.mark.parametrize("policy", ["window", "continuous"])
+def test_predict_stage_profile_is_in_the_metrics(service_model_dir, shared_registry, images, policy):
+    """Each stage of a batched one-image predict is observed once; their sum fits in the request."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async def scenario():
+        async with running_app(settings(service_model_dir, batch_wait_ms=5, batch_policy=policy)) as (_, client):
+            rows(await post_each(client, images[:1], [3], concurrent=False))
+            return (await client.get("/metrics")).text
+
+    samples = {(s.name, s.labels.get("stage")): s.value
+               for f in text_string_to_metric_families(asyncio.run(scenario())) for s in f.samples
+               if s.name.startswith(("calib_predict_stage_seconds", "calib_http_request_duration_seconds"))
+               and s.labels.get("model") == MODEL}
+    stages = ["read_body", "decode", "batch_queue", "backbone", "wakeup", "head_mc", "respond"]
+    for stage in stages:
+        assert samples[("calib_predict_stage_seconds_count", stage)] == 1.0, stage
+        assert samples[("calib_predict_stage_seconds_sum", stage)] >= 0.0
+    assert ("calib_predict_stage_seconds_count", "unbatched") not in samples
+    total = samples[("calib_http_request_duration_seconds_sum", None)]
+    assert 0 < sum(samples[("calib_predict_stage_seconds_sum", s)] for s in stages) <= total

@@ -42,7 +42,8 @@ ERROR_RESPONSES: dict[int, dict] = {
     503: _documented("`not_ready`: no model is loaded (the service is starting, or every artifact failed "
                     "to load: see /health/ready); or `overloaded` (predict, evaluate, compare): too many evaluations "
                     "running and queued, or the buffered-bytes budget is spent; retry after `Retry-After` "
-                    "seconds (`details.reason`: queue_full, queue_timeout or byte_budget)"),
+                    "seconds (`details.reason`: queue_full, queue_timeout or byte_budget); or `shutting_down` "
+                    "(evaluate, compare): the server stopped and the request outlived its graceful timeout"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from typing import Literal, Optional
 
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -77,19 +78,27 @@ async def predict(
     seed = inputs.check_seed(seed)
     if seed is None and t > 0:
         seed = secrets.randbelow(2**31 - 1)
+    metrics = request.app.state.metrics
+    started = time.perf_counter()
     payload = await read_payload(request, max_files=settings.max_instances)
+    read = time.perf_counter()
     if payload.json is not None:
         x = await in_thread(inputs.instances_from_json, payload.json, resize=resize,
                             max_instances=settings.max_instances)
     else:
         x = await in_thread(inputs.images_from_files, payload.files, resize=resize,
                             max_instances=settings.max_instances, max_array_bytes=_array_cap(settings))
+    decoded = time.perf_counter()
     result = await predictor_of(request).predict(model, x, mc_samples=t, seed=seed,
                                                  mc_chunk_rows=settings.mc_chunk_rows)
-    metrics = request.app.state.metrics
     metrics.images.labels(model.name, "predict").inc(len(x))
     metrics.mc_samples.labels(model.name).inc(t * len(x))
-    return _predict_body(model, result, t, return_logits)
+    predicted = time.perf_counter()
+    body = _predict_body(model, result, t, return_logits)
+    for stage, seconds in (("read_body", read - started), ("decode", decoded - read),
+                           ("respond", time.perf_counter() - predicted)):
+        metrics.observe_stage(model.name, stage, seconds)
+    return body
 
 
 def _predict_body(model, result: dataplane.Prediction, t: int, return_logits: bool) -> dict:

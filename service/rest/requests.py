@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
@@ -17,12 +18,15 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.batching import BatchedPredictor
+from service.dataplane import WorkCancelled
 from service.inputs import InputError, parse_json_object
 from service.registry import LoadedModel, ModelRegistry
 from service.rest.errors import Unavailable
 from service.settings import Settings
 
 T = TypeVar("T")
+SHUTTING_DOWN = ("the server is stopping and this request ran past its graceful timeout "
+                 "(CALIB_GRACEFUL_TIMEOUT_S); retry on another instance")
 
 
 @dataclass
@@ -61,9 +65,30 @@ async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 async def on_model_executor(request: Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Model work in the app's bounded inference executor."""
+    """Long model work (`fn` takes a `stop` event) in the app's bounded inference executor.
+
+    uvicorn cancels the requests still running when the server stops and its graceful timeout
+    (CALIB_GRACEFUL_TIMEOUT_S) is over. A thread cannot be cancelled, so `stop` is set and `fn`
+    gives up at its next chunk, which lets the process exit; the client gets 503 `shutting_down`
+    (JSON, as every error) instead of uvicorn's plain-text 500 for a cancelled request."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(request.app.state.executor, functools.partial(fn, *args, **kwargs))
+    stop = threading.Event()
+    running: set = request.app.state.model_work
+    running.add(stop)
+    try:
+        return await loop.run_in_executor(request.app.state.executor,
+                                          functools.partial(fn, *args, stop=stop, **kwargs))
+    except asyncio.CancelledError:
+        stop.set()
+        task = asyncio.current_task()
+        if task is None or task.cancelling() != 1:
+            raise  # cancelled more than once: not ours to turn into an answer
+        task.uncancel()
+        raise Unavailable("shutting_down", SHUTTING_DOWN) from None
+    except WorkCancelled:  # the lifespan stopped it before uvicorn cancelled the request
+        raise Unavailable("shutting_down", SHUTTING_DOWN) from None
+    finally:
+        running.discard(stop)
 
 
 async def read_payload(request: Request, *, max_files: int) -> Payload:

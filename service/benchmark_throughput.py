@@ -1,0 +1,227 @@
+"""`python -m service.benchmark_throughput`: many concurrent one-image clients against the
+in-process batch capacity (issue 16: >= 0.8x), and where a request's time goes.
+
+First the in-process capacity: MC predict (T=100, the server's default) on one batch of
+`--batch` images, images/s. Then, for each `--config` (a name and `CALIB_*` settings), a real
+`python -m service` on loopback: sequential one-image latency, then `--clients` concurrent
+clients (one keep-alive connection each, one asyncio process on the same machine) with
+throughput, its ratio to the in-process capacity, p50/p99, the CPU the server and the load
+generator each took, images per backbone pass, and the server's per-stage profile
+(`calib_predict_stage_seconds`, service.metrics.PREDICT_STAGES) as mean ms and share of the
+request's time. All servers start first (in parallel), then are measured one after the other,
+`--rounds` times in alternation, so a drift in machine load hits every config alike.
+Linux (/proc) for the server's CPU. Prints, never asserts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from service.benchmark_workers import cpu_seconds, load, own_cpu_seconds
+from service.server_process import ServerError, ServerProcess
+from training.cli import ArgumentParser, CommandError, UsageError, command, invoked_as, setup_tensorflow
+
+PROG = invoked_as("service.benchmark_throughput")
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "tests" / "data" / "cifar10-fixture"
+PREDICT_ENDPOINT = "/v1/models/{name}/predict"
+
+
+def in_process_capacity(model_dir: Path, name: str | None, batch: int, mc_samples: int, repeats: int):
+    """(model name, images/s of MC predict on one batch, one real image as a nested list)."""
+    setup_tensorflow()
+    from service import dataplane
+    from service.benchmark import load_images
+    from service.registry import load_registry
+
+    registry = load_registry(model_dir)
+    if not registry.models:
+        raise CommandError(f"no model loaded from {model_dir}")
+    model = registry.get(name or registry.names()[0])
+    x, _, _ = load_images(SAMPLE, batch, model.num_classes, seed=0)
+    dataplane.predict(model, x, mc_samples=mc_samples, seed=0)  # warm-up (tracing)
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        dataplane.predict(model, x, mc_samples=mc_samples, seed=i)
+        times.append(time.perf_counter() - start)
+    return model.name, batch / statistics.median(times), x[0].tolist()
+
+
+def scrape(url: str, model: str) -> dict[str, float]:
+    """The predict-related sums and counts of /metrics, keyed by sample name and labels."""
+    import httpx
+
+    out: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("#") or f'model="{model}"' not in line:
+            continue
+        if not (line.startswith("calib_predict_") or line.startswith("calib_http_request_duration_seconds")):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key.endswith(("_sum", "_count")) or "_sum{" in key or "_count{" in key:
+            out[key] = float(value)
+    return out
+
+
+def _diff(after: dict, before: dict) -> dict:
+    return {k: v - before.get(k, 0.0) for k, v in after.items()}
+
+
+def profile(delta: dict, model: str) -> tuple[list[tuple[str, float]], float]:
+    """[(stage, mean seconds per request)] in PREDICT_STAGES order, and the mean request time."""
+    from service.metrics import PREDICT_STAGES
+
+    stages = []
+    for stage in PREDICT_STAGES:
+        labels = f'{{model="{model}",stage="{stage}"}}'
+        n = delta.get(f"calib_predict_stage_seconds_count{labels}", 0.0)
+        if n:
+            stages.append((stage, delta[f"calib_predict_stage_seconds_sum{labels}"] / n))
+    labels = f'{{endpoint="{PREDICT_ENDPOINT}",model="{model}"}}'
+    n = delta.get(f"calib_http_request_duration_seconds_count{labels}", 0.0)
+    total = delta.get(f"calib_http_request_duration_seconds_sum{labels}", 0.0) / n if n else float("nan")
+    return stages, total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and all its descendants alive now (with CALIB_WORKERS > 1 the
+    workers are the server's children)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def _pct(values, q) -> float:
+    return float(np.percentile(values, q)) * 1e3
+
+
+def measure(server: ServerProcess, model: str, body: bytes, clients: int, requests: int, sequential: int,
+            capacity: float) -> dict:
+    import httpx
+
+    path = f"/v1/models/{model}/predict"
+    headers = {"content-type": "application/json"}
+    asyncio.run(load(server.url, path, body, clients, 1))  # warm-up: connections, every batch size
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        lat = []
+        for _ in range(sequential):
+            start = time.perf_counter()
+            client.post(path, content=body, headers=headers).raise_for_status()
+            lat.append(time.perf_counter() - start)
+    seq_p50 = _pct(lat, 50)
+    before = scrape(server.url, model)
+    server0, own0 = tree_cpu_seconds(server.pid), own_cpu_seconds()
+    wall, lat, _ = asyncio.run(load(server.url, path, body, clients, max(1, requests // clients)))
+    own = (own_cpu_seconds() - own0) / wall
+    srv = (tree_cpu_seconds(server.pid) - server0) / wall
+    delta = _diff(scrape(server.url, model), before)
+    labels = f'{{model="{model}"}}'
+    passes = delta.get(f"calib_predict_batch_images_count{labels}", 0.0)
+    images = delta.get(f"calib_predict_batch_images_sum{labels}", 0.0)
+    stages, total = profile(delta, model)
+    return {"req_s": len(lat) / wall, "ratio": len(lat) / wall / capacity, "p50": _pct(lat, 50),
+            "p99": _pct(lat, 99), "seq_p50": seq_p50, "server_cpu": srv, "client_cpu": own,
+            "per_pass": images / passes if passes else float("nan"), "stages": stages, "total": total,
+            "n": len(lat)}
+
+
+def parse_config(text: str) -> tuple[str, dict[str, str]]:
+    """`name:CALIB_X=1,CALIB_Y=2` (or just `name`) -> (name, {x: 1, y: 2})."""
+    name, _, rest = text.partition(":")
+    settings = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.startswith("CALIB_"):
+            raise UsageError(f"--config {text!r}: expected name:CALIB_SETTING=value,...")
+        settings[key[len("CALIB_"):].lower()] = value
+    return name, settings
+
+
+def print_result(name: str, r: dict) -> None:
+    print(f"  {name:<14}{r['req_s']:7.1f} req/s  {r['ratio']:5.2f}x   p50 {r['p50']:6.0f} ms  p99 {r['p99']:6.0f} ms"
+          f"   sequential p50 {r['seq_p50']:5.1f} ms   CPU server {r['server_cpu']:.2f} cores, load generator "
+          f"{r['client_cpu']:.2f} cores   {r['per_pass']:.1f} images/pass")
+    if r["stages"]:
+        parts = "  ".join(f"{s} {sec * 1e3:.1f} ({sec / r['total']:.0%})" for s, sec in r["stages"])
+        other = r["total"] - sum(sec for _, sec in r["stages"])
+        print(f"      mean {r['total'] * 1e3:.0f} ms per request (server side): {parts}  "
+              f"framework {other * 1e3:.1f} ({other / r['total']:.0%})")
+
+
+@command(PROG)
+def main(argv: list[str] | None = None) -> int:
+    from service.settings import DEFAULT_MODEL_DIR
+
+    p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    p.add_argument("--model", help="model name (default: the first loaded)")
+    p.add_argument("--batch", type=int, default=64, help="in-process batch for the capacity figure")
+    p.add_argument("--mc-samples", type=int, default=100, help="MC dropout T (the server's default)")
+    p.add_argument("--repeats", type=int, default=5, help="in-process runs (median)")
+    p.add_argument("--clients", type=int, default=64, help="concurrent one-image clients")
+    p.add_argument("--requests", type=int, default=640, help="timed requests per measurement")
+    p.add_argument("--sequential", type=int, default=40, help="sequential one-image requests (latency)")
+    p.add_argument("--rounds", type=int, default=1, help="measurements of each config, in alternation")
+    p.add_argument("--config", action="append", default=[], metavar="NAME[:CALIB_X=V,...]",
+                   help="a server configuration to measure (repeatable; default: the defaults)")
+    args = p.parse_args(argv)
+    configs = [parse_config(c) for c in args.config] or [("default", {})]
+    if not args.model_dir.exists():
+        raise CommandError(f"model directory {args.model_dir} does not exist (--model-dir)")
+    if args.mc_samples != 100:
+        configs = [(n, {"default_mc_samples": str(args.mc_samples), **s}) for n, s in configs]
+
+    name, capacity, image = in_process_capacity(args.model_dir, args.model, args.batch, args.mc_samples,
+                                                args.repeats)
+    body = json.dumps({"instances": [image]}).encode()
+    print(f"model {name}, MC T={args.mc_samples}, {os.cpu_count()} CPUs; in-process capacity, batch of "
+          f"{args.batch}: {capacity:.1f} images/s (0.8x = {0.8 * capacity:.1f})")
+    servers = [ServerProcess(args.model_dir, ready_timeout=900, **s) for _, s in configs]
+    results = defaultdict(list)
+    try:
+        for server in servers:
+            server.start()
+        for server, (_, settings) in zip(servers, configs):
+            server.wait_ready()
+            if int(settings.get("workers", 1)) > 1:
+                server.wait_workers(int(settings["workers"]), timeout=900)
+        print(f"{args.clients} concurrent one-image clients, {args.requests} requests; one keep-alive "
+              f"connection each; load generator: this process")
+        for round_ in range(args.rounds):
+            for (cname, _), server in zip(configs, servers):
+                r = measure(server, name, body, args.clients, args.requests, args.sequential, capacity)
+                results[cname].append(r)
+                print_result(cname, r)
+    except ServerError as exc:
+        raise CommandError(exc) from None
+    finally:
+        for server in servers:
+            server.stop()
+    if args.rounds > 1:
+        print("median over rounds:")
+        for cname, rs in results.items():
+            print(f"  {cname:<14}{statistics.median(r['req_s'] for r in rs):7.1f} req/s  "
+                  f"{statistics.median(r['ratio'] for r in rs):5.2f}x   "
+                  f"p99 {statistics.median(r['p99'] for r in rs):6.0f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
