@@ -36,14 +36,15 @@ SAMPLE = REPO / "tests" / "data" / "cifar10-fixture"
 PREDICT_ENDPOINT = "/v1/models/{name}/predict"
 
 
-def in_process_capacity(model_dir: Path, name: str | None, batch: int, mc_samples: int, repeats: int):
+def in_process_capacity(model_dir: Path, name: str | None, batch: int, mc_samples: int, repeats: int,
+                        runtime: str = "auto"):
     """(model name, images/s of MC predict on one batch, one real image as a nested list)."""
     setup_tensorflow()
     from service import dataplane
     from service.benchmark import load_images
     from service.registry import load_registry
 
-    registry = load_registry(model_dir)
+    registry = load_registry(model_dir, runtime=runtime)
     if not registry.models:
         raise CommandError(f"no model loaded from {model_dir}")
     model = registry.get(name or registry.names()[0])
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=64, help="concurrent one-image clients")
     p.add_argument("--requests", type=int, default=640, help="timed requests per measurement")
     p.add_argument("--sequential", type=int, default=40, help="sequential one-image requests (latency)")
+    p.add_argument("--runtime", choices=("auto", "keras", "litert"), default="auto",
+                   help="CALIB_RUNTIME of the in-process capacity and of every server (a config may override it)")
     p.add_argument("--rounds", type=int, default=1, help="measurements of each config, in alternation")
     p.add_argument("--config", action="append", default=[], metavar="NAME[:CALIB_X=V,...]",
                    help="a server configuration to measure (repeatable; default: the defaults)")
@@ -189,10 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         configs = [(n, {"default_mc_samples": str(args.mc_samples), **s}) for n, s in configs]
 
     name, capacity, image = in_process_capacity(args.model_dir, args.model, args.batch, args.mc_samples,
-                                                args.repeats)
+                                                args.repeats, args.runtime)
+    configs = [(n, {"runtime": args.runtime, **s}) for n, s in configs]
     body = json.dumps({"instances": [image]}).encode()
     print(f"model {name}, MC T={args.mc_samples}, {os.cpu_count()} CPUs; in-process capacity, batch of "
-          f"{args.batch}: {capacity:.1f} images/s (0.8x = {0.8 * capacity:.1f})")
+          f"{args.batch}, runtime {args.runtime}: {capacity:.1f} images/s (0.8x = {0.8 * capacity:.1f})")
     servers = [ServerProcess(args.model_dir, ready_timeout=900, **s) for _, s in configs]
     results = defaultdict(list)
     try:
