@@ -50,11 +50,18 @@ def in_process_capacity(model_dir: Path, name: str | None, batch: int, mc_sample
     model = registry.get(name or registry.names()[0])
     x, _, _ = load_images(SAMPLE, batch, model.num_classes, seed=0)
     dataplane.predict(model, x, mc_samples=mc_samples, seed=0)  # warm-up (tracing)
-    times = []
+    dataplane.predict(model, x, mc_samples=0, seed=0)
+    times, plain = [], []
     for i in range(repeats):
         start = time.perf_counter()
         dataplane.predict(model, x, mc_samples=mc_samples, seed=i)
         times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        dataplane.predict(model, x, mc_samples=0, seed=i)
+        plain.append(time.perf_counter() - start)
+    mc_ms, plain_ms = 1000 * statistics.median(times), 1000 * statistics.median(plain)
+    print(f"in-process, batch of {batch}, runtime {model.runtime}: deterministic {plain_ms:.1f} ms, "
+          f"MC T={mc_samples} {mc_ms:.1f} ms ({mc_ms / plain_ms:.2f}x)")
     return model.name, batch / statistics.median(times), x[0].tolist()
 
 

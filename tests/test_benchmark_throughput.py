@@ -1,0 +1,33 @@
+"""`python -m service.benchmark_throughput` end to end on the tiny artifact: a real server per
+runtime, a handful of clients; the figures it prints are there and consistent."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["keras", "litert"])
+def test_benchmark_prints_capacity_ratio_profile_and_cpu(runtime, tiny_artifact, tmp_path, capsys):
+    from service.benchmark_throughput import main
+
+    model_dir = tmp_path / "models"
+    shutil.copytree(tiny_artifact, model_dir / "tiny")
+    assert main(["--model-dir", str(model_dir), "--runtime", runtime, "--clients", "4", "--requests", "12",
+                 "--sequential", "3", "--repeats", "1", "--mc-samples", "10"]) == 0
+    out = capsys.readouterr().out
+
+    timing = re.search(rf"runtime {runtime}: deterministic ([\d.]+) ms, MC T=10 ([\d.]+) ms \(([\d.]+)x\)", out)
+    assert timing, out
+    plain, mc, ratio = map(float, timing.groups())
+    assert plain > 0 and mc > 0 and ratio == pytest.approx(mc / plain, abs=0.01)
+    capacity = float(re.search(rf"batch of 64, runtime {runtime}: ([\d.]+) images/s", out).group(1))
+    row = re.search(r"default\s+([\d.]+) req/s\s+([\d.]+)x\s+p50\s+(\d+) ms\s+p99\s+(\d+) ms", out)
+    assert row, out
+    req_s, share, p50, p99 = float(row[1]), float(row[2]), int(row[3]), int(row[4])
+    assert capacity > 0 and req_s > 0 and share == pytest.approx(req_s / capacity, abs=0.01)
+    assert p50 <= p99
+    assert "load generator" in out and "batch_queue" in out and "backbone" in out
