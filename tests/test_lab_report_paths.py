@@ -75,6 +75,16 @@ def test_paths_under_cifar10_dir_are_written_as_the_variable(tmp_path, monkeypat
     assert portable_command(["all", "--quick"]) == "python -m training.lab all --quick"
 
 
+def test_the_ood_set_under_cifar100_dir_is_written_as_its_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_DIR", str(tmp_path / "cifar10"))
+    monkeypatch.setenv("CIFAR100_DIR", str(tmp_path / "cifar100"))
+    monkeypatch.chdir(tmp_path / "..")
+    assert portable_path(str(tmp_path / "cifar100" / "apple")) == "$CIFAR100_DIR/apple"
+    command = portable_command(["m", "--data", str(tmp_path / "cifar10"), "--ood-data", str(tmp_path / "cifar100")],
+                               "python -m training.shift")
+    assert command == "python -m training.shift m --data $CIFAR10_DIR --ood-data $CIFAR100_DIR"
+
+
 def test_identical_penalty_results_are_called_identical():
     sentence = regularizer_vs_manual_sentence(0.0, 0.0)
     assert "bit-identical weights" in sentence and "identical first-batch gradients" in sentence

@@ -22,19 +22,25 @@ import numpy as np
 # Reports are committed and read on other machines: a path in them is written relative to the
 # working directory, or as `$CIFAR10_DIR/...` when it lies under that variable's value, never
 # as the absolute layout of the machine that ran the lab.
-DATA_DIR_VARIABLE = "CIFAR10_DIR"
+#: Data folders a report writes as shell variables, so no machine's path is committed
+#: ($CIFAR100_DIR: the shift benchmark's real OOD set).
+DATA_DIR_VARIABLES = ("CIFAR10_DIR", "CIFAR100_DIR")
 
 
-def _under_variable(path: str) -> str | None:
-    """The rest of `path` after $CIFAR10_DIR ('' for the folder itself), or None if not under it."""
-    root = os.environ.get(DATA_DIR_VARIABLE, "")
-    if not root or not os.path.isabs(root):
-        return None
-    root, path = os.path.normpath(root), os.path.normpath(path)
-    if path == root:
-        return ""
-    prefix = root.rstrip(os.sep) + os.sep
-    return path[len(root):] if path.startswith(prefix) else None
+def _under_variable(path: str) -> tuple[str, str] | None:
+    """(variable, the rest of `path` after it: '' for the folder itself) for the first of
+    DATA_DIR_VARIABLES that `path` is under, or None."""
+    path = os.path.normpath(path)
+    for variable in DATA_DIR_VARIABLES:
+        root = os.environ.get(variable, "")
+        if not root or not os.path.isabs(root):
+            continue
+        root = os.path.normpath(root)
+        if path == root:
+            return variable, ""
+        if path.startswith(root.rstrip(os.sep) + os.sep):
+            return variable, path[len(root):]
+    return None
 
 
 def _relative(path: str) -> str:
@@ -45,11 +51,12 @@ def _relative(path: str) -> str:
 
 
 def portable_path(value: str) -> str:
-    """A path as a report shows it: as typed if relative, else `$CIFAR10_DIR...` or cwd-relative."""
+    """A path as a report shows it: as typed if relative, else `$CIFAR10_DIR...` (or another of
+    DATA_DIR_VARIABLES) or cwd-relative."""
     if not os.path.isabs(value):
         return value
-    rest = _under_variable(value)
-    return f"${DATA_DIR_VARIABLE}{rest}" if rest is not None else _relative(value)
+    under = _under_variable(value)
+    return f"${under[0]}{under[1]}" if under is not None else _relative(value)
 
 
 def portable_command(argv: list[str], program: str = "python -m training.lab") -> str:
@@ -64,10 +71,11 @@ def portable_command(argv: list[str], program: str = "python -m training.lab") -
             return f"{flag}={shown(value)}"
         if not os.path.isabs(arg):
             return shlex.quote(arg)
-        rest = _under_variable(arg)
-        if rest is None:
+        under = _under_variable(arg)
+        if under is None:
             return shlex.quote(_relative(arg))
-        return f"${DATA_DIR_VARIABLE}" + (shlex.quote(rest) if rest else "")
+        variable, rest = under
+        return f"${variable}" + (shlex.quote(rest) if rest else "")
 
     return " ".join([program, *map(shown, argv)])
 
