@@ -299,6 +299,20 @@ def test_cancelled_client_does_not_break_the_batcher(model, images):
     assert_features_close(after, model.classifier.features(images[5:7]))
 
 
+def gated_features(clf):
+    """(real, gated, entered, release): `gated` stands in for `clf.features`; a pass sets `entered`
+    and then waits for `release`, so a test can queue requests while a pass runs."""
+    real = clf.features
+    entered, release = threading.Event(), threading.Event()
+
+    def gated(x, batch_size=500):
+        entered.set()
+        release.wait(20)
+        return real(x, batch_size)
+
+    return real, gated, entered, release
+
+
 def test_client_cancelled_during_the_forward_pass(model, images, monkeypatch):
     """The pass goes on for the others; the cancelled entry is skipped, not resolved twice."""
     from concurrent.futures import ThreadPoolExecutor
@@ -306,14 +320,7 @@ def test_client_cancelled_during_the_forward_pass(model, images, monkeypatch):
     from service.batching import MicroBatcher
 
     clf = model.classifier
-    real = clf.features
-    entered, release = threading.Event(), threading.Event()
-
-    def slow(x, batch_size=500):
-        entered.set()
-        release.wait(20)
-        return real(x, batch_size)
-
+    real, slow, entered, release = gated_features(clf)
     monkeypatch.setattr(clf, "features", slow)
 
     async def scenario():
@@ -411,14 +418,7 @@ def test_continuous_policy_never_waits_and_batches_what_queued_during_a_pass(mod
     from service.batching import MicroBatcher
 
     clf = model.classifier
-    real = clf.features
-    entered, release = threading.Event(), threading.Event()
-
-    def gated(x, batch_size=500):
-        entered.set()
-        release.wait(20)
-        return real(x, batch_size)
-
+    real, gated, entered, release = gated_features(clf)
     sizes = []
 
     async def scenario():
