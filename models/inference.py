@@ -24,6 +24,8 @@ from models.layers import MCDropout, TemperatureScaling
 class SplitClassifier:
     """Backbone/head view of a model built by `models.network.build_classifier`."""
 
+    runtime = "keras"
+
     def __init__(self, model: keras.Model):
         self.model = model
         self.backbone = keras.Model(model.inputs, model.get_layer("features").output,

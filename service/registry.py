@@ -35,7 +35,11 @@ class LoadedModel:
     path: Path
     card: dict
     classifier: object  # models.inference.SplitClassifier or models.litert_classifier.LiteRTClassifier
-    runtime: str = "keras"
+
+    @property
+    def runtime(self) -> str:
+        """keras or litert: what runs this model (each classifier says)."""
+        return self.classifier.runtime
 
     @property
     def classes(self) -> list[str]:
@@ -115,14 +119,14 @@ def _load_keras(folder: Path) -> LoadedModel:
     from models.inference import SplitClassifier
 
     artifact = load_artifact(folder)
-    return LoadedModel(artifact.name, folder, artifact.card, SplitClassifier(artifact.model), "keras")
+    return LoadedModel(artifact.name, folder, artifact.card, SplitClassifier(artifact.model))
 
 
 def _load_litert(folder: Path, num_threads: int | None = None) -> LoadedModel:
     from models.litert_classifier import LiteRTClassifier  # NumPy + LiteRT: no TensorFlow
 
     card, classifier = LiteRTClassifier.from_artifact(folder, num_threads=num_threads)
-    return LoadedModel(card.get("name", folder.name), folder, card, classifier, "litert")
+    return LoadedModel(card.get("name", folder.name), folder, card, classifier)
 
 
 def load_registry(model_dir: str | Path, *, warmup: bool = True, default: str | None = None,
