@@ -15,7 +15,8 @@ from training.lab.report import _plain, portable_path
 from training.shift.benchmark import AGGREGATE_NAMES, METRICS, ModelResults
 
 ISSUE_TARGET_AUROC = 0.85   # issue 15: entropy AUROC, clean vs severity 5 (mean over types)
-SCORE_LABELS = {"max_probability": "1 - max p", "predictive_entropy": "entropy", "mutual_information": "MC MI"}
+SCORE_LABELS = {"max_probability": "1 - max p", "predictive_entropy": "entropy", "mutual_information": "MC MI",
+                "feature_mahalanobis": "Mahalanobis"}
 DETECTION_KEYS = ("auroc", "aupr", "fpr_at_95_tpr")
 
 
@@ -138,9 +139,30 @@ def _f(x, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def _detection_cells(d: dict) -> str:
+def _scores_in(doc: dict) -> list[str]:
+    """The OOD scores a report holds, in SCORE_LABELS order (Mahalanobis only with --feature-density)."""
+    held = {s for m in doc["models"] for d in m["ood"]["corruption_per_severity"].values() for s in d}
+    return [s for s in SCORE_LABELS if s in held]
+
+
+def _detection_cells(d: dict, scores: list[str]) -> str:
     return " | ".join(f"{_f(d[s]['auroc'], 3)} / {_f(d[s]['aupr'], 3)} / {_f(d[s]['fpr_at_95_tpr'], 3)}"
-                      if s in d else "n/a" for s in SCORE_LABELS)
+                      if s in d else "n/a" for s in scores)
+
+
+def _provenance_lines(doc: dict) -> list[str]:
+    """Where the numbers come from: this run's machine, or each source run of a combined report."""
+    def versions(d):
+        return ", ".join(f"{k} {v}" for k, v in d["versions"].items())
+
+    if "sources" not in doc:
+        return [f"- machine: {doc['machine']['cpu']} ({doc['machine']['cpus']} CPUs); "
+                f"wall time {doc['wall_seconds']:.0f} s",
+                f"- versions: {versions(doc)}"]
+    return ["- combined from these runs, one per report folder:"] + [
+        f"  - [{s['report']}]({s['report']}/report.md): `{s['command']}`; {s['machine']['cpu']} "
+        f"({s['machine']['cpus']} CPUs), wall time {s['wall_seconds']:.0f} s, finished {s['finished_utc']}; "
+        f"{versions(s)}" for s in doc["sources"]]
 
 
 def markdown(doc: dict, pngs: list[str]) -> str:
@@ -158,13 +180,14 @@ def markdown(doc: dict, pngs: list[str]) -> str:
         f"- corruptions: {', '.join(doc['corruptions'])}; severities {', '.join(map(str, doc['severities']))}; "
         f"corruption seed {doc['seed']}",
         f"- MC dropout: {doc['mc_samples']} samples per image (mutual information)",
+        *([f"- Mahalanobis score: {doc['feature_density']['what']} ({doc['feature_density']['n_train']:,} "
+           f"images, seed {doc['feature_density']['seed']})"] if "feature_density" in doc else []),
         "- OOD sets: " + "; ".join(f"{s['name']} ({s['n']} images, {s['source']}"
                                    + (f", {s['checksum']}" if s.get("checksum") else "") + ")"
                                    for s in doc["ood_sets"]),
         "- models: " + "; ".join(f"{m['name']} ({m['path']}, T={m['temperature']:.4g}, "
                                  f"model sha256 {m['model_sha256'][:12]}...)" for m in doc["artifacts"]),
-        f"- machine: {doc['machine']['cpu']} ({doc['machine']['cpus']} CPUs); wall time {doc['wall_seconds']:.0f} s",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()),
+        *_provenance_lines(doc),
         "",
         "Metrics use the calibrated probabilities the service returns (softmax of logits / the model's T); "
         "ECE has 15 equal-width bins. cA, cNLL, cBrier, cCE: the metric on each corrupted set, then the mean over "
@@ -198,30 +221,43 @@ def markdown(doc: dict, pngs: list[str]) -> str:
         verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
         lines += [f"**{m['name']}: entropy AUROC clean vs severity {t['severity']} = {_f(t['auroc'], 3)} "
                   f"(issue 15 target >= {t['target']}: {verdict})**", ""]
-    lines += ["| model | OOD set | " + " | ".join(SCORE_LABELS.values()) + " |", "|---|---|---|---|---|"]
+    scores = _scores_in(doc)
+    lines += ["| model | OOD set | " + " | ".join(SCORE_LABELS[s] for s in scores) + " |",
+              "|---|---|" + "---|" * len(scores)]
     for m in doc["models"]:
         for s in doc["severities"]:
             lines.append(f"| {m['name']} | corrupted, severity {s} | "
-                         + _detection_cells(m["ood"]["corruption_per_severity"][str(s)]) + " |")
+                         + _detection_cells(m["ood"]["corruption_per_severity"][str(s)], scores) + " |")
         for name, d in m["ood"]["synthetic_and_real"].items():
-            lines.append(f"| {m['name']} | {name} | " + _detection_cells(d) + " |")
+            lines.append(f"| {m['name']} | {name} | " + _detection_cells(d, scores) + " |")
     lines += ["", "## Plots", "", *[f"![{p}]({p})" for p in pngs], "",
               "All numbers, including per-set OOD figures and reliability bins, are in `report.json`.", ""]
     return "\n".join(lines)
 
 
-def write(out_dir: Path, doc: dict, results: list[ModelResults]) -> list[Path]:
-    """Write the PNGs, report.json and report.md; returns the files written."""
+def write_summary_plots(out_dir: Path, doc: dict) -> list[str]:
+    """The plots with one line per model (ECE and accuracy against severity, OOD AUROC)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pngs = ["severity_ece.png", "severity_accuracy.png", "ood_auroc.png"]
     severity_plot(doc, "ece", "ECE-15", out_dir / pngs[0])
     severity_plot(doc, "accuracy", "accuracy", out_dir / pngs[1])
     ood_plot(doc, out_dir / pngs[2])
-    for res in results:
-        name = f"reliability_{file_stem(res.name)}.png"
-        reliability_plot(res, len(doc["corruptions"]), out_dir / name)
-        pngs.append(name)
+    return pngs
+
+
+def write_documents(out_dir: Path, doc: dict, pngs: list[str]) -> list[Path]:
+    """report.json (with the list of plots) and report.md; returns the files written."""
     doc = {**doc, "pngs": pngs}
     (out_dir / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out_dir / "report.md").write_text(markdown(doc, pngs))
     return [out_dir / p for p in (*pngs, "report.json", "report.md")]
+
+
+def write(out_dir: Path, doc: dict, results: list[ModelResults]) -> list[Path]:
+    """Write the PNGs, report.json and report.md; returns the files written."""
+    pngs = write_summary_plots(out_dir, doc)
+    for res in results:
+        name = f"reliability_{file_stem(res.name)}.png"
+        reliability_plot(res, len(doc["corruptions"]), out_dir / name)
+        pngs.append(name)
+    return write_documents(out_dir, doc, pngs)
