@@ -100,6 +100,42 @@ def test_quick_run_writes_a_consistent_report(tmp_path, tiny_artifact, sample_da
     assert len(doc["pngs"]) == 3 + 2                                  # 3 summary plots + 1 diagram per model
 
 
+def test_feature_density_adds_a_mahalanobis_score_fitted_on_training_images(tmp_path, tiny_artifact,
+                                                                            sample_data_dir):
+    from models.artifact import load_artifact
+    from models.calibration import detection
+    from models.calibration.feature_density import FeatureGaussian
+    from models.inference import SplitClassifier
+    from training.data import load_cifar10
+    from training.shift.__main__ import main
+    from training.shift.benchmark import stratified_subset
+    from training.shift.ood_sets import uniform_noise
+
+    out = tmp_path / "report"
+    assert main([str(tiny_artifact), "--quick", "--data", str(sample_data_dir), "--cache-dir", "none",
+                 "--corruptions", "contrast", "--severities", "5", "--feature-density", "100",
+                 "--output", str(out)]) == 0
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["feature_density"]["n_train"] == 100 and doc["feature_density"]["score"] == "feature_mahalanobis"
+    ood = doc["models"][0]["ood"]
+    assert set(ood["corruption_per_set"]["contrast/5"]) == {
+        "max_probability", "predictive_entropy", "mutual_information", "feature_mahalanobis"}
+    md = (out / "report.md").read_text()
+    assert "| MC MI | Mahalanobis |" in md and "Mahalanobis score: squared Mahalanobis distance" in md
+    assert "ood_auroc.png" in doc["pngs"]
+
+    # the same figure, recomputed here from the training split only
+    data = load_cifar10(sample_data_dir)
+    classifier = SplitClassifier(load_artifact(tiny_artifact).model)
+    train = stratified_subset(data.y_train, 100, seed=0)
+    g = FeatureGaussian.fit(classifier.features(data.x_train[train]), data.y_train[train], 10)
+    clean = data.x_test[stratified_subset(data.y_test, 50, seed=0)]
+    expected = detection("feature_mahalanobis", g.score(classifier.features(clean)),
+                         g.score(classifier.features(uniform_noise(50, seed=0))))
+    assert ood["synthetic_and_real"]["uniform_noise"]["feature_mahalanobis"]["auroc"] == pytest.approx(
+        expected.auroc, abs=1e-6)
+
+
 # --- pieces ---------------------------------------------------------------------------------------
 
 def test_litert_backbone_gives_the_keras_report(tmp_path, tiny_artifact, sample_data_dir):
@@ -210,6 +246,7 @@ def run(*args) -> subprocess.CompletedProcess:
     (["--severities", "0,6"], "--severities must be distinct values"),
     (["--severities", "x"], "comma-separated integers"),
     (["--mc-samples", "1"], "--mc-samples must be at least 2"),
+    (["--feature-density", "5"], "--feature-density needs at least 20 training images"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, fragment, tmp_path):
     out = run(tmp_path / "whatever", *args)
@@ -224,3 +261,6 @@ def test_missing_artifact_and_too_many_images_are_one_line_errors(tmp_path, tiny
     out = run(tiny_artifact, "--quick", "--n-images", "400", "--output", tmp_path / "r")
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "--n-images 400 is more than the 300 test images" in out.stderr
+    out = run(tiny_artifact, "--quick", "--feature-density", "400", "--output", tmp_path / "r")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "--feature-density 400 is more than the 300 training images" in out.stderr

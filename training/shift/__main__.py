@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="run the backbone in Keras, or on the artifact's LiteRT export (backbone.tflite, "
                              "features within ~3e-6 of Keras, ~1.3x faster on a 2-core CPU); the head and the "
                              "MC masks stay in Keras either way")
+    parser.add_argument("--feature-density", type=int, default=None, metavar="N_TRAIN",
+                        help="also score OOD by the Mahalanobis distance of the backbone features to a class-"
+                             "conditional Gaussian fitted on N_TRAIN stratified training-split images")
     parser.add_argument("--quick", action="store_true", help="a few images and types, on the test fixture (CI)")
     args = parser.parse_args(argv)
     return resolve(args)
@@ -102,6 +105,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.mc_samples < 2:
         raise UsageError(f"--mc-samples must be at least 2 (mutual information needs several samples), "
                          f"got {args.mc_samples}")
+    if args.feature_density is not None and args.feature_density < 20:
+        raise UsageError(f"--feature-density needs at least 20 training images (2 per class), "
+                         f"got {args.feature_density}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     if len(set(map(os.path.normpath, args.artifacts))) != len(args.artifacts):
@@ -200,7 +206,15 @@ def run(args, argv: list[str]) -> int:
     images, labels = data.x_test[index], data.y_test[index]
     subset_checksum = f"{data.checksum}+subset(n={n},seed={args.seed})"
     cache_dir = None if args.cache_dir == "none" else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if args.feature_density is not None and args.feature_density > len(data.y_train):
+        raise UsageError(f"--feature-density {args.feature_density} is more than the {len(data.y_train)} "
+                         f"training images of {args.data}")
     runners = load_runners(args)
+    if args.feature_density is not None:
+        train_index = stratified_subset(data.y_train, args.feature_density, seed=args.seed)
+        for runner in runners:
+            runner.fit_density(data.x_train[train_index], data.y_train[train_index])
+        say(f"feature Gaussian fitted on {args.feature_density} training images")
     say(f"{len(runners)} model(s), N={n} images per set, {len(args.corruptions)} types x "
         f"{len(args.severities)} severities, MC T={args.mc_samples}")
 
@@ -247,6 +261,11 @@ def run(args, argv: list[str]) -> int:
         "seed": args.seed,
         "mc_samples": args.mc_samples,
         "ood_sets": ood_info,
+        **({} if args.feature_density is None else {"feature_density": {
+            "score": "feature_mahalanobis",
+            "what": "squared Mahalanobis distance of the backbone features to the nearest class mean, shared "
+                    "covariance (Lee et al. 2018), fitted on a stratified training-split subset",
+            "n_train": args.feature_density, "seed": args.seed}}),
         "artifacts": [{"name": r.name, "path": portable_path(str(r.path)), "temperature": r.temperature,
                        "model_sha256": r.card.get("model_sha256", "")} for r in runners],
         "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform()},

@@ -25,6 +25,7 @@ from models.calibration.metrics import CalibrationMetrics
 METRICS = ("accuracy", "nll", "brier", "ece")
 AGGREGATE_NAMES = {"accuracy": "cA", "nll": "cNLL", "brier": "cBrier", "ece": "cCE"}
 MC_CHUNK_ROWS = 65_536   # T x images per head pass: bounds the tiled [T*B, D] features
+FEATURE_SCORE = "feature_mahalanobis"   # with --feature-density: Mahalanobis distance of the backbone features
 
 
 def stratified_subset(labels: np.ndarray, n: int, *, seed: int) -> np.ndarray:
@@ -58,6 +59,7 @@ class ModelRunner:
 
     def __init__(self, name: str, path, card: dict, classifier, *, mc_samples: int, seed: int,
                  batch_size: int = 500):
+        self.density = None        # a FeatureGaussian: adds the "feature_mahalanobis" score
         self.name = name
         self.path = path
         self.card = card
@@ -72,7 +74,16 @@ class ModelRunner:
         logits = self.classifier.head_logits(features)
         mutual = self._mutual_information(features) if self.mc_samples > 1 else None
         scores = uncertainty_scores(softmax(logits, self.temperature), mutual)
+        if self.density is not None:
+            scores[FEATURE_SCORE] = self.density.score(features)
         return SetOutputs(np.asarray(logits, np.float32), scores)
+
+    def fit_density(self, train_images: np.ndarray, train_labels: np.ndarray) -> None:
+        """Fit the class-conditional feature Gaussian on training-split images (never test ones)."""
+        from models.calibration.feature_density import FeatureGaussian
+
+        features = self.classifier.features(train_images, self.batch_size)
+        self.density = FeatureGaussian.fit(features, train_labels, self.classifier.num_classes)
 
     def _mutual_information(self, features: np.ndarray) -> np.ndarray:
         return self.classifier.mc_summary_from_features(features, self.mc_samples, self.seed, self.temperature,
