@@ -189,7 +189,7 @@ def run(args, argv: list[str]) -> int:
     from training.data import load_cifar10
     from training.lab.report import portable_command, portable_path, versions
     from training.shift import ood_sets, report
-    from training.shift.benchmark import evaluate, stratified_subset
+    from training.shift.benchmark import FEATURE_SCORE, evaluate, stratified_subset
     from training.shift.datasets import corrupted_set, default_cache_dir
 
     started = time.time()
@@ -262,7 +262,7 @@ def run(args, argv: list[str]) -> int:
         "mc_samples": args.mc_samples,
         "ood_sets": ood_info,
         **({} if args.feature_density is None else {"feature_density": {
-            "score": "feature_mahalanobis",
+            "score": FEATURE_SCORE,
             "what": "squared Mahalanobis distance of the backbone features to the nearest class mean, shared "
                     "covariance (Lee et al. 2018), fitted on a stratified training-split subset",
             "n_train": args.feature_density, "seed": args.seed}}),
