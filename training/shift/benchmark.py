@@ -59,7 +59,7 @@ class ModelRunner:
 
     def __init__(self, name: str, path, card: dict, classifier, *, mc_samples: int, seed: int,
                  batch_size: int = 500):
-        self.density = None        # a FeatureGaussian: adds the "feature_mahalanobis" score
+        self.density = None        # a FeatureGaussian (fit_density): adds the FEATURE_SCORE score
         self.name = name
         self.path = path
         self.card = card

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from training.lab.report import _plain, portable_path
-from training.shift.benchmark import AGGREGATE_NAMES, METRICS, ModelResults
+from training.shift.benchmark import AGGREGATE_NAMES, FEATURE_SCORE, METRICS, ModelResults
 
 ISSUE_TARGET_AUROC = 0.85   # issue 15: entropy AUROC, clean vs severity 5 (mean over types)
 SCORE_LABELS = {"max_probability": "1 - max p", "predictive_entropy": "entropy", "mutual_information": "MC MI",
-                "feature_mahalanobis": "Mahalanobis"}
+                FEATURE_SCORE: "Mahalanobis"}
 DETECTION_KEYS = ("auroc", "aupr", "fpr_at_95_tpr")
 
 
@@ -95,7 +95,7 @@ def severity_plot(doc: dict, metric: str, label: str, path: Path) -> None:
 
 def ood_plot(doc: dict, path: Path) -> None:
     """AUROC of each score, clean vs each severity (mean over types), one line per model."""
-    scores = list(doc["models"][0]["ood"]["corruption_per_severity"][str(doc["severities"][0])])
+    scores = _scores_in(doc)
     fig, axes = _figure(len(scores), size=(4.2, 3.8))
     sev = doc["severities"]
     for ax, score in zip(axes, scores):
