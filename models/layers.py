@@ -175,12 +175,14 @@ class TemperatureScaling(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class MyBatchNorm(keras.layers.Layer):
-    """Batch normalisation written out: gamma, beta, running mean and running variance.
+class ExplicitBatchNorm(keras.layers.Layer):
+    """Batch normalisation written out in plain ops: gamma, beta, running mean and variance.
 
     Branches on `training` exactly like `keras.layers.BatchNormalization`: batch statistics and
-    a moving-average update in training, the running statistics in inference. Kept for the lab
-    and as a readable reference; the default network uses the fused Keras layer.
+    a moving-average update in training, the running statistics in inference. The lab's
+    batchnorm section and `--batchnorm custom` use it as a readable reference; the shipped
+    models use Keras' layer or `FusedBatchNorm`. Named `MyBatchNorm` before 0.2; files saved
+    under that name still load (the alias below).
     """
 
     def __init__(self, num_features: int | None = None, momentum=0.99, epsilon=1e-3, **kwargs):
@@ -192,7 +194,7 @@ class MyBatchNorm(keras.layers.Layer):
     def build(self, input_shape):
         n = int(input_shape[-1])
         if self.num_features is not None and self.num_features != n:
-            raise ValueError(f"MyBatchNorm expects {self.num_features} features, got {n}")
+            raise ValueError(f"ExplicitBatchNorm expects {self.num_features} features, got {n}")
         self.num_features = n
         self.gamma = self.add_weight(name="gamma", shape=(n,), initializer="ones")
         self.beta = self.add_weight(name="beta", shape=(n,), initializer="zeros")
@@ -225,6 +227,10 @@ class MyBatchNorm(keras.layers.Layer):
             "momentum": self.momentum,
             "epsilon": self.epsilon,
         }
+
+
+# Artifacts saved before the rename name the layer "calibrated_cifar>MyBatchNorm".
+keras.saving.get_custom_objects()[f"{PACKAGE}>MyBatchNorm"] = ExplicitBatchNorm
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -20,7 +20,7 @@ from keras import layers
 
 import numpy as np
 
-from models.layers import (FusedBatchNorm, HorizontalFlip, MCDropout, MyBatchNorm, PatchWhitening,
+from models.layers import (ExplicitBatchNorm, FusedBatchNorm, HorizontalFlip, MCDropout, PatchWhitening,
                           PixelNormalization, ReflectShift, TemperatureScaling, quick_gelu)
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -34,7 +34,7 @@ class NetworkConfig:
     num_classes: int = 10
     dropout: float = 0.2           # MC-dropout rate on the pooled features
     l2: float = 0.0                # kernel_regularizer=L2(l2) on conv/dense kernels (0 = off)
-    batchnorm: str = "keras"       # "keras", "fused" (FusedBatchNorm) or "custom" (MyBatchNorm)
+    batchnorm: str = "keras"       # "keras", "fused" (FusedBatchNorm) or "custom" (ExplicitBatchNorm)
     bn_momentum: float = 0.9
     logit_scale: float = 0.125     # ResNet-9's fixed logit scaling; keeps early logits small
     flip_tta: bool = True          # average backbone features of x and its mirror image
@@ -55,7 +55,7 @@ ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "quick_gelu": quick_gelu}
 
 def _bn(cfg: NetworkConfig, name: str, scale: bool = True):
     if cfg.batchnorm == "custom":
-        return MyBatchNorm(momentum=cfg.bn_momentum, epsilon=1e-5, name=name)
+        return ExplicitBatchNorm(momentum=cfg.bn_momentum, epsilon=1e-5, name=name)
     if cfg.batchnorm == "keras":
         return layers.BatchNormalization(momentum=cfg.bn_momentum, epsilon=1e-5, scale=scale, name=name,
                                          synchronized=cfg.sync_batchnorm)

@@ -263,11 +263,11 @@ def test_dropout_scaling_matches_torch(torch):
 
 @pytest.mark.parametrize("shape", [(32, 6, 6, 8), (64, 12)])
 @pytest.mark.parametrize("momentum,epsilon", [(0.9, 1e-5), (0.99, 1e-3)])
-def test_my_batchnorm_equals_keras_batchnorm_in_both_modes(shape, momentum, epsilon):
-    from models.layers import MyBatchNorm
+def test_explicit_batchnorm_equals_keras_batchnorm_in_both_modes(shape, momentum, epsilon):
+    from models.layers import ExplicitBatchNorm
 
     rng = np.random.default_rng(0)
-    mine = MyBatchNorm(momentum=momentum, epsilon=epsilon)
+    mine = ExplicitBatchNorm(momentum=momentum, epsilon=epsilon)
     ref = keras.layers.BatchNormalization(momentum=momentum, epsilon=epsilon)
     x0 = rng.normal(1.5, 2.0, shape).astype(np.float32)
     mine.build(shape)
@@ -290,13 +290,13 @@ def test_my_batchnorm_equals_keras_batchnorm_in_both_modes(shape, momentum, epsi
     np.testing.assert_array_equal(mine.running_mean.numpy(), before)
 
 
-def test_frozen_my_batchnorm_runs_in_inference_mode_like_keras():
+def test_frozen_explicit_batchnorm_runs_in_inference_mode_like_keras():
     """Fine-tuning semantics: with trainable=False, training=True uses and keeps the running stats."""
-    from models.layers import MyBatchNorm
+    from models.layers import ExplicitBatchNorm
 
     rng = np.random.default_rng(1)
     x = rng.normal(3.0, 2.0, (16, 5)).astype(np.float32)
-    mine, ref = MyBatchNorm(momentum=0.9, epsilon=1e-5), keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    mine, ref = ExplicitBatchNorm(momentum=0.9, epsilon=1e-5), keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
     for layer in (mine, ref):
         layer.build(x.shape)
         layer(x, training=True)                      # move the running statistics off their init

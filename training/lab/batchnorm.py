@@ -1,6 +1,6 @@
-"""Section 3, `batchnorm`: MyBatchNorm, a GradientTape loop, and the forgotten `training` flag.
+"""Section 3, `batchnorm`: ExplicitBatchNorm, a GradientTape loop, and the forgotten `training` flag.
 
-`MyBatchNorm` (models.layers) is checked against `keras.layers.BatchNormalization` in both modes,
+`ExplicitBatchNorm` (models.layers) is checked against `keras.layers.BatchNormalization` in both modes,
 moving-statistic updates included (tests/test_lab_parity.py, and once more in this run).
 
 The classic bug, in both directions, on the same network, initial weights and batches:
@@ -61,14 +61,14 @@ def eval_in_training_mode(model, data, seed: int, n_single: int) -> dict:
 
 
 def layer_parity_check(seed: int) -> dict:
-    """One MyBatchNorm vs keras BatchNormalization comparison on random data (also a test)."""
+    """One ExplicitBatchNorm vs keras BatchNormalization comparison on random data (also a test)."""
     import keras
     import tensorflow as tf
 
-    from models.layers import MyBatchNorm
+    from models.layers import ExplicitBatchNorm
 
     x = tf.constant(np.random.default_rng(seed).normal(2.0, 3.0, (64, 8, 8, 16)), tf.float32)
-    mine = MyBatchNorm(momentum=0.9, epsilon=1e-5)
+    mine = ExplicitBatchNorm(momentum=0.9, epsilon=1e-5)
     ref = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
     out = {}
     for step in range(3):
@@ -119,7 +119,7 @@ def run(ctx, report) -> None:
     final_bug = curves["no training flag (bug: trains in inference mode)"]["test_accuracy_inference_mode"][-1]
     report.figures = {
         "settings": {"width": width, "epochs": epochs, "batch_size": BATCH, "adam_lr": LEARNING_RATE,
-                     "batchnorm": "MyBatchNorm", "bn_momentum": cfg.bn_momentum, "bn_epsilon": 1e-5},
+                     "batchnorm": "ExplicitBatchNorm", "bn_momentum": cfg.bn_momentum, "bn_epsilon": 1e-5},
         "layer_parity_vs_keras": layer_parity_check(ctx.seed),
         "keras_default_training_flag_is_inference": default_is_inference,
         "curves": curves,
@@ -133,9 +133,9 @@ def run(ctx, report) -> None:
     }
     _plot(report, curves, eval_bug)
     report.summary = [
-        "## Batch normalization (MyBatchNorm) and the forgotten `training` flag",
+        "## Batch normalization (ExplicitBatchNorm) and the forgotten `training` flag",
         "",
-        f"Residual CNN width {width} with `MyBatchNorm`, GradientTape loop, {epochs} epoch(s), same "
+        f"Residual CNN width {width} with `ExplicitBatchNorm`, GradientTape loop, {epochs} epoch(s), same "
         f"initial weights and batches for both runs. In Keras, `model(x)` without a flag runs in "
         f"inference mode (checked: {default_is_inference}).",
         "",
