@@ -95,6 +95,3 @@ def training_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, num_class
         ds = ds.map(mix_layer, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
-
-def evaluation_dataset(x: np.ndarray, batch_size: int = 1000) -> tf.data.Dataset:
-    return tf.data.Dataset.from_tensor_slices(x).batch(batch_size).prefetch(tf.data.AUTOTUNE)
