@@ -22,6 +22,7 @@ from service.rest.limits import BodyLimitMiddleware
 from service.rest.request_id import ServiceApp
 from service.rest.served_by import ServedByMiddleware
 from service.settings import Settings
+from service.version import package_version
 
 logger = logging.getLogger("service")
 
@@ -84,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.gc_freeze:
                 gc.unfreeze()  # collectable again once the app is gone (tests build many apps)
 
-    app = ServiceApp(title="Calibrated CIFAR-10 service", version="0.1.0", description=DESCRIPTION,
+    app = ServiceApp(title="Calibrated CIFAR-10 service", version=package_version(), description=DESCRIPTION,
                      lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
