@@ -1,15 +1,26 @@
-"""Shared fixtures: the CIFAR-10 JPEG fixture shipped in tests/data, and a tiny model artifact
-trained on it at test time. No test needs anything outside the repository.
+"""Shared fixtures: the CIFAR-10 JPEG fixture shipped in tests/data, a tiny model artifact
+trained on it at test time, and the in-process service built on that artifact. No test needs
+anything outside the repository.
 
 `sample_data` reads the shipped folder (the loader's directory path); `sample_archive` is the
 same folder packed into a .tar.gz at test time (the loader's and the service's archive path), so
 both code paths are exercised on the same 600 real images.
+
+`tiny_artifact` is the Keras artifact only; `tiny_litert_artifact` is a copy with the LiteRT
+export added, for the tests of that runtime (the export costs seconds most tests do not need).
+`service_model_dir` holds a copy of `tiny_artifact` plus a corrupt artifact (its model file
+truncated, so the checksum fails) and an unrelated folder, so every app built on it exercises
+skip-and-report at startup. Constants and payload helpers: tests/service_helpers.py.
+
+Markers (registered in pyproject.toml): `slow` and the finer kinds below it are left out of
+`make test`; `make test-all` runs everything.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -17,6 +28,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 import pytest
+
+from tests.service_helpers import BROKEN, MAX_BODY, MAX_EVAL, MAX_INSTANCES, MAX_MC, MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "cifar10-fixture"  # see tests/data/README.md
@@ -60,15 +73,69 @@ def sample_data(sample_data_dir):
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory, sample_archive) -> Path:
     """A real artifact: one short epoch on the fixture (200 train, 100 validation images),
-    temperature fitted on the validation part, card written."""
+    temperature fitted on the validation part, card written; no LiteRT export."""
     from training.config import TrainConfig
     from training.train import run
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     config = TrainConfig(data=str(sample_archive), output=str(out), epochs=1, batch_size=50,
                          width=4, dropout=0.3, n_validation=100, seed=1, verbose=0)
-    run(config)
+    run(config, litert_export=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_litert_artifact(tmp_path_factory, tiny_artifact) -> Path:
+    """`tiny_artifact` (same model.keras) with the LiteRT export that training.train adds:
+    backbone.tflite, head.npz and their checksums in the card."""
+    from training.train import export_for_litert
+
+    out = shutil.copytree(tiny_artifact, tmp_path_factory.mktemp("artifacts") / "tiny")
+    export_for_litert(out)
+    return out
+
+
+# --- the in-process service on the tiny artifact -----------------------------------------------
+@pytest.fixture(scope="session")
+def service_model_dir(tmp_path_factory, tiny_artifact) -> Path:
+    root = tmp_path_factory.mktemp("model_dir")
+    shutil.copytree(tiny_artifact, root / MODEL)
+    broken = root / BROKEN
+    shutil.copytree(tiny_artifact, broken)
+    model_file = broken / "model.keras"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    (root / "notes").mkdir()
+    (root / "notes" / "README.txt").write_text("not an artifact\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def service_settings(service_model_dir):
+    from service.settings import Settings
+
+    return Settings(model_dir=service_model_dir, max_body_bytes=MAX_BODY, max_instances=MAX_INSTANCES,
+                    max_eval_images=MAX_EVAL, max_mc_samples=MAX_MC, eval_chunk=128, mc_chunk_rows=1000)
+
+
+@pytest.fixture(scope="session")
+def app_client(service_settings):
+    """One in-process app for the session (lifespan run: models loaded once)."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    with TestClient(create_app(service_settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def split_classifier(tiny_artifact):
+    """An independent in-process copy of the tiny model, for reference numbers."""
+    from models.artifact import load_artifact
+    from models.inference import SplitClassifier
+
+    artifact = load_artifact(tiny_artifact)
+    return SplitClassifier(artifact.model), artifact.card
 
 
 def pytest_sessionfinish(session, exitstatus):

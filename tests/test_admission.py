@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from service.admission import ByteBudget, EvaluationGate, Overloaded
 from service.rest.admission import AdmissionMiddleware
 from service.settings import Settings
-from tests.service_fixtures import MODEL, error_of, npz_bytes, service_model_dir  # noqa: F401
+from tests.service_helpers import MODEL, error_of, npz_bytes
 
 EVALUATE = "/v1/models/m/evaluate"
 

@@ -11,11 +11,11 @@ import pytest
 
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["keras", "litert"])
-def test_benchmark_prints_capacity_ratio_profile_and_cpu(runtime, tiny_artifact, tmp_path, capsys):
+def test_benchmark_prints_capacity_ratio_profile_and_cpu(runtime, tiny_litert_artifact, tmp_path, capsys):
     from service.benchmark_throughput import main
 
     model_dir = tmp_path / "models"
-    shutil.copytree(tiny_artifact, model_dir / "tiny")
+    shutil.copytree(tiny_litert_artifact, model_dir / "tiny")
     assert main(["--model-dir", str(model_dir), "--runtime", runtime, "--clients", "4", "--requests", "12",
                  "--sequential", "3", "--repeats", "1", "--mc-samples", "10"]) == 0
     out = capsys.readouterr().out

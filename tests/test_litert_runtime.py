@@ -36,20 +36,20 @@ def test_philox_uniform_is_tensorflows_bit_for_bit(seed, shape):
 
 
 @pytest.fixture(scope="module")
-def classifiers(tiny_artifact):
+def classifiers(tiny_litert_artifact):
     from models.artifact import load_artifact
     from models.inference import SplitClassifier
 
-    card, litert = LiteRTClassifier.from_artifact(tiny_artifact)
-    return card, litert, SplitClassifier(load_artifact(tiny_artifact).model)
+    card, litert = LiteRTClassifier.from_artifact(tiny_litert_artifact)
+    return card, litert, SplitClassifier(load_artifact(tiny_litert_artifact).model)
 
 
-def test_training_exports_litert_files_recorded_in_the_card(tiny_artifact):
-    card = json.loads((tiny_artifact / "model_card.json").read_text())
+def test_litert_export_records_its_files_in_the_card(tiny_litert_artifact):
+    card = json.loads((tiny_litert_artifact / "model_card.json").read_text())
     block = card["litert"]
-    assert block["backbone_sha256"] == sha256_file(tiny_artifact / BACKBONE_FILE)
-    assert block["head_sha256"] == sha256_file(tiny_artifact / HEAD_FILE)
-    assert block["model_sha256"] == card["model_sha256"] == sha256_file(tiny_artifact / "model.keras")
+    assert block["backbone_sha256"] == sha256_file(tiny_litert_artifact / BACKBONE_FILE)
+    assert block["head_sha256"] == sha256_file(tiny_litert_artifact / HEAD_FILE)
+    assert block["model_sha256"] == card["model_sha256"] == sha256_file(tiny_litert_artifact / "model.keras")
     assert 0 <= block["check"]["max_abs_probability_diff"] <= TOL
     assert 0 <= block["check"]["max_abs_mc_mean_variance_diff"] <= TOL
 
@@ -80,10 +80,10 @@ def test_litert_mc_draws_the_same_masks_as_keras(classifiers, sample_data):
         np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=0, atol=TOL, err_msg=name)
 
 
-def test_export_command_rewrites_only_the_litert_files(tiny_artifact, tmp_path, sample_data):
+def test_export_command_rewrites_only_the_litert_files(tiny_litert_artifact, tmp_path, sample_data):
     from training.export_litert import main
 
-    folder = shutil.copytree(tiny_artifact, tmp_path / "copy")
+    folder = shutil.copytree(tiny_litert_artifact, tmp_path / "copy")
     (folder / BACKBONE_FILE).unlink()
     model_bytes = (folder / "model.keras").read_bytes()
     assert main([str(folder)]) == 0
@@ -95,7 +95,7 @@ def test_export_command_rewrites_only_the_litert_files(tiny_artifact, tmp_path, 
 
 # --- the service on either runtime -----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def clients(tiny_artifact, tmp_path_factory):
+def clients(tiny_litert_artifact, tmp_path_factory):
     """Two in-process apps on the same artifact: CALIB_RUNTIME=keras and CALIB_RUNTIME=litert."""
     from fastapi.testclient import TestClient
 
@@ -103,7 +103,7 @@ def clients(tiny_artifact, tmp_path_factory):
     from service.settings import Settings
 
     root = tmp_path_factory.mktemp("runtimes")
-    shutil.copytree(tiny_artifact, root / MODEL)
+    shutil.copytree(tiny_litert_artifact, root / MODEL)
     with TestClient(create_app(Settings(model_dir=root, runtime="keras", mc_chunk_rows=1000))) as k, \
             TestClient(create_app(Settings(model_dir=root, runtime="litert", mc_chunk_rows=1000))) as lite:
         yield k, lite
@@ -141,12 +141,12 @@ def test_service_answers_equal_on_both_runtimes(clients, sample_data):
         np.testing.assert_allclose(b["data"], a["data"], rtol=0, atol=TOL, err_msg=a["name"])
 
 
-def test_litert_service_path_imports_no_tensorflow(tiny_artifact):
+def test_litert_service_path_imports_no_tensorflow(tiny_litert_artifact):
     code = (
         "import sys\n"
         "import service.__main__, service.app\n"
         "from service.registry import load_registry\n"
-        f"registry = load_registry({str(tiny_artifact)!r}, runtime='litert')\n"
+        f"registry = load_registry({str(tiny_litert_artifact)!r}, runtime='litert')\n"
         "assert registry.get('tiny').runtime == 'litert', registry.failures\n"
         "print(sorted(m for m in ('tensorflow', 'keras', 'tf_keras') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -155,11 +155,11 @@ def test_litert_service_path_imports_no_tensorflow(tiny_artifact):
 
 
 @pytest.mark.parametrize("damage", ["missing", "tampered", "stale"])
-def test_litert_startup_error_names_the_file_and_the_export_command(tiny_artifact, tmp_path, damage):
+def test_litert_startup_error_names_the_file_and_the_export_command(tiny_litert_artifact, tmp_path, damage):
     from models.artifact import update_card
     from service.registry import load_registry
 
-    folder = shutil.copytree(tiny_artifact, tmp_path / MODEL)
+    folder = shutil.copytree(tiny_litert_artifact, tmp_path / MODEL)
     backbone = folder / BACKBONE_FILE
     if damage == "missing":
         backbone.unlink()

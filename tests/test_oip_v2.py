@@ -14,16 +14,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.service_fixtures import (  # noqa: F401  (fixtures)
-    MAX_BODY,
-    MAX_INSTANCES,
-    MAX_MC,
-    MODEL,
-    app_client,
-    png_bytes,
-    service_model_dir,
-    service_settings,
-)
+from tests.service_helpers import MAX_BODY, MAX_INSTANCES, MAX_MC, MODEL, png_bytes
 
 SHAPE = [32, 32, 3]
 

@@ -9,14 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from tests.service_fixtures import (  # noqa: F401  (fixtures)
-    MAX_BODY,
-    MODEL,
-    app_client,
-    error_of,
-    service_model_dir,
-    service_settings,
-)
+from tests.service_helpers import MAX_BODY, MODEL, error_of
 
 PREDICT = f"/v1/models/{MODEL}/predict"
 GOOD = {"instances": [np.zeros((32, 32, 3), np.uint8).tolist()]}

@@ -18,21 +18,17 @@ import numpy as np
 import pytest
 
 from models.calibration import compute_metrics, softmax
-from tests.service_fixtures import (  # noqa: F401  (fixtures)
+from tests.service_helpers import (
     BROKEN,
     MAX_BODY,
     MAX_EVAL,
     MAX_INSTANCES,
     MAX_MC,
     MODEL,
-    app_client,
     error_of,
     npy_bytes,
     npz_bytes,
     png_bytes,
-    service_model_dir,
-    service_settings,
-    split_classifier,
 )
 
 PREDICT = f"/v1/models/{MODEL}/predict"

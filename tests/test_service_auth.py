@@ -22,15 +22,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from tests.service_fixtures import (  # noqa: F401  (fixtures)
-    MAX_BODY,
-    MODEL,
-    app_client,
-    error_of,
-    npz_bytes,
-    service_model_dir,
-    service_settings,
-)
+from tests.service_helpers import MAX_BODY, MODEL, error_of, npz_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_A = "alpha-Key.1_zz"

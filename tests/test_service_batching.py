@@ -15,15 +15,7 @@ import threading
 import numpy as np
 import pytest
 
-from tests.service_fixtures import (  # noqa: F401  (fixtures)
-    MAX_BODY,
-    MAX_EVAL,
-    MAX_INSTANCES,
-    MAX_MC,
-    MODEL,
-    error_of,
-    service_model_dir,
-)
+from tests.service_helpers import MAX_BODY, MAX_EVAL, MAX_INSTANCES, MAX_MC, MODEL, error_of
 
 PREDICT = f"/v1/models/{MODEL}/predict"
 N_CLIENTS = 16

@@ -23,7 +23,7 @@ from schemathesis.checks import (  # noqa: E402
 )
 from schemathesis.specs.openapi.checks import negative_data_rejection  # noqa: E402
 
-from tests.service_fixtures import BROKEN, MODEL, service_model_dir, service_settings  # noqa: E402,F401
+from tests.service_helpers import BROKEN, MODEL  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -7,13 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.service_fixtures import (  # noqa: F401  (fixtures)
-    MODEL,
-    app_client,
-    error_of,
-    service_model_dir,
-    service_settings,
-)
+from tests.service_helpers import MODEL, error_of
 
 PREDICT = f"/v1/models/{MODEL}/predict"
 EVALUATE = f"/v1/models/{MODEL}/evaluate"

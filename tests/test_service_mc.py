@@ -7,13 +7,7 @@ import numpy as np
 import pytest
 
 from models.calibration.uncertainty import summarize_mc_samples
-from tests.service_fixtures import (  # noqa: F401  (fixtures)
-    MODEL,
-    app_client,
-    service_model_dir,
-    service_settings,
-    split_classifier,
-)
+from tests.service_helpers import MODEL
 
 T_VEC = 2000   # vectorised samples are cheap
 T_NAIVE = 100  # each naive sample is a full eager forward pass

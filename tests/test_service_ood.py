@@ -23,7 +23,7 @@ import pytest
 
 from models.calibration import softmax
 from models.calibration.ood import detection, fit_ood_threshold, threshold_at_tpr, uncertainty_scores
-from tests.service_fixtures import error_of, npy_bytes, npz_bytes, png_bytes, split_classifier  # noqa: F401
+from tests.service_helpers import error_of, npy_bytes, npz_bytes, png_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 WITH, WITHOUT, STALE = "tiny-ood", "tiny", "tiny-stale"

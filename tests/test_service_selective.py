@@ -11,15 +11,7 @@ import pytest
 
 from models.calibration import softmax
 from models.calibration.selective import selective_report
-from tests.service_fixtures import (  # noqa: F401  (fixtures)
-    MODEL,
-    app_client,
-    error_of,
-    npz_bytes,
-    service_model_dir,
-    service_settings,
-    split_classifier,
-)
+from tests.service_helpers import MODEL, error_of, npz_bytes
 
 EVALUATE = f"/v1/models/{MODEL}/evaluate"
 

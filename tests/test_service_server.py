@@ -17,14 +17,7 @@ import pytest
 
 from models.calibration import compute_metrics
 from service.__main__ import SERVE_COMMAND
-from tests.service_fixtures import (  # noqa: F401  (fixtures)
-    BROKEN,
-    MODEL,
-    npz_bytes,
-    png_bytes,
-    service_model_dir,
-    split_classifier,
-)
+from tests.service_helpers import BROKEN, MODEL, npz_bytes, png_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -138,7 +138,7 @@ def test_feature_density_adds_a_mahalanobis_score_fitted_on_training_images(tmp_
 
 # --- pieces ---------------------------------------------------------------------------------------
 
-def test_litert_backbone_gives_the_keras_report(tmp_path, tiny_artifact, sample_data_dir):
+def test_litert_backbone_gives_the_keras_report(tmp_path, tiny_litert_artifact, sample_data_dir):
     """--backbone-runtime litert only swaps the backbone for its LiteRT export: same metrics and
     the same MC mutual information (the head and its dropout masks stay Keras')."""
     from training.shift.__main__ import main
@@ -146,7 +146,7 @@ def test_litert_backbone_gives_the_keras_report(tmp_path, tiny_artifact, sample_
     docs = {}
     for runtime in ("keras", "litert"):
         out = tmp_path / runtime
-        assert main([str(tiny_artifact), "--quick", "--data", str(sample_data_dir), "--cache-dir", "none",
+        assert main([str(tiny_litert_artifact), "--quick", "--data", str(sample_data_dir), "--cache-dir", "none",
                      "--backbone-runtime", runtime, "--output", str(out)]) == 0
         docs[runtime] = json.loads((out / "report.json").read_text())
     keras_model, litert_model = docs["keras"]["models"][0], docs["litert"]["models"][0]
