@@ -156,6 +156,8 @@ def _evaluate(client: CalibClient, args) -> int:
         print(json.dumps(report.raw, indent=2))
     else:
         print(format_report(report))
+        for warning in report.warnings:
+            print(f"warning [{warning.code}]: {warning.message}")
         if report.selective is not None:
             print(format_selective(report.selective))
         if args.png is not None:

@@ -161,6 +161,14 @@ class SelectiveReport:
 
 
 @dataclass(frozen=True)
+class ReportWarning:
+    """Something about the batch that limits what the report means (e.g. code 'missing_classes')."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
 class EvaluationReport:
     model: str
     n: int
@@ -185,6 +193,11 @@ class EvaluationReport:
     def selective(self) -> Optional[SelectiveReport]:
         """AURC, accuracy at coverage, risk-coverage curve, threshold (None from an older server)."""
         return SelectiveReport.from_dict(self.raw.get("selective"))
+
+    @property
+    def warnings(self) -> list[ReportWarning]:
+        """What limits this report, e.g. a batch without some classes (empty from an older server)."""
+        return [ReportWarning(w["code"], w["message"]) for w in self.raw.get("warnings", [])]
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,20 @@ class SelectiveEvaluation:
 
 
 @dataclass(frozen=True)
+class ReportWarning:
+    """Something about the batch that limits what its report means; `code` is stable."""
+
+    code: str
+    message: str
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
+
+MISSING_CLASSES = "missing_classes"
+
+
+@dataclass(frozen=True)
 class Evaluation:
     n: int
     n_bins: int
@@ -82,6 +96,7 @@ class Evaluation:
     fitted_temperature: float | None
     after_fitted: CalibrationMetrics | None
     selective: SelectiveEvaluation | None = None
+    warnings: tuple[ReportWarning, ...] = ()
 
 
 def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
@@ -124,11 +139,12 @@ def evaluate(model: LoadedModel, x: np.ndarray, y: np.ndarray, *, n_bins: int, f
              stop: threading.Event | None = None) -> Evaluation:
     logits = logits_in_chunks(model, x, chunk, stop)
     return evaluate_logits(logits, y, temperature=model.temperature, n_bins=n_bins, fit=fit,
-                           target_accuracy=target_accuracy)
+                           target_accuracy=target_accuracy, class_names=model.classes)
 
 
 def evaluate_logits(logits: np.ndarray, y: np.ndarray, *, temperature: float, n_bins: int,
-                    fit: bool, target_accuracy: float | None = None) -> Evaluation:
+                    fit: bool, target_accuracy: float | None = None,
+                    class_names: list[str] | None = None) -> Evaluation:
     before = compute_metrics(logits, y, temperature=1.0, n_bins=n_bins)
     after = compute_metrics(logits, y, temperature=temperature, n_bins=n_bins)
     fitted = after_fitted = None
@@ -139,7 +155,24 @@ def evaluate_logits(logits: np.ndarray, y: np.ndarray, *, temperature: float, n_
             raise InputError("temperature_fit_failed", f"cannot fit a temperature on this batch: {exc}") from None
         after_fitted = compute_metrics(logits, y, temperature=fitted, n_bins=n_bins)
     return Evaluation(len(y), n_bins, temperature, before, after, fitted, after_fitted,
-                      selective_evaluation(logits, y, temperature=temperature, target_accuracy=target_accuracy))
+                      selective_evaluation(logits, y, temperature=temperature, target_accuracy=target_accuracy),
+                      batch_warnings(y, logits.shape[1], class_names))
+
+
+def batch_warnings(y: np.ndarray, num_classes: int, class_names: list[str] | None = None,
+                   ) -> tuple[ReportWarning, ...]:
+    """A batch without some classes gives figures about the classes it has only (the first 1,000
+    images of a class-ordered folder are all one class): say so, with the missing ones."""
+    missing = sorted(set(range(num_classes)) - set(np.unique(y).tolist()))
+    if not missing:
+        return ()
+    names = [class_names[k] if class_names is not None else str(k) for k in missing]
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    present = num_classes - len(missing)
+    return (ReportWarning(MISSING_CLASSES,
+                          f"the batch holds {present} of the model's {num_classes} classes (missing: {shown}); "
+                          "its figures describe those classes only. Evaluate a sample of every class, e.g. "
+                          "a stratified one"),)
 
 
 def selective_evaluation(logits: np.ndarray, y: np.ndarray, *, temperature: float,

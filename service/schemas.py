@@ -186,6 +186,11 @@ class SelectiveOut(BaseModel):
     target: Optional[AccuracyThresholdOut] = Field(None, description="with target_accuracy only")
 
 
+class ReportWarningOut(BaseModel):
+    code: str = Field(description="stable code, e.g. 'missing_classes': the batch lacks some of the model's classes")
+    message: str = Field(description="what it means for this report, for humans")
+
+
 class EvaluateResponse(BaseModel):
     model: str
     n: int
@@ -197,6 +202,9 @@ class EvaluateResponse(BaseModel):
     after_fitted_temperature: Optional[MetricsOut] = None
     selective: SelectiveOut = Field(description="selective prediction: AURC, accuracy at coverage, "
                                                 "risk-coverage curve, threshold for target_accuracy")
+    warnings: list[ReportWarningOut] = Field(
+        default_factory=list, description="what limits this report, e.g. 'missing_classes' when the batch "
+                                          "holds fewer than all the model's classes; empty when nothing does")
 
 
 class ScoreSeparation(BaseModel):

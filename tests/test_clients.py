@@ -322,6 +322,28 @@ def test_cli_prints_aurc_coverage_table_and_threshold(monkeypatch, capsys, tmp_p
     assert json.loads(capsys.readouterr().out)["selective"]["aurc"] == 0.1458
 
 
+def test_evaluate_warnings_parsed_printed_and_absent_from_an_older_server(monkeypatch, capsys, tmp_path):
+    import functools
+
+    from clients import CalibClient, ReportWarning, cli
+
+    warning = {"code": "missing_classes", "message": "the batch holds 1 of the model's 10 classes"}
+
+    def handler(request):
+        answer = _evaluate_answer(request)
+        return httpx.Response(200, json={**answer.json(), "warnings": [warning]})
+
+    with _mock(handler) as client:
+        assert client.evaluate([[[[0, 0, 0]]]], [1]).warnings == [ReportWarning(**warning)]
+    with _mock(_evaluate_answer) as client:
+        assert client.evaluate([[[[0, 0, 0]]]], [1]).warnings == []
+    monkeypatch.setattr(cli, "CalibClient", functools.partial(CalibClient, transport=httpx.MockTransport(handler)))
+    data = tmp_path / "val.npz"
+    data.write_bytes(b"PK fake npz")
+    assert cli.main(["--model", "m", "evaluate", str(data)]) == 0
+    assert "warning [missing_classes]: the batch holds 1 of the model's 10 classes" in capsys.readouterr().out
+
+
 def test_cli_bad_target_accuracy_is_the_services_one_line_error(monkeypatch, capsys, tmp_path):
     import functools
 

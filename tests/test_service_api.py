@@ -249,6 +249,20 @@ def test_evaluate_json_bins_and_fitted_temperature(app_client, labelled, split_c
     assert body["after_fitted_temperature"]["nll"] <= body["after_temperature"]["nll"] + 1e-9
 
 
+def test_evaluate_warns_when_the_batch_lacks_classes(app_client, labelled):
+    """The first images of a class-ordered folder are one class: the report says so."""
+    x, y = labelled
+    one_class = y == y[0]
+    r = app_client.post(EVALUATE, json={"instances": x[one_class][:20].tolist(), "labels": y[one_class][:20].tolist()})
+    assert r.status_code == 200, r.text
+    (warning,) = r.json()["warnings"]
+    assert warning["code"] == "missing_classes" and "1 of the model's 10 classes" in warning["message"]
+    every = np.concatenate([np.flatnonzero(y == k)[:2] for k in range(10)])
+    r = app_client.post(EVALUATE, json={"instances": x[every].tolist(), "labels": y[every].tolist()})
+    assert r.status_code == 200, r.text
+    assert r.json()["warnings"] == []
+
+
 def _archive(x, y, classes, kind="tar.gz", size=None) -> bytes:
     buf = io.BytesIO()
     members = []

@@ -173,7 +173,8 @@ async def evaluate(
             "before_temperature": report.before.to_dict(), "after_temperature": report.after.to_dict(),
             "fitted_temperature": report.fitted_temperature,
             "after_fitted_temperature": None if report.after_fitted is None else report.after_fitted.to_dict(),
-            "selective": report.selective.report.to_dict()}
+            "selective": report.selective.report.to_dict(),
+            "warnings": [w.to_dict() for w in report.warnings]}
 
 
 def _labelled_json(payload: dict, num_classes: int, resize: bool, max_images: int):
