@@ -215,7 +215,7 @@ def test_writable_tmp_for_a_read_only_root(deployment, container):
 
 
 def test_resources_fit_the_measured_footprint(container):
-    """docs/soak-test.md: ~1.1 GB idle, 1.32 GB peak under overload, < 2 GB bound by admission."""
+    """reports/soak-test.md: ~1.1 GB idle, 1.32 GB peak under overload, < 2 GB bound by admission."""
     res = container["resources"]
     assert quantity_bytes(res["requests"]["memory"]) >= 1.3e9
     assert quantity_bytes(res["limits"]["memory"]) >= 2.0e9
