@@ -281,7 +281,7 @@ def run(args, argv: list[str]) -> int:
     out = Path(args.output)
     report.write(out, doc, results)
     for m in doc["models"]:
-        t = m["ood"]["issue_target"]
+        t = report.threshold_check(m)
         agg = m["aggregates"]
         print(f"{m['name']}: clean acc {m['clean']['accuracy']:.4f} ece {m['clean']['ece']:.4f}; "
               f"cA {agg['cA']:.4f} cNLL {agg['cNLL']:.4f} cCE {agg['cCE']:.4f}; "

@@ -31,6 +31,8 @@ def _ood_identity(doc: dict) -> list[tuple]:
 
 
 def read_report(folder: Path) -> dict:
+    from training.shift.report import upgrade_report
+
     path = folder / "report.json"
     try:
         doc = json.loads(path.read_text())
@@ -43,7 +45,7 @@ def read_report(folder: Path) -> dict:
     missing = [k for k in (*SAME_BENCHMARK, *PROVENANCE, "data", "ood_sets", "artifacts", "pngs") if k not in doc]
     if missing:
         raise CommandError(f"{path}: not a training.shift report (no {', '.join(missing)})")
-    return doc
+    return upgrade_report(doc)
 
 
 def combine(docs: list[dict], typed: list[str], links: list[str], command_line: str) -> dict:
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
         pngs += [f"{where}/{p}" for p in src["pngs"] if p.startswith("reliability_")]
     report.write_documents(out, doc, pngs)
     for m in doc["models"]:
-        agg, t = m["aggregates"], m["ood"]["issue_target"]
+        agg, t = m["aggregates"], report.threshold_check(m)
         print(f"{m['name']}: cA {agg['cA']:.4f} cCE {agg['cCE']:.4f}; "
               f"entropy AUROC clean vs severity {t['severity']} {t['auroc']:.3f}")
     print(f"combined report written to {portable_path(str(out.resolve()))}")
