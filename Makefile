@@ -1,4 +1,4 @@
-# The two set-up commands of the README: `make serve` and `make test`.
+# The set-up commands of the README: `make serve`, `make test` and `make test-all`.
 # Each creates the virtual environment on first use, so a fresh machine needs nothing else.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,8 +6,10 @@ EXTRAS ?= dev
 # `make benchmark CIFAR10_DIR=path/to/cifar10-jpeg` for the JPEG copy; keras: the official set (downloaded once)
 CIFAR10_DIR ?= keras
 PY := $(VENV)/bin/python
+# `make test`: unit and fast in-process integration tests; every marker of pyproject.toml is left out
+FAST_TESTS := not (slow or server or training or subprocess or lab or container)
 
-.PHONY: serve test benchmark
+.PHONY: serve test test-all benchmark
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +21,9 @@ serve: $(VENV)/.installed-$(EXTRAS)
 	$(PY) -m service
 
 test: $(VENV)/.installed-$(EXTRAS)
+	$(PY) -m pytest -q -m "$(FAST_TESTS)"
+
+test-all: $(VENV)/.installed-$(EXTRAS)
 	$(PY) -m pytest -q
 
 benchmark: $(VENV)/.installed-$(EXTRAS)

@@ -197,6 +197,7 @@ def test_freeze_layers_after_stops_them_together_and_trains_the_rest():
     assert not any(layer.trainable for layer in frozen)
 
 
+@pytest.mark.training
 def test_airbench_recipe_trains_end_to_end(sample_archive, tmp_path):
     from models.artifact import load_artifact, read_card
     from training.config import parse_args
@@ -386,6 +387,7 @@ def test_muon_leaves_dense_kernels_and_biases_to_sgd():
         MuonSGD(learning_rate=0.1, momentum=0.0)
 
 
+@pytest.mark.training
 def test_muon_inside_fit_keeps_conv_kernel_norms_near_sqrt_out():
     """Through `fit` the TF backend hands the optimizer tf.Variables: the 4-D test still routes."""
     from training.optimization import MuonSGD

@@ -10,6 +10,8 @@ import pytest
 
 from models.artifact import ArtifactError, load_artifact, read_card, save_artifact
 
+pytestmark = pytest.mark.training
+
 
 def test_card_records_what_a_user_needs(tiny_artifact):
     card = read_card(tiny_artifact)

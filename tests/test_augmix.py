@@ -66,6 +66,7 @@ def test_choices_are_per_image_not_per_batch():
     assert np.array_equal(inactive.numpy(), batch.numpy())
 
 
+@pytest.mark.training
 def test_pipeline_switch_changes_images_only(images):
     labels = np.arange(len(images)) % 10
     kwargs = dict(batch_size=32, num_classes=10, seed=0, epochs=1)

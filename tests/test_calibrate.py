@@ -10,6 +10,8 @@ from models.artifact import load_artifact, read_card
 from training.calibrate import main, perturbed_validation
 from training.shift.corruptions import VALIDATION_CORRUPTIONS
 
+pytestmark = pytest.mark.training
+
 
 @pytest.fixture()
 def artifact_copy(tiny_artifact, tmp_path):

@@ -24,6 +24,8 @@ from training.cli import (CommandError, UsageError, _stderr_filtered, command,
 from training.config import validation_size
 from training.data import CIFAR10_CLASSES, DataSourceError
 
+pytestmark = pytest.mark.subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models" / "shipped" / "cifar10-resnet"
 

@@ -18,6 +18,8 @@ import pytest
 
 from service.__main__ import SERVE_COMMAND
 
+pytestmark = pytest.mark.container
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
 CHECK = REPO / "deploy" / "container" / "check.sh"
@@ -100,15 +102,17 @@ def test_build_context_leaves_out_local_state():
     assert {".venv", ".git", "runs", "data"} <= ignored
 
 
-def test_ci_runs_the_container_check_after_the_tests():
+def test_ci_runs_both_test_commands_without_skips_then_the_container_check():
     assert CHECK.is_file() and os.access(CHECK, os.X_OK)
     assert CHECK.read_text().startswith("#!/usr/bin/env bash\n")
     assert "set -euo pipefail" in CHECK.read_text()
     steps = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
-    test_step = steps.index("make test EXTRAS=dev,lab")
+    no_skip = steps.index("export CALIB_TESTS_NO_SKIP=1")
+    fast_step = steps.index("make test EXTRAS=dev,lab")
+    all_step = steps.index("make test-all EXTRAS=dev,lab")
     check_steps = [i for i, line in enumerate(steps) if "deploy/container/check.sh" in line]
-    assert check_steps and min(check_steps) > test_step
+    assert no_skip < fast_step < all_step < min(check_steps)
 
 
 def test_container_check_script_is_valid_bash():

@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.training
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 420   # seconds for all three processes together (about 1 minute on an idle 2-core machine)

@@ -81,6 +81,7 @@ def test_quick_gelu_is_close_to_exact_gelu():
     np.testing.assert_allclose(quick[x > 6], x[x > 6], rtol=1e-4)
 
 
+@pytest.mark.training
 def test_artifact_with_fast_layers_round_trips_under_safe_mode(tmp_path):
     from models.artifact import load_artifact, save_artifact
     from models.inference import SplitClassifier

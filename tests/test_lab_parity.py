@@ -8,6 +8,8 @@ import inspect
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.lab
+
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 

@@ -7,6 +7,8 @@ import math
 
 import pytest
 
+pytestmark = pytest.mark.lab
+
 pytest.importorskip("tensorflow")
 
 

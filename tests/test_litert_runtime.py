@@ -19,6 +19,8 @@ from models.calibration import softmax
 from models.litert_classifier import BACKBONE_FILE, HEAD_FILE, LiteRTClassifier
 from models.philox import stateless_uniform
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny"
 TOL = 1e-5

@@ -143,6 +143,7 @@ def _exact_head_moments(clf, x):
     return clf.logits(x), variance
 
 
+@pytest.mark.slow
 def test_explicit_keras_mc_is_seeded_and_agrees_with_the_vectorised_path():
     from models.inference import SplitClassifier
 

@@ -102,6 +102,7 @@ def _pixels_input(x: np.ndarray, datatype: str):
     return tensor
 
 
+@pytest.mark.server
 def test_tritonclient_health_and_metadata(triton, version):
     from tritonclient.utils import InferenceServerException
 
@@ -129,6 +130,7 @@ def test_tritonclient_health_and_metadata(triton, version):
     assert exc.value.status() == "404" and version in exc.value.message()
 
 
+@pytest.mark.server
 def test_tritonclient_uint8_fp32_and_png_bytes_equal_v1(triton, images, v1_prediction, version):
     import tritonclient.http as httpclient
 
@@ -151,6 +153,7 @@ def test_tritonclient_uint8_fp32_and_png_bytes_equal_v1(triton, images, v1_predi
     np.testing.assert_allclose(result.as_numpy("probabilities"), v1_prediction["probabilities"], atol=1e-5)
 
 
+@pytest.mark.server
 def test_tritonclient_mc_outputs_subset_and_seed(triton, images, v1_prediction):
     import tritonclient.http as httpclient
 
@@ -183,6 +186,7 @@ def test_tritonclient_mc_outputs_subset_and_seed(triton, images, v1_prediction):
     assert (full.as_numpy("mc_variance") >= 0).all()
 
 
+@pytest.mark.server
 def test_tritonclient_errors_are_exceptions_with_the_message(triton, images):
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException

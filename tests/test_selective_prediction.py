@@ -223,6 +223,7 @@ def test_bad_arguments_raise_value_error(call, message):
         call()
 
 
+@pytest.mark.training
 def test_training_evaluate_prints_the_same_selective_summary(tiny_artifact, sample_archive, capsys):
     """`python -m training.evaluate --target-accuracy` reuses `selective_report` on the test split."""
     import json

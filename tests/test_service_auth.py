@@ -373,6 +373,7 @@ def _cli(url, *args, key=None):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.subprocess
 def test_cli_sends_the_key_from_option_or_env(keyed_server, small_npz):
     ok = _cli(keyed_server, "--api-key", KEY_A, "models", "--json")
     assert ok.returncode == 0, ok.stderr

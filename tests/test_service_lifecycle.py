@@ -25,7 +25,7 @@ import pytest
 
 from service.server_process import REPO, ServerProcess, serve_command
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 
 EVAL_IMAGES = 20_000  # with CALIB_EVAL_CHUNK=1: 20,000 forward passes, far longer than the timeout
 GRACEFUL_S = 1.0

@@ -383,6 +383,7 @@ def test_compare_bad_bodies_and_parameters(client):
 
 # --- the curl script over real HTTP -----------------------------------------------------------------
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+@pytest.mark.server
 def test_curl_script_compares_two_batches(ood_model_dir, batches, tmp_path, split_classifier):
     from service.server_process import ServerError, ServerProcess
 

@@ -20,7 +20,7 @@ from service.__main__ import SERVE_COMMAND
 from tests.service_helpers import BROKEN, MODEL, npz_bytes, png_bytes
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from service.metrics import forget_dead_processes
 from service.settings import Settings
 from service.workers import MULTIPROC_ENV, metrics_dir
 
+pytestmark = pytest.mark.server
+
 
 # --- the setting ---------------------------------------------------------------------------------
 
@@ -91,7 +93,6 @@ def _models_loaded(text: str) -> dict[str, float]:
             if s.name == "calib_models_loaded"}
 
 
-@pytest.mark.slow
 def test_two_workers_share_the_port_and_the_metrics(tiny_artifact, tmp_path):
     from service.server_process import ServerError, ServerProcess
 

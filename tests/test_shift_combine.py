@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 PROG = "python -m training.shift.combine"
 PNG = b"\x89PNG\r\n\x1a\n"

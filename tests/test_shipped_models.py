@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("keras")
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "shipped"
