@@ -88,10 +88,10 @@ class Calibrated:
 
 
 def run(config, *, litert_export: bool = True) -> Path:
-    """Train, calibrate, evaluate and write one artifact (the five steps of the module docstring).
+    """Train, calibrate, evaluate and write one artifact: the steps of the module docstring.
 
-    `litert_export=False` skips the LiteRT export (backbone.tflite + head.npz): the Keras artifact
-    is complete without it, and tests that do not serve with LiteRT save its ~10 s."""
+    `litert_export=False` skips step 6 (backbone.tflite + head.npz): the Keras artifact is complete
+    without it, and the tests that do not serve with LiteRT save its cost (5-11 s here)."""
     started = time.time()
     check_before_loading(config)
     config, splits = load_splits(config, started)
