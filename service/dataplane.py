@@ -32,7 +32,7 @@ from models.calibration.ood import (
     uncertainty_scores,
 )
 from models.calibration.ood_diagram import score_histograms_png
-from models.calibration.uncertainty import MCSummary
+from models.calibration.uncertainty import MCSummary, chunked_mc_summary
 from service.inputs import InputError
 from service.registry import LoadedModel
 
@@ -48,6 +48,14 @@ class WorkCancelled(Exception):
 def _check(stop: threading.Event | None) -> None:
     if stop is not None and stop.is_set():
         raise WorkCancelled("the model work was cancelled")
+
+
+def _stoppable(mc_logits_from_features, stop: threading.Event):
+    """The classifier's MC head call, checking `stop` before each chunk it is called for."""
+    def call(*args):
+        _check(stop)
+        return mc_logits_from_features(*args)
+    return call
 
 
 @dataclass(frozen=True)
@@ -86,11 +94,14 @@ class Evaluation:
 
 def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
             mc_chunk_rows: int = 65_536, batch_size: int = 500,
-            features: np.ndarray | None = None, logits: np.ndarray | None = None) -> Prediction:
+            features: np.ndarray | None = None, logits: np.ndarray | None = None,
+            stop: threading.Event | None = None) -> Prediction:
     """`features` (and `logits`, the deterministic head on them): the backbone's output for `x`
     when already computed (the micro-batcher, `service.batching`, runs both for several requests
     at once); the MC sampling depends only on the features and the seed, never on which other
-    images shared the pass."""
+    images shared the pass. `stop` set (the client went away): WorkCancelled before the backbone
+    and before each MC chunk, the same chunks and seeds as without it."""
+    _check(stop)
     clf = model.classifier
     t = model.temperature
     if features is None:
@@ -104,7 +115,11 @@ def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | N
     summary = None
     if mc_samples > 0:
         seed = 0 if seed is None else int(seed)
-        summary = clf.mc_summary_from_features(features, mc_samples, seed, t, mc_chunk_rows)
+        if stop is None:
+            summary = clf.mc_summary_from_features(features, mc_samples, seed, t, mc_chunk_rows)
+        else:
+            summary = chunked_mc_summary(_stoppable(clf.mc_logits_from_features, stop), features, mc_samples,
+                                         seed, t, mc_chunk_rows)
     return Prediction(logits, softmax(logits, t), softmax(logits, 1.0), summary, seed)
 
 

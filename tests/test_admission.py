@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from fastapi import FastAPI, Request
 
-from service.admission import ByteBudget, EvaluationGate, Overloaded
-from service.rest.admission import AdmissionMiddleware
+from service.admission_limits import ByteBudget, EvaluationGate, Overloaded
+from service.rest import errors
+from service.rest.admission_middleware import AdmissionMiddleware
 from service.settings import Settings
 from tests.service_fixtures import MODEL, error_of, npz_bytes, service_model_dir  # noqa: F401
 
@@ -126,6 +127,7 @@ def _gated_app(**overrides):
     async def predict(request: Request):
         return {"bytes": len(await request.body())}
 
+    errors.install(app)  # as create_app: a client that went away is a 499, never a 500
     app.add_middleware(AdmissionMiddleware, fastapi_app=app)  # as create_app: inside the error handling
     app.middleware_stack = app.build_middleware_stack()
     return app
@@ -145,12 +147,11 @@ async def _call(asgi, path, body=b"", *, declared=True, disconnect_after=None, c
     async def receive():
         nonlocal sent_body
         if not sent_body:
-            if disconnect_after is not None:
-                await asyncio.sleep(disconnect_after)
-                gone.set()
-                return {"type": "http.disconnect"}
             sent_body = True
             return {"type": "http.request", "body": body, "more_body": False}
+        if disconnect_after is not None:  # the whole body sent, the client goes away later
+            await asyncio.sleep(disconnect_after)
+            gone.set()
         await gone.wait()
         return {"type": "http.disconnect"}
 
@@ -206,7 +207,7 @@ def test_middleware_client_leaving_the_queue_frees_its_place():
         running = asyncio.ensure_future(_call(asgi, EVALUATE, b"x", content_type=b"application/x-npz"))
         await app.state.entered.wait()
         status, _, _ = await asyncio.wait_for(_call(asgi, EVALUATE, b"y", disconnect_after=0.05), 2)
-        assert status is None  # nothing sent to a client that is gone
+        assert status == 499  # counted as "client closed request" (nobody reads it)
         assert (asgi.state.admission.gate.in_flight, asgi.state.admission.gate.waiting) == (1, 0)
         app.state.release.set()
         await running

@@ -11,7 +11,8 @@ router = APIRouter(tags=["health"])
 metrics_router = APIRouter(tags=["health"])  # apart: CALIB_METRICS_REQUIRE_KEY puts it behind the API key
 
 
-@router.get("/health/live", response_model=Liveness, summary="The process is up")
+# HEAD too: probes (and load balancers) that check with HEAD get 200, not 405
+@router.api_route("/health/live", methods=["GET", "HEAD"], response_model=Liveness, summary="The process is up")
 async def live() -> dict:
     return {"status": "alive"}
 
@@ -28,7 +29,7 @@ async def ready(request: Request):
     return {"status": "ready", "models": registry.names(), "failed": failed}
 
 
-@metrics_router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+@metrics_router.api_route("/metrics", methods=["GET", "HEAD"], summary="Prometheus metrics", response_class=Response,
                     responses={200: {"description": "the Prometheus text exposition format",
                                      "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:

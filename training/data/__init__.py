@@ -10,8 +10,8 @@ Public API:
 """
 
 from .cifar import CIFAR10_CLASSES, CifarData, load_cifar10, recorded_data_source
-from .errors import DataSourceError
-from .image_folder import (
+from imagedata.errors import DataSourceError
+from imagedata.image_folder import (
     IMAGE_EXTENSIONS,
     IMAGE_SIZE,
     decode_image,

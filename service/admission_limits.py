@@ -18,17 +18,16 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import AsyncIterator, Iterator
 
 import anyio
 
 # Measured with tracemalloc (service.inputs on random uint8 images): a JSON body of nested pixel
 # lists peaks at 7.2x its size while it is parsed (the lists), on top of the body itself; an
 # uncompressed .npz upload at 1.1x (its arrays) on top of the bytes read from the upload. PNG
-# uploads decode to about their own size. A *compressed* .npz can inflate further (up to the 8x
-# array cap of `service.rest.models._array_cap`); that excess is not charged, it is bounded per request by the
-# cap and for evaluations by the gate.
+# uploads decode to about their own size. What a *compressed* .npz declares it inflates to is charged
+# on top, from its zip directory before it is inflated (service.rest.requests.charge_uncompressed).
 JSON_CHARGE = 8
 OTHER_CHARGE = 2
 
@@ -40,8 +39,8 @@ def charge_factor(content_type: str) -> int:
 
 
 class Overloaded(Exception):
-    """The server is busy; the request itself is fine. `reason`: queue_full, queue_timeout or
-    byte_budget; `retry_after`: whole seconds a client should wait before retrying."""
+    """The server is busy; the request itself is fine. `reason`: queue_full, queue_timeout,
+    byte_budget or predict_work; `retry_after`: whole seconds a client should wait before retrying."""
 
     def __init__(self, reason: str, message: str, retry_after: int):
         super().__init__(message)
@@ -133,10 +132,12 @@ class ByteBudget:
         self.used = 0
         self.rejected = 0
 
-    def try_reserve(self, n: int) -> bool:
+    def try_reserve(self, n: int, own: int = 0) -> bool:
+        """`own`: what the asking request already holds (charged chunk by chunk, a request alone
+        may still grow past the total)."""
         if n <= 0:
             return True
-        if self.used and self.used + n > self.total:
+        if self.used - own and self.used + n > self.total:
             return False
         self.used += n
         return True
@@ -157,7 +158,7 @@ class Reservation:
         self.held = 0
 
     def reserve(self, n: int) -> None:
-        if not self.budget.try_reserve(n):
+        if not self.budget.try_reserve(n, own=self.held):
             self.budget.rejected += 1
             raise Overloaded("byte_budget", f"the server is buffering {self.budget.used} bytes of requests "
                              f"(budget {self.budget.total}, CALIB_MAX_BUFFERED_BYTES); this one needs {n} more; "
@@ -168,3 +169,23 @@ class Reservation:
         held, self.held = self.held, 0
         if held:
             self.budget.release(held)
+
+
+class PredictWorkBound(ByteBudget):
+    """The predict work admitted at once, in images x max(1, MC samples): a queue of abandoned
+    512-image T=1000 requests can no longer make a 1-image predict wait half a minute. Like the
+    byte budget, one request larger than the bound runs when nothing else is admitted."""
+
+    RETRY_AFTER = 2  # a few seconds of model work drain it
+
+    @contextmanager
+    def hold(self, units: int) -> Iterator[None]:
+        if not self.try_reserve(units):
+            self.rejected += 1
+            raise Overloaded("predict_work", f"{self.used} image x MC-sample units of predict work are admitted "
+                             f"(bound {self.total}, CALIB_MAX_QUEUED_PREDICT_WORK); this request adds {units}; "
+                             f"retry later", self.RETRY_AFTER)
+        try:
+            yield
+        finally:
+            self.release(units)
