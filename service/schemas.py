@@ -255,8 +255,8 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["instances"],
                                     "properties": {"instances": _INSTANCES}},
                          "example": {"instances": _EXAMPLE_IMAGES}},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {"files": {
-        **_FILES, "description": "PNG/JPEG image files, or one .npy/.npz array [N,32,32,3] uint8"}}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {"files": {
+        **_FILES, "minItems": 1, "description": "PNG/JPEG image files, or one .npy/.npz array [N,32,32,3] uint8"}}}},
 }}}
 
 EVALUATE_BODY = {"requestBody": {"required": True, "content": {
@@ -266,7 +266,7 @@ EVALUATE_BODY = {"requestBody": {"required": True, "content": {
                                                        "type": "integer", "minimum": 0},
                                                        "description": "one class index per instance"}}},
                          "example": {"instances": _EXAMPLE_IMAGES, "labels": [0, 9]}},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": {
         "type": "string", "format": "binary",
         "description": ".npz with x uint8 [N,32,32,3] and y int [N], or a .tar.gz/.zip of "
                        "<class>/<image> folders"}}}},

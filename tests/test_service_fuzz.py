@@ -15,13 +15,8 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
 
-from schemathesis.checks import (  # noqa: E402
-    content_type_conformance,
-    not_a_server_error,
-    response_schema_conformance,
-    status_code_conformance,
-)
-from schemathesis.specs.openapi.checks import negative_data_rejection  # noqa: E402
+from schemathesis.checks import CHECKS as REGISTERED_CHECKS  # noqa: E402
+from schemathesis.checks import load_all_checks  # noqa: E402
 
 from tests.service_fixtures import BROKEN, MODEL, service_model_dir, service_settings  # noqa: E402,F401
 
@@ -45,8 +40,11 @@ FUZZ_CONFIG = {
     "parameters": {"path.name": {"dictionary": "model_names", "probability": 0.9}},
 }
 
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
-          negative_data_rejection]
+# Every check schemathesis has (as `schemathesis run --checks all`): besides no 5xx and answers as
+# documented, schema-valid requests are accepted (positive_data_acceptance), a 405 carries `Allow`
+# (unsupported_method, allow_header_conformance), headers conform, and so on.
+load_all_checks()
+CHECKS = REGISTERED_CHECKS.get_all()
 
 
 def _documented_schema() -> dict:

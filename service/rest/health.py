@@ -11,10 +11,16 @@ router = APIRouter(tags=["health"])
 metrics_router = APIRouter(tags=["health"])  # apart: CALIB_METRICS_REQUIRE_KEY puts it behind the API key
 
 
-# HEAD too: probes (and load balancers) that check with HEAD get 200, not 405
-@router.api_route("/health/live", methods=["GET", "HEAD"], response_model=Liveness, summary="The process is up")
+@router.get("/health/live", response_model=Liveness, summary="The process is up")
 async def live() -> dict:
     return {"status": "alive"}
+
+
+# HEAD too: probes (and load balancers) that check with HEAD get 200, not 405
+@router.head("/health/live", response_class=Response, summary="The process is up (no body)",
+             responses={200: {"description": "alive", "content": {"application/json": {}}}})
+async def live_head() -> Response:
+    return Response(media_type="application/json")
 
 
 @router.get("/health/ready", response_model=Readiness, summary="At least one model is loaded",
@@ -29,9 +35,16 @@ async def ready(request: Request):
     return {"status": "ready", "models": registry.names(), "failed": failed}
 
 
-@metrics_router.api_route("/metrics", methods=["GET", "HEAD"], summary="Prometheus metrics", response_class=Response,
+@metrics_router.get("/metrics", summary="Prometheus metrics", response_class=Response,
                     responses={200: {"description": "the Prometheus text exposition format",
                                      "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     body, content_type = request.app.state.metrics.render()
     return Response(body, media_type=content_type)
+
+
+@metrics_router.head("/metrics", summary="Prometheus metrics (headers only)", response_class=Response,
+                     responses={200: {"description": "the headers of the Prometheus text exposition",
+                                      "content": {"text/plain": {}}}})
+async def metrics_head(request: Request) -> Response:
+    return Response(media_type=request.app.state.metrics.render()[1])
