@@ -106,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.health_router)  # the Open Inference Protocol (/v2): its health stays open too
     app.include_router(v2.router, **v2.protect(keys))
     v2.document_400_not_422(app)
+    models.document_query_limits(app, settings)
     app.add_middleware(AdmissionMiddleware, fastapi_app=app)  # inside the body limit: 413 before 503
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        read_timeout_s=settings.body_read_timeout_s)

@@ -238,7 +238,8 @@ def _exactly(n: int, items: dict) -> dict:
 _PIXELS = {**_exactly(32, _exactly(32, _exactly(3, {"type": "integer", "minimum": 0, "maximum": 255}))),
            "description": "32x32x3 nested array of integers 0..255 (RGB, HWC)"}
 _B64 = {"type": "object", "required": ["b64"], "additionalProperties": False,
-        "properties": {"b64": {"type": "string", "description": "base64 PNG or JPEG bytes"}}}
+        "properties": {"b64": {"type": "string", "minLength": 1, "format": "byte", "contentEncoding": "base64",
+                               "description": "base64 PNG or JPEG bytes"}}}
 _INSTANCES = {"type": "array", "minItems": 1, "items": {"oneOf": [_PIXELS, _B64]},
               "description": "at most CALIB_MAX_INSTANCES (predict) or CALIB_MAX_EVAL_IMAGES (evaluate)"}
 _FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
@@ -274,7 +275,7 @@ EVALUATE_BODY = {"requestBody": {"required": True, "content": {
 
 _BATCH = {**_INSTANCES, "description": "images as in predict: 32x32x3 arrays or {\"b64\": ...}; at most "
                                       "CALIB_MAX_EVAL_IMAGES per batch"}
-_BATCH_FILES = {**_FILES, "description": "PNG/JPEG image files, or .npy/.npz arrays [N,32,32,3] uint8 "
+_BATCH_FILES = {**_FILES, "minItems": 1, "description": "PNG/JPEG image files, or .npy/.npz arrays [N,32,32,3] uint8 "
                                          "(repeat the field for several files)"}
 COMPARE_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["in_distribution", "suspect"],

@@ -111,15 +111,16 @@ class Settings(BaseSettings):
                              "so a second would add its memory (~2x its upload) but no throughput, and it "
                              "would take the second inference thread that predict requests use")
     evaluation_queue: int = Field(
-        32, ge=0, description="evaluate requests that may wait for a slot; their bodies stay unread while "
-                              "they wait, so a place costs no memory and the queue only bounds waiting (with "
-                              "the timeout); beyond that: 503 overloaded + Retry-After")
+        32, ge=0, description="evaluate (and compare) requests that may wait for a slot once their body is "
+                              "read (a slow upload never holds a slot); their bodies are charged to "
+                              "CALIB_MAX_BUFFERED_BYTES while they wait; beyond that: 503 overloaded + Retry-After")
     evaluation_queue_timeout_s: float = Field(
         30.0, gt=0, description="how long an evaluate request may wait in the queue before 503 overloaded")
     max_buffered_bytes: int = Field(
         512 * 1024 * 1024, ge=1024,
-        description="memory budget for the requests in flight, charged from the body size as the request "
-                    "will hold it: JSON 8x (parsed pixel lists), other bodies 2x (upload + decoded arrays). "
+        description="memory budget for the requests in flight, charged as the body arrives, as the request "
+                    "will hold it: JSON 8x (parsed pixel lists), other bodies 2x (upload + decoded arrays), "
+                    "plus what an .npz declares it inflates to. "
                     "Over budget: 503 overloaded + Retry-After (a request larger than the whole budget still "
                     "runs when nothing else is buffered)")
 

@@ -235,3 +235,40 @@ async def compare(
             "scores": [{"score": d.score, "auroc": d.auroc, "aupr": d.aupr, "fpr_at_95_tpr": d.fpr_at_95_tpr,
                         "mean_in_distribution": d.mean_in, "mean_suspect": d.mean_out}
                        for d in result.detections]}
+
+
+def document_query_limits(app, settings) -> None:
+    """Put this server's limits into the OpenAPI document (they are settings, so the route
+    declarations cannot hold them), so that the document admits exactly the query values the
+    server accepts: `mc_samples` 0..CALIB_MAX_MC_SAMPLES (compare: 0 or 2..), `bins`
+    1..CALIB_MAX_BINS, `seed` 0..2^31-2. The routes keep their own checks and error codes."""
+    generate = app.openapi
+    seed = {"minimum": 0, "maximum": 2**31 - 2}
+    limits = {
+        "/v1/models/{name}/predict": {"mc_samples": {"minimum": 0, "maximum": settings.max_mc_samples}, "seed": seed},
+        "/v1/models/{name}/evaluate": {"bins": {"minimum": 1, "maximum": settings.max_bins}},
+        "/v1/models/{name}/compare": {"mc_samples": {"anyOf": [{"type": "integer", "enum": [0]},
+                                                               {"type": "integer", "minimum": 2,
+                                                                "maximum": settings.max_mc_samples}]},
+                                      "seed": seed},
+    }
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = generate()
+        for path, params in limits.items():
+            for param in spec.get("paths", {}).get(path, {}).get("post", {}).get("parameters", []):
+                extra = params.get(param["name"])
+                if extra is None:
+                    continue
+                schema = param["schema"]
+                target = next((s for s in schema.get("anyOf", []) if s.get("type") == "integer"), schema)
+                if "anyOf" in extra:  # replaces the integer schema
+                    param["schema"] = {**{k: v for k, v in schema.items() if k not in ("type", "anyOf")}, **extra}
+                else:
+                    target.update(extra)
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi
