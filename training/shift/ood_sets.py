@@ -78,7 +78,7 @@ def _sha256_file(path: Path) -> str:
 def _folder_checksum(root: Path) -> str:
     """sha256 over sorted (relative POSIX path, NUL, sha256(content)) of the folder's image files,
     the rule `training.data.load_cifar10` uses for image folders."""
-    from training.data import IMAGE_EXTENSIONS
+    from imagedata import IMAGE_EXTENSIONS
 
     records = []
     for path in root.rglob("*"):
