@@ -124,6 +124,11 @@ class Settings(BaseSettings):
                     "Over budget: 503 overloaded + Retry-After (a request larger than the whole budget still "
                     "runs when nothing else is buffered)")
 
+    buffer_wait_s: float = Field(
+        10.0, ge=0, le=600, description="how long a body chunk may wait for room in CALIB_MAX_BUFFERED_BYTES "
+                                        "(its upload held in the socket meanwhile; the oldest request in flight "
+                                        "always gets room) before 503 overloaded")
+
     # --- hardening (docs/hardening.md) ------------------------------------------------------------
     max_uncompressed_bytes: Optional[int] = Field(
         None, ge=1024, description="what the archives and .npz files of one request may inflate to, by their "

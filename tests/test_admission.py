@@ -124,6 +124,30 @@ def test_a_request_charged_chunk_by_chunk_may_grow_past_the_budget_only_alone():
     assert budget.used == 0
 
 
+def test_budget_waiters_get_room_when_it_is_released_and_the_oldest_always_grows():
+    async def run():
+        budget = ByteBudget(1000, wait_s=5)
+        first, second, third = budget.reservation(), budget.reservation(), budget.reservation()
+        await first.reserve_waiting(400)
+        await second.reserve_waiting(500)
+        await first.reserve_waiting(600)  # the oldest: room or not
+        waiting = asyncio.ensure_future(third.reserve_waiting(200))  # must wait for room
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        first.close()  # 1000 released: the waiter gets its bytes
+        await asyncio.wait_for(waiting, 1)
+        assert budget.used == 700
+        quick = ByteBudget(100, wait_s=0.05)
+        holder, late = quick.reservation(), quick.reservation()
+        await holder.reserve_waiting(100)
+        with pytest.raises(Overloaded):
+            await late.reserve_waiting(1)  # nothing released within wait_s
+        second.close(), third.close(), holder.close(), late.close()
+        assert budget.used == 0 and quick.used == 0
+
+    asyncio.run(run())
+
+
 def test_predict_work_bound_refuses_beyond_its_total_and_releases():
     from service.admission_limits import PredictWorkBound
 
@@ -145,7 +169,7 @@ def test_predict_work_bound_refuses_beyond_its_total_and_releases():
 def _gated_app(**overrides):
     """A bare app with an evaluate route that waits for `release`; the admission middleware on top."""
     settings = Settings(max_concurrent_evaluations=1, evaluation_queue=1, evaluation_queue_timeout_s=5,
-                        max_buffered_bytes=10_000, **overrides)
+                        max_buffered_bytes=10_000, buffer_wait_s=0.2, **overrides)
     app = FastAPI()
     app.state.settings = settings
     app.state.release = None
@@ -311,7 +335,7 @@ def strict_server(service_model_dir, tmp_path_factory):
     try:
         with ServerProcess(service_model_dir, log_path=tmp_path_factory.mktemp("strict") / "server.log",
                            max_concurrent_evaluations=1, evaluation_queue=0, eval_chunk=1,
-                           max_buffered_bytes=6_000_000) as running:
+                           max_buffered_bytes=6_000_000, buffer_wait_s=0.5) as running:
             yield running.url
     except ServerError as exc:
         pytest.fail(str(exc))

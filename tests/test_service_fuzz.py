@@ -35,7 +35,7 @@ MODEL_NAMES = [MODEL] * 8 + [BROKEN, "no-such-model"]
 
 FUZZ_CONFIG = {
     "seed": SEED,
-    "suppress-health-check": ["too_slow", "filter_too_much", "data_too_large", "large_base_example"],
+    "suppress-health-check": ["too_slow", "filter_too_much", "data_too_large"],
     "generation": {"deterministic": True, "max-examples": MAX_EXAMPLES, "database": "none"},
     "phases": {"stateful": {"enabled": False}},
     "dictionaries": {"model_names": {"values": MODEL_NAMES}},

@@ -3,7 +3,9 @@ than it can hold (the limits themselves live in service.admission_limits).
 
 Per request:
 1. the body reserves `chunk x charge_factor` bytes from the shared budget as each chunk arrives
-   (never the declared Content-Length: a client sending 1 byte a second holds 1 byte's worth);
+   (never the declared Content-Length: a client sending 1 byte a second holds 1 byte's worth); a
+   chunk that does not fit waits up to CALIB_BUFFER_WAIT_S for room (the oldest request always
+   gets it), then 503;
    the routes add what an .npz upload declares it inflates to (`calib.reservation` in the scope).
 2. an evaluate (or compare) request takes an evaluation slot once its whole body is in, waiting in
    the bounded queue if need be: a slow upload never holds the slot; a client that disconnects
@@ -43,7 +45,7 @@ class AdmissionMiddleware:
         settings = fastapi_app.state.settings
         self.gate = EvaluationGate(settings.max_concurrent_evaluations, settings.evaluation_queue,
                                    settings.evaluation_queue_timeout_s)
-        self.budget = ByteBudget(settings.max_buffered_bytes)
+        self.budget = ByteBudget(settings.max_buffered_bytes, settings.buffer_wait_s)
         fastapi_app.state.admission = self
         metrics = getattr(fastapi_app.state, "metrics", None)
         if metrics is not None and hasattr(metrics, "watch_admission"):
@@ -98,7 +100,7 @@ class AdmissionMiddleware:
                 body_done = True
                 return message
             body_done = not message.get("more_body", False)  # before reserving: a 503 drains only the rest
-            reservation.reserve(len(message.get("body", b"")) * factor)
+            await reservation.reserve_waiting(len(message.get("body", b"")) * factor)
             if body_done:
                 if gated:
                     token, disconnect = await self._wait_for_slot(receive)

@@ -60,7 +60,7 @@ async def charge_uncompressed(request: Request, files: list[tuple[str, bytes]]) 
         return
     declared = await in_thread(declared_uncompressed_bytes, files)
     if declared:
-        reservation.reserve(min(declared, settings_of(request).uncompressed_cap))
+        await reservation.reserve_waiting(min(declared, settings_of(request).uncompressed_cap))
 
 
 def registry_of(request: Request) -> ModelRegistry:
