@@ -28,16 +28,21 @@ WORKDIR /src
 # Project code; models/ includes the shipped artifact models/shipped/ (package data, so the
 # installed package resolves its default model directory without a CWD).
 COPY pyproject.toml README.md ./
+# Only what the server imports: no training/ (the packages.find include skips what is absent).
+COPY commandline.py ./
 COPY models/ models/
-COPY training/ training/
+COPY imagedata/ imagedata/
 COPY service/ service/
 COPY clients/ clients/
-# Non-editable install: the code lands in site-packages, /src is not copied on. Then strip
+# Non-editable install: the code lands in site-packages, /src is not copied on. The console scripts
+# of the training and benchmark commands (absent here) are removed: only calib-serve and
+# calib-client work in the image. Then strip
 # tensorflow/include (headers for compiling custom ops; absent with service-litert) and the packages' own test suites;
 # the .pyc files stay (the non-root user could not write them, so every start would recompile).
 # DL3013: this installs the project itself; its dependency pins live in pyproject.toml.
 # hadolint ignore=DL3013
 RUN /opt/venv/bin/pip install --no-cache-dir ".[${SERVICE_EXTRA}]" \
+    && find /opt/venv/bin -name 'calib-*' ! -name calib-serve ! -name calib-client -delete \
     && site=$(/opt/venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
     && rm -rf "$site/tensorflow/include" \
     && find "$site" -type d -name tests -path "*/site-packages/*/tests" -prune -exec rm -rf {} + \

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from training.cli import CommandError, UsageError, command, invoked_as, setup_tensorflow
+from commandline import CommandError, UsageError, command, invoked_as, setup_tensorflow
 
 SERVE_COMMAND = ["python", "-m", "service"]
 PROG = invoked_as("service", "calib-serve")
@@ -37,6 +37,8 @@ def serve(argv: list[str]) -> int:
     if argv:
         raise UsageError(f"unexpected arguments {' '.join(argv)}: settings come from {ENV_PREFIX}* "
                          "environment variables (see --help)")
+    from service.settings import load_settings
+
     settings = load_settings()
     if not settings.model_dir.exists():
         raise CommandError(f"model directory {settings.model_dir} does not exist "
@@ -66,31 +68,6 @@ def serve(argv: list[str]) -> int:
 def setup_logging(settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def load_settings():
-    """`Settings()` from the environment; a bad value is a UsageError naming the variable
-    (pydantic's own report spans several lines and names the field, not the variable)."""
-    import pydantic
-
-    from service.settings import ENV_PREFIX, Settings
-
-    try:
-        return Settings()
-    except pydantic.ValidationError as exc:
-        raise UsageError("bad setting " + "; ".join(map(_setting_problem, exc.errors()))) from None
-
-
-def _setting_problem(err: dict) -> str:
-    """`CALIB_PORT='99999': <why>`; the value is shown only for a named field that holds no secret
-    (an API-key field, or a whole-model check whose input is every setting, shows none)."""
-    from service.settings import ENV_PREFIX
-
-    name = "_".join(map(str, err["loc"])).upper()
-    if not name:
-        return err["msg"]
-    shown = "" if "KEY" in name else f"={err.get('input')!r}"
-    return f"{ENV_PREFIX}{name}{shown}: {err['msg']}"
 
 
 if __name__ == "__main__":

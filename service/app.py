@@ -12,12 +12,13 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
+from service.admission_limits import PredictWorkBound
 from service.api_keys import KeyRing
 from service.batching import BatchedPredictor
-from service.metrics import MetricsMiddleware, ServiceMetrics
+from service.http_metrics import MetricsMiddleware, ServiceMetrics
 from service.registry import load_registry
 from service.rest import auth, errors, health, models, v2
-from service.rest.admission import AdmissionMiddleware
+from service.rest.admission_middleware import AdmissionMiddleware
 from service.rest.limits import BodyLimitMiddleware
 from service.rest.request_id import ServiceApp
 from service.rest.served_by import ServedByMiddleware
@@ -85,24 +86,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.gc_freeze:
                 gc.unfreeze()  # collectable again once the app is gone (tests build many apps)
 
-    app = ServiceApp(title="Calibrated CIFAR-10 service", version=package_version(), description=DESCRIPTION,
-                     lifespan=lifespan)
+    # redirect_slashes=False: no redirect (which would echo the Host header) for a trailing slash;
+    # /v1/models/ is a 404 like any unknown path
+    app = ServiceApp(title="Calibrated CIFAR-10 service", version=package_version(),
+                     description=DESCRIPTION, lifespan=lifespan, redirect_slashes=False)
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     app.state.registry = None
     app.state.predictor = None
     app.state.model_work = set()  # stop events of the evaluate/compare calls in the executor
+    app.state.predict_work = PredictWorkBound(settings.max_queued_predict_work)
     errors.install(app)
     keys = KeyRing(settings.all_api_keys)
     auth.install(app, keys)
+    if settings.docs_require_key:
+        auth.protect_docs(app, keys)
     app.include_router(health.router)
     app.include_router(health.metrics_router, **(auth.protect(keys) if settings.metrics_require_key else {}))
     app.include_router(models.router, **auth.protect(keys))  # every data-plane router: auth.protect(keys)
     app.include_router(v2.health_router)  # the Open Inference Protocol (/v2): its health stays open too
     app.include_router(v2.router, **v2.protect(keys))
     v2.document_400_not_422(app)
+    models.document_query_limits(app, settings)
     app.add_middleware(AdmissionMiddleware, fastapi_app=app)  # inside the body limit: 413 before 503
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       read_timeout_s=settings.body_read_timeout_s)
     app.add_middleware(MetricsMiddleware, fastapi_app=app)  # outside the body limit: sees 413s too
     if settings.workers > 1:
         app.add_middleware(ServedByMiddleware)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from service.server_process import ServerError, ServerProcess
-from training.cli import ArgumentParser, CommandError, command, invoked_as, setup_tensorflow
+from commandline import ArgumentParser, CommandError, command, invoked_as, setup_tensorflow
 
 setup_tensorflow()   # as `python -m service` does
 PROG = invoked_as("service.benchmark", "calib-service-benchmark")
@@ -155,7 +155,7 @@ def _batch_counts(url: str, model: str) -> tuple[float, float, float]:
 
 @command(PROG)
 def main(argv: list[str] | None = None) -> int:
-    from service.__main__ import load_settings
+    from service.settings import load_settings
 
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=load_settings().model_dir)

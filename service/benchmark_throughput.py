@@ -7,7 +7,7 @@ First the in-process capacity: MC predict (T=100, the server's default) on one b
 clients (one keep-alive connection each, one asyncio process on the same machine) with
 throughput, its ratio to the in-process capacity, p50/p99, the CPU the server and the load
 generator each took, images per backbone pass, and the server's per-stage profile
-(`calib_predict_stage_seconds`, service.metrics.PREDICT_STAGES) as mean ms and share of the
+(`calib_predict_stage_seconds`, service.http_metrics.PREDICT_STAGES) as mean ms and share of the
 request's time. All servers start first (in parallel), then are measured one after the other,
 `--rounds` times in alternation, so a drift in machine load hits every config alike.
 Linux (/proc) for the server's CPU. Prints, never asserts.
@@ -28,7 +28,7 @@ import numpy as np
 
 from service.benchmark_workers import cpu_seconds, load, own_cpu_seconds
 from service.server_process import ServerError, ServerProcess
-from training.cli import ArgumentParser, CommandError, UsageError, command, invoked_as, setup_tensorflow
+from commandline import ArgumentParser, CommandError, UsageError, command, invoked_as, setup_tensorflow
 
 PROG = invoked_as("service.benchmark_throughput")
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def _diff(after: dict, before: dict) -> dict:
 
 def profile(delta: dict, model: str) -> tuple[list[tuple[str, float]], float]:
     """[(stage, mean seconds per request)] in PREDICT_STAGES order, and the mean request time."""
-    from service.metrics import PREDICT_STAGES
+    from service.http_metrics import PREDICT_STAGES
 
     stages = []
     for stage in PREDICT_STAGES:

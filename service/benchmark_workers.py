@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from service.server_process import ServerError, ServerProcess
-from training.cli import ArgumentParser, CommandError, command, invoked_as
+from commandline import ArgumentParser, CommandError, command, invoked_as
 
 PROG = invoked_as("service.benchmark_workers")
 REPO = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ from models.calibration.ood import (
     uncertainty_scores,
 )
 from models.calibration.ood_diagram import score_histograms_png
-from models.calibration.uncertainty import MCSummary
+from models.calibration.uncertainty import MCSummary, chunked_mc_summary
 from service.inputs import InputError
 from service.registry import LoadedModel
 
@@ -48,6 +48,25 @@ class WorkCancelled(Exception):
 def _check(stop: threading.Event | None) -> None:
     if stop is not None and stop.is_set():
         raise WorkCancelled("the model work was cancelled")
+
+
+# Images per backbone call of a cancellable predict: the micro-batcher's batch size, so a request
+# the client abandoned stops within one such call (512 images took 12 s in one call on a loaded
+# 2-core machine); the features equal a single call's up to float32 rounding.
+STOPPABLE_CHUNK = 64
+
+
+def _checked(stop: threading.Event, fn, *args):
+    _check(stop)
+    return fn(*args)
+
+
+def _stoppable(mc_logits_from_features, stop: threading.Event):
+    """The classifier's MC head call, checking `stop` before each chunk it is called for."""
+    def call(*args):
+        _check(stop)
+        return mc_logits_from_features(*args)
+    return call
 
 
 @dataclass(frozen=True)
@@ -101,14 +120,20 @@ class Evaluation:
 
 def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
             mc_chunk_rows: int = 65_536, batch_size: int = 500,
-            features: np.ndarray | None = None, logits: np.ndarray | None = None) -> Prediction:
+            features: np.ndarray | None = None, logits: np.ndarray | None = None,
+            stop: threading.Event | None = None) -> Prediction:
     """`features` (and `logits`, the deterministic head on them): the backbone's output for `x`
     when already computed (the micro-batcher, `service.batching`, runs both for several requests
     at once); the MC sampling depends only on the features and the seed, never on which other
-    images shared the pass."""
+    images shared the pass. `stop` set (the client went away): WorkCancelled before the backbone
+    and before each MC chunk, the same chunks and seeds as without it."""
+    _check(stop)
     clf = model.classifier
     t = model.temperature
-    if features is None:
+    if features is None and stop is not None:  # cancellable: the backbone in chunks, `stop` checked between
+        features = np.concatenate([_checked(stop, clf.features, x[i:i + STOPPABLE_CHUNK], STOPPABLE_CHUNK)
+                                   for i in range(0, len(x), STOPPABLE_CHUNK)])
+    elif features is None:
         features = clf.features(x, batch_size)
     elif len(features) != len(x):
         raise ValueError(f"{len(features)} feature rows for {len(x)} images")
@@ -119,7 +144,11 @@ def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | N
     summary = None
     if mc_samples > 0:
         seed = 0 if seed is None else int(seed)
-        summary = clf.mc_summary_from_features(features, mc_samples, seed, t, mc_chunk_rows)
+        if stop is None:
+            summary = clf.mc_summary_from_features(features, mc_samples, seed, t, mc_chunk_rows)
+        else:
+            summary = chunked_mc_summary(_stoppable(clf.mc_logits_from_features, stop), features, mc_samples,
+                                         seed, t, mc_chunk_rows)
     return Prediction(logits, softmax(logits, t), softmax(logits, 1.0), summary, seed)
 
 

@@ -12,13 +12,14 @@ import binascii
 import io
 import itertools
 import json
-import re
 import zipfile
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from training.data import DataSourceError, decode_image, read_labelled_images_from_bytes
+from imagedata import DataSourceError, decode_image, read_labelled_images_from_bytes
+from imagedata.arrays import ArrayLimits, load_npy, load_npz, npz_declared_bytes
 
 IMAGE_SHAPE = (32, 32, 3)
 PIXELS = 32 * 32 * 3
@@ -43,10 +44,11 @@ def parse_json_object(body: bytes) -> dict:
         raise InputError("malformed_json", "the request body is empty; expected a JSON object", 400)
     try:
         value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError("malformed_json", f"the body is not valid JSON: {exc}", 400) from None
     except RecursionError:
         raise InputError("malformed_json", "the JSON body is nested too deeply", 400) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int of more than 4,300 digits
+        reason = (str(exc).splitlines() or ["invalid"])[0][:200]
+        raise InputError("malformed_json", f"the body is not valid JSON: {reason}", 400) from None
     if not isinstance(value, dict):
         raise InputError("malformed_json", f"expected a JSON object, got {type(value).__name__}", 400)
     return value
@@ -210,98 +212,99 @@ def decode_upload_image(data: bytes, name: str, *, resize: bool) -> np.ndarray:
         raise from_data_source_error(exc, "undecodable_image") from None
 
 
-_SIZE_MSG = re.compile(r" is (\d+)x(\d+) mode (\S+); expected")
+# DataSourceError.code -> (API code, status, hint); the codes not listed get the caller's default.
+_API_CODES = {
+    "undecodable_image": ("undecodable_image", 422, ""),
+    "wrong_image_size": ("wrong_image_size", 422, " (pass resize=true to resize)"),
+    "unsupported_image_mode": ("unsupported_image_mode", 422, " (pass resize=true to convert)"),
+    "image_too_large": ("image_too_large", 422, ""),
+    "too_many_images": ("too_many_instances", 422, ""),
+    "invalid_array_file": ("invalid_array_file", 422, ""),
+    "invalid_dtype": ("invalid_dtype", 422, ""),
+    "member_too_large": ("payload_too_large", 413, ""),
+    "archive_too_large": ("payload_too_large", 413, " (CALIB_MAX_UNCOMPRESSED_BYTES)"),
+    "array_too_large": ("payload_too_large", 413, " (CALIB_MAX_UNCOMPRESSED_BYTES)"),
+}
 
 
 def from_data_source_error(exc: DataSourceError, default: str) -> InputError:
-    """Map the loaders' messages (which name the file) onto stable codes."""
-    msg = str(exc)
-    m = _SIZE_MSG.search(msg)
-    if m:
-        if (m.group(1), m.group(2)) != ("32", "32"):
-            return InputError("wrong_image_size", msg + " (pass resize=true to resize)")
-        return InputError("unsupported_image_mode", msg + " (pass resize=true to convert)")
-    if "cannot decode image" in msg:
-        return InputError("undecodable_image", msg)
-    if "larger than" in msg and "pixels" in msg:
-        return InputError("image_too_large", msg)
-    if "contains more than" in msg:
-        return InputError("too_many_instances", msg)
-    return InputError(default, msg)
+    """The readers' machine-readable code -> the API's stable code and status."""
+    code, status, hint = _API_CODES.get(exc.code, (default, 422, ""))
+    return InputError(code, str(exc) + hint, status)
 
 
-def load_npy(data: bytes, name: str, max_bytes: int) -> np.ndarray:
-    _check_npy_header(io.BytesIO(data), name, max_bytes)
+@dataclass(frozen=True)
+class UploadLimits:
+    """What the files of one request may hold: `max_images` per batch, `max_array_bytes` per
+    array, `max_uncompressed_bytes` for what the archives and .npz of the request inflate to."""
+
+    max_images: int
+    max_array_bytes: int
+    max_uncompressed_bytes: int
+
+    def arrays(self) -> ArrayLimits:
+        return ArrayLimits(self.max_images, self.max_array_bytes, self.max_uncompressed_bytes)
+
+
+def _arrays(load, *args) -> dict[str, np.ndarray] | np.ndarray:
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise InputError("invalid_array_file", f"{name}: not a readable .npy array ({exc})") from None
+        return load(*args)
+    except DataSourceError as exc:
+        raise from_data_source_error(exc, "invalid_array_file") from None
 
 
-def load_npz(data: bytes, name: str, max_bytes: int) -> dict[str, np.ndarray]:
-    """All arrays of an .npz, each header checked (shape, dtype, size) before it is inflated."""
-    try:
-        npz = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError("invalid_array_file", f"{name}: not a readable .npz archive ({exc})") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise InputError("invalid_array_file", f"{name}: a .npy array, not an .npz archive")
-    try:
-        with npz:
-            out = {}
-            for key in npz.files:
-                with npz.zip.open(f"{key}.npy") as member:
-                    _check_npy_header(member, f"{name}:{key}", max_bytes)
-                out[key] = npz[key]
-            return out
-    except InputError:
-        raise
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, RuntimeError) as exc:
-        raise InputError("invalid_array_file", f"{name}: not a readable .npz archive ({exc})") from None
+def read_npy(data: bytes, name: str, limits: UploadLimits) -> np.ndarray:
+    return _arrays(load_npy, data, name, limits.arrays())
 
 
-def _check_npy_header(fh, name: str, max_bytes: int) -> None:
-    try:
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
-        elif version in ((2, 0), (3, 0)):  # 3.0 differs only in the header's text encoding
-            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
-        else:
-            raise ValueError(f"unknown .npy format version {version}")
-    except (ValueError, OSError, EOFError) as exc:
-        raise InputError("invalid_array_file", f"{name}: not a .npy array ({exc})") from None
-    if dtype.hasobject:
-        raise InputError("invalid_dtype", f"{name}: object arrays are not accepted (no pickles)")
-    nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
-    if nbytes > max_bytes:
-        raise InputError("payload_too_large",
-                         f"{name}: array {list(shape)} {dtype} would take {nbytes} bytes; "
-                         f"at most {max_bytes}", 413)
-
-
-def images_from_npz(arrays: dict[str, np.ndarray], name: str) -> np.ndarray:
+def images_from_npz(data: bytes, name: str, limits: UploadLimits) -> np.ndarray:
+    """`x`, or the only array: nothing else of the file is inflated."""
+    arrays = _arrays(load_npz, data, name, ("x",), limits.arrays())
     if "x" in arrays:
         return arrays["x"]
-    if len(arrays) == 1:
-        return next(iter(arrays.values()))
-    raise InputError("invalid_array_file", f"{name}: expected an array named 'x', found {sorted(arrays)}")
+    from imagedata.arrays import npz_members
+
+    keys = _arrays(npz_members, data, name)
+    if len(keys) == 1:
+        return _arrays(load_npz, data, name, keys, limits.arrays())[keys[0]]
+    raise InputError("invalid_array_file", f"{name}: expected an array named 'x', found {sorted(keys)[:20]}")
 
 
-def labelled_from_npz(arrays: dict[str, np.ndarray], name: str) -> tuple[np.ndarray, np.ndarray]:
+def labelled_from_npz(data: bytes, name: str, limits: UploadLimits) -> tuple[np.ndarray, np.ndarray]:
+    """`x` and `y`: nothing else of the file is inflated."""
+    arrays = _arrays(load_npz, data, name, ("x", "y"), limits.arrays())
     if "x" not in arrays:
-        raise InputError("invalid_array_file", f"{name}: expected arrays 'x' and 'y', found {sorted(arrays)}")
+        from imagedata.arrays import npz_members
+
+        found = sorted(_arrays(npz_members, data, name))[:20]
+        raise InputError("invalid_array_file", f"{name}: expected arrays 'x' and 'y', found {found}")
     if "y" not in arrays:
         raise InputError("missing_labels", f"{name}: no 'y' array of labels next to 'x'")
     return arrays["x"], arrays["y"]
 
 
+def declared_uncompressed_bytes(files: list[tuple[str, bytes]]) -> int:
+    """What the .npz uploads of a request declare they inflate to (their `x` and `y`), from the
+    zip directories alone: admission charges it before anything is inflated. Archives of image
+    files decode to 3 KiB an image, within the charge of their own bytes; 0 when unreadable (the
+    parser then refuses the file)."""
+    total = 0
+    for name, data in files:
+        if file_kind(name, data[:512]) == "npz":
+            try:
+                total += npz_declared_bytes(data, name, ("x", "y"))
+            except DataSourceError:
+                pass
+    return total
+
+
 def labelled_from_archive(data: bytes, name: str, *, class_names: Sequence[str], split: str | None,
-                          resize: bool, max_images: int) -> tuple[np.ndarray, np.ndarray]:
+                          resize: bool, limits: UploadLimits) -> tuple[np.ndarray, np.ndarray]:
     """An image-folder archive (`<class>/<image>`); folders must be among the model's classes."""
     try:
-        x, y, _ = read_labelled_images_from_bytes(data, name, class_names=list(class_names),
-                                                  split=split, resize=resize, max_images=max_images)
+        x, y, _ = read_labelled_images_from_bytes(data, name, class_names=list(class_names), split=split,
+                                                  resize=resize, max_images=limits.max_images,
+                                                  max_total_bytes=limits.max_uncompressed_bytes)
     except DataSourceError as exc:
         raise from_data_source_error(exc, "invalid_archive") from None
     except ValueError as exc:  # bad `split`
@@ -329,18 +332,25 @@ def check_seed(value: int | None) -> int | None:
 
 
 # --- multipart uploads -------------------------------------------------------------------
-def images_from_files(files: list[tuple[str, bytes]], *, resize: bool, max_instances: int,
-                      max_array_bytes: int) -> np.ndarray:
-    """Predict uploads: image files, or .npy/.npz arrays of [N,32,32,3] (or one [32,32,3])."""
-    parts, total = [], 0
+def images_from_files(files: list[tuple[str, bytes]], *, resize: bool, limits: UploadLimits) -> np.ndarray:
+    """Predict uploads: image files, or .npy/.npz arrays of [N,32,32,3] (or one [32,32,3]).
+    The arrays of all files together may inflate to at most `limits.max_uncompressed_bytes`."""
+    parts, total, inflated = [], 0, 0
+    max_instances = limits.max_images
     for name, data in files:
         kind = file_kind(name, data[:512])
+        left = UploadLimits(max_instances - total, limits.max_array_bytes,
+                            max(0, limits.max_uncompressed_bytes - inflated))
         if kind == "image":
             arr = decode_upload_image(data, name, resize=resize)[None]
         elif kind == "npy":
-            arr = check_pixels(load_npy(data, name, max_array_bytes), name)
+            raw = read_npy(data, name, left)
+            inflated += raw.nbytes
+            arr = check_pixels(raw, name)
         elif kind == "npz":
-            arr = check_pixels(images_from_npz(load_npz(data, name, max_array_bytes), name), name)
+            raw = images_from_npz(data, name, left)
+            inflated += raw.nbytes
+            arr = check_pixels(raw, name)
         else:
             raise InputError("unsupported_file", f"{name}: an archive; predict takes image files or "
                              f".npy/.npz arrays (labelled archives go to /evaluate)")
@@ -354,7 +364,7 @@ def images_from_files(files: list[tuple[str, bytes]], *, resize: bool, max_insta
 
 
 def labelled_from_files(files: list[tuple[str, bytes]], *, class_names: Sequence[str], split: str | None,
-                        resize: bool, max_images: int, max_array_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+                        resize: bool, limits: UploadLimits) -> tuple[np.ndarray, np.ndarray]:
     """Evaluate uploads: one .npz with `x` and `y`, or one image-folder archive."""
     if len(files) != 1:
         raise InputError("invalid_request", f"upload exactly one file (.npz with x and y, or an "
@@ -362,14 +372,14 @@ def labelled_from_files(files: list[tuple[str, bytes]], *, class_names: Sequence
     name, data = files[0]
     kind = file_kind(name, data[:512])
     if kind == "npz":
-        x, y = labelled_from_npz(load_npz(data, name, max_array_bytes), name)
+        x, y = labelled_from_npz(data, name, limits)
         x = check_pixels(x, f"{name}:x")
-        check_count(len(x), max_images, "images")
+        check_count(len(x), limits.max_images, "images")
         return x, check_labels(y, len(x), len(class_names), f"{name}:y")
     if kind == "archive":
         x, y = labelled_from_archive(data, name, class_names=class_names, split=split, resize=resize,
-                                     max_images=max_images)
-        check_count(len(x), max_images, "images")
+                                     limits=limits)
+        check_count(len(x), limits.max_images, "images")
         return x, y
     raise InputError("missing_labels", f"{name}: this file carries no labels; upload an .npz with "
                      f"x and y, or an archive of <class>/<image> folders")
@@ -402,8 +412,8 @@ def batches_from_json(payload: dict, *, resize: bool, max_images: int) -> tuple[
     return out[0], out[1]
 
 
-def batches_from_files(files: list[tuple[str, bytes]], fields: list[str], *, resize: bool, max_images: int,
-                       max_array_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+def batches_from_files(files: list[tuple[str, bytes]], fields: list[str], *, resize: bool,
+                       limits: UploadLimits) -> tuple[np.ndarray, np.ndarray]:
     """Multipart: the file parts of the `in_distribution` and `suspect` fields (each field may be
     repeated), each batch read as predict reads its uploads."""
     unexpected = sorted(set(fields) - set(BATCH_FIELDS))
@@ -417,8 +427,7 @@ def batches_from_files(files: list[tuple[str, bytes]], fields: list[str], *, res
     out = []
     for field in BATCH_FIELDS:
         group = [f for f, name in zip(files, fields) if name == field]
-        out.append(_in_batch(field, images_from_files, group, resize=resize, max_instances=max_images,
-                             max_array_bytes=max_array_bytes))
+        out.append(_in_batch(field, images_from_files, group, resize=resize, limits=limits))
     return out[0], out[1]
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.cli import CommandError, command
+from commandline import CommandError, command
 
 
 RSS_GROWTH_LIMIT_MB = 50

@@ -246,8 +246,11 @@ def _exactly(n: int, items: dict) -> dict:
 _PIXELS = {**_exactly(32, _exactly(32, _exactly(3, {"type": "integer", "minimum": 0, "maximum": 255}))),
            "description": "32x32x3 nested array of integers 0..255 (RGB, HWC)"}
 _B64 = {"type": "object", "required": ["b64"], "additionalProperties": False,
-        "properties": {"b64": {"type": "string", "description": "base64 PNG or JPEG bytes"}}}
-_INSTANCES = {"type": "array", "minItems": 1, "items": {"oneOf": [_PIXELS, _B64]},
+        "properties": {"b64": {"type": "string", "minLength": 1, "format": "byte", "contentEncoding": "base64",
+                               "description": "base64 PNG or JPEG bytes"}}}
+# {"b64": ...} first: the smallest valid body is then one short object, not 3,072 pixel values
+# (schemathesis' health check refuses a minimal example that large)
+_INSTANCES = {"type": "array", "minItems": 1, "items": {"oneOf": [_B64, _PIXELS]},
               "description": "at most CALIB_MAX_INSTANCES (predict) or CALIB_MAX_EVAL_IMAGES (evaluate)"}
 _FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
 # Two real 32x32 RGB PNGs (plain red and blue), so the documented examples are requests that work.
@@ -263,8 +266,8 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["instances"],
                                     "properties": {"instances": _INSTANCES}},
                          "example": {"instances": _EXAMPLE_IMAGES}},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {"files": {
-        **_FILES, "description": "PNG/JPEG image files, or one .npy/.npz array [N,32,32,3] uint8"}}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {"files": {
+        **_FILES, "minItems": 1, "description": "PNG/JPEG image files, or one .npy/.npz array [N,32,32,3] uint8"}}}},
 }}}
 
 EVALUATE_BODY = {"requestBody": {"required": True, "content": {
@@ -274,7 +277,7 @@ EVALUATE_BODY = {"requestBody": {"required": True, "content": {
                                                        "type": "integer", "minimum": 0},
                                                        "description": "one class index per instance"}}},
                          "example": {"instances": _EXAMPLE_IMAGES, "labels": [0, 9]}},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": {
         "type": "string", "format": "binary",
         "description": ".npz with x uint8 [N,32,32,3] and y int [N], or a .tar.gz/.zip of "
                        "<class>/<image> folders"}}}},
@@ -282,7 +285,7 @@ EVALUATE_BODY = {"requestBody": {"required": True, "content": {
 
 _BATCH = {**_INSTANCES, "description": "images as in predict: 32x32x3 arrays or {\"b64\": ...}; at most "
                                       "CALIB_MAX_EVAL_IMAGES per batch"}
-_BATCH_FILES = {**_FILES, "description": "PNG/JPEG image files, or .npy/.npz arrays [N,32,32,3] uint8 "
+_BATCH_FILES = {**_FILES, "minItems": 1, "description": "PNG/JPEG image files, or .npy/.npz arrays [N,32,32,3] uint8 "
                                          "(repeat the field for several files)"}
 COMPARE_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["in_distribution", "suspect"],

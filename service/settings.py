@@ -104,21 +104,81 @@ class Settings(BaseSettings):
                           "(gc.freeze): full collections stop re-scanning the ~400k TensorFlow/Keras "
                           "objects, which otherwise pause the server for 0.2-0.4 s at a time under load")
 
-    # --- admission control (service.admission): bound the heavy work and the buffered bytes ---
+    # --- admission control (service.admission_limits): bound the heavy work and the buffered bytes ---
     max_concurrent_evaluations: int = Field(
         1, ge=1, description="evaluate requests that run at once. 1 on this 2-core service: one evaluation "
                              "already keeps both cores busy (TensorFlow spreads each forward pass over them), "
                              "so a second would add its memory (~2x its upload) but no throughput, and it "
                              "would take the second inference thread that predict requests use")
     evaluation_queue: int = Field(
-        32, ge=0, description="evaluate requests that may wait for a slot; their bodies stay unread while "
-                              "they wait, so a place costs no memory and the queue only bounds waiting (with "
-                              "the timeout); beyond that: 503 overloaded + Retry-After")
+        32, ge=0, description="evaluate (and compare) requests that may wait for a slot once their body is "
+                              "read (a slow upload never holds a slot); their bodies are charged to "
+                              "CALIB_MAX_BUFFERED_BYTES while they wait; beyond that: 503 overloaded + Retry-After")
     evaluation_queue_timeout_s: float = Field(
         30.0, gt=0, description="how long an evaluate request may wait in the queue before 503 overloaded")
     max_buffered_bytes: int = Field(
         512 * 1024 * 1024, ge=1024,
-        description="memory budget for the requests in flight, charged from the body size as the request "
-                    "will hold it: JSON 8x (parsed pixel lists), other bodies 2x (upload + decoded arrays). "
+        description="memory budget for the requests in flight, charged as the body arrives, as the request "
+                    "will hold it: JSON 8x (parsed pixel lists), other bodies 2x (upload + decoded arrays), "
+                    "plus what an .npz declares it inflates to. "
                     "Over budget: 503 overloaded + Retry-After (a request larger than the whole budget still "
                     "runs when nothing else is buffered)")
+
+    buffer_wait_s: float = Field(
+        10.0, ge=0, le=600, description="how long a body chunk may wait for room in CALIB_MAX_BUFFERED_BYTES "
+                                        "(its upload held in the socket meanwhile; the oldest request in flight "
+                                        "always gets room) before 503 overloaded")
+
+    # --- hardening (docs/hardening.md) ------------------------------------------------------------
+    max_uncompressed_bytes: Optional[int] = Field(
+        None, ge=1024, description="what the archives and .npz files of one request may inflate to, by their "
+                                   "declared sizes, checked before anything is inflated (413 payload_too_large); "
+                                   "default: CALIB_MAX_EVAL_IMAGES uint8 images and their int64 labels")
+    body_read_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="a request body must arrive within this many seconds of the request "
+                                         "start, else 408 request_timeout and the connection is closed")
+    max_queued_predict_work: int = Field(
+        1_048_576, ge=1, description="predict work admitted at once, in images x max(1, MC samples) over the "
+                                     "requests in flight (512 images at T=1000 is 512,000); beyond: 503 "
+                                     "overloaded + Retry-After (one request larger than this runs when "
+                                     "nothing else is admitted)")
+    docs_require_key: bool = Field(
+        False, description="/docs, /redoc and /openapi.json need an API key too (needs CALIB_API_KEYS); "
+                           "by default they stay open: the schema holds no secret and lets clients be "
+                           "generated")
+
+    @model_validator(mode="after")
+    def _docs_key_needs_keys(self):
+        if self.docs_require_key and not self._all_api_keys:
+            raise ValueError("CALIB_DOCS_REQUIRE_KEY=true needs CALIB_API_KEYS or CALIB_API_KEYS_FILE")
+        return self
+
+    @property
+    def uncompressed_cap(self) -> int:
+        """CALIB_MAX_UNCOMPRESSED_BYTES, or its default tied to CALIB_MAX_EVAL_IMAGES."""
+        if self.max_uncompressed_bytes is not None:
+            return self.max_uncompressed_bytes
+        return self.max_eval_images * (32 * 32 * 3 + 8) + 65_536  # + room for the .npy headers
+
+
+def load_settings() -> Settings:
+    """`Settings()` from the environment; a bad value is a UsageError naming the variable
+    (pydantic's own report spans several lines and names the field, not the variable)."""
+    import pydantic
+
+    from commandline import UsageError
+
+    try:
+        return Settings()
+    except pydantic.ValidationError as exc:
+        raise UsageError("bad setting " + "; ".join(map(_setting_problem, exc.errors()))) from None
+
+
+def _setting_problem(err: dict) -> str:
+    """`CALIB_PORT='99999': <why>`; the value is shown only for a named field that holds no secret
+    (an API-key field, or a whole-model check whose input is every setting, shows none)."""
+    name = "_".join(map(str, err["loc"])).upper()
+    if not name:
+        return err["msg"]
+    shown = "" if "KEY" in name else f"={err.get('input')!r}"
+    return f"{ENV_PREFIX}{name}{shown}: {err['msg']}"

@@ -23,17 +23,26 @@ class _Strict(BaseModel):
 
 
 class RequestInput(_Strict):
-    name: str = Field(description="the input tensor's name: `images`")
+    name: str = Field(description="the input tensor's name: `images`", json_schema_extra={"enum": ["images"]})
     shape: list[Annotated[int, Field(ge=0)]] = Field(
-        description="[N, 32, 32, 3] for UINT8 / FP32 pixels, [N] for BYTES (encoded images)")
+        description="[N, 32, 32, 3] for UINT8 / FP32 pixels, [N] for BYTES (encoded images)",
+        json_schema_extra={"minItems": 1, "maxItems": 4})
     datatype: str = Field(description="UINT8 or FP32 (pixel values 0..255, RGB, HWC) or BYTES "
-                                      "(base64 strings of PNG/JPEG files)")
+                                      "(base64 strings of PNG/JPEG files)",
+                          json_schema_extra={"enum": ["UINT8", "FP32", "BYTES"]})
     parameters: Optional[Parameters] = None
     data: list[Any] = Field(description="the tensor's elements in row-major order, flat or nested")
 
 
+# The outputs a request may name (service.v2_tensors.OUTPUT_NAMES, which a test keeps equal): the
+# document lists them; the server's own check answers an unknown one (400, naming the outputs).
+REQUESTABLE_OUTPUTS = ["probabilities", "mc_mean", "mc_variance", "predictive_entropy", "expected_entropy",
+                       "mutual_information"]
+
+
 class RequestOutput(_Strict):
-    name: str = Field(description="an output named in the model metadata")
+    name: str = Field(description="an output named in the model metadata (the MC outputs need "
+                                  "parameters.mc_samples)", json_schema_extra={"enum": REQUESTABLE_OUTPUTS})
     parameters: Optional[Parameters] = Field(
         None, description="accepted and ignored (outputs are always returned as JSON: `binary_data` "
                           "is not supported)")

@@ -47,11 +47,12 @@ def metrics_dir():
 def worker_app():
     """uvicorn's app factory, called in each worker: the settings come from the environment the
     parent checked and passed on; logging is set up as the parent's is (spawn starts it blank)."""
-    from training.cli import setup_tensorflow
+    from commandline import setup_tensorflow
 
     setup_tensorflow()  # as the parent did: quiet start-up, oneDNN kernels
-    from service.__main__ import load_settings, setup_logging
+    from service.__main__ import setup_logging
     from service.app import create_app
+    from service.settings import load_settings
 
     settings = load_settings()
     setup_logging(settings)

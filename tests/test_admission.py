@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from fastapi import FastAPI, Request
 
-from service.admission import ByteBudget, EvaluationGate, Overloaded
-from service.rest.admission import AdmissionMiddleware
+from service.admission_limits import ByteBudget, EvaluationGate, Overloaded
+from service.rest import errors
+from service.rest.admission_middleware import AdmissionMiddleware
 from service.settings import Settings
 from tests.service_helpers import MODEL, error_of, npz_bytes
 
@@ -105,11 +106,70 @@ def test_byte_budget_reserves_releases_and_refuses():
     assert budget.used == 0
 
 
+def test_a_request_charged_chunk_by_chunk_may_grow_past_the_budget_only_alone():
+    budget = ByteBudget(1000)
+    alone = budget.reservation()
+    for _ in range(5):
+        alone.reserve(400)  # its own earlier chunks do not count against it
+    assert budget.used == 2000
+    with pytest.raises(Overloaded):
+        budget.reservation().reserve(1)
+    alone.close()
+    other, second = budget.reservation(), budget.reservation()
+    other.reserve(600)
+    second.reserve(300)
+    with pytest.raises(Overloaded):
+        second.reserve(300)  # someone else holds bytes: the total binds
+    other.close(), second.close()
+    assert budget.used == 0
+
+
+def test_budget_waiters_get_room_when_it_is_released_and_the_oldest_always_grows():
+    async def run():
+        budget = ByteBudget(1000, wait_s=5)
+        first, second, third = budget.reservation(), budget.reservation(), budget.reservation()
+        await first.reserve_waiting(400)
+        await second.reserve_waiting(500)
+        await first.reserve_waiting(600)  # the oldest: room or not
+        waiting = asyncio.ensure_future(third.reserve_waiting(200))  # must wait for room
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        first.close()  # 1000 released: the waiter gets its bytes
+        await asyncio.wait_for(waiting, 1)
+        assert budget.used == 700
+        quick = ByteBudget(100, wait_s=0.05)
+        holder, late = quick.reservation(), quick.reservation()
+        await holder.reserve_waiting(100)
+        with pytest.raises(Overloaded):
+            await late.reserve_waiting(1)  # nothing released within wait_s
+        second.close(), third.close(), holder.close(), late.close()
+        assert budget.used == 0 and quick.used == 0
+
+    asyncio.run(run())
+
+
+def test_predict_work_bound_refuses_beyond_its_total_and_releases():
+    from service.admission_limits import PredictWorkBound
+
+    bound = PredictWorkBound(1000)
+    with bound.hold(600):
+        with pytest.raises(Overloaded) as exc:
+            with bound.hold(500):
+                pass
+        assert exc.value.reason == "predict_work" and exc.value.retry_after >= 1
+        with bound.hold(400):
+            assert bound.used == 1000
+    assert bound.used == 0
+    with bound.hold(5000):  # larger than the bound, alone: admitted
+        assert bound.used == 5000
+    assert bound.used == 0
+
+
 # --- the middleware, driven as ASGI -------------------------------------------------------------
 def _gated_app(**overrides):
     """A bare app with an evaluate route that waits for `release`; the admission middleware on top."""
     settings = Settings(max_concurrent_evaluations=1, evaluation_queue=1, evaluation_queue_timeout_s=5,
-                        max_buffered_bytes=10_000, **overrides)
+                        max_buffered_bytes=10_000, buffer_wait_s=0.2, **overrides)
     app = FastAPI()
     app.state.settings = settings
     app.state.release = None
@@ -126,6 +186,7 @@ def _gated_app(**overrides):
     async def predict(request: Request):
         return {"bytes": len(await request.body())}
 
+    errors.install(app)  # as create_app: a client that went away is a 499, never a 500
     app.add_middleware(AdmissionMiddleware, fastapi_app=app)  # as create_app: inside the error handling
     app.middleware_stack = app.build_middleware_stack()
     return app
@@ -145,12 +206,11 @@ async def _call(asgi, path, body=b"", *, declared=True, disconnect_after=None, c
     async def receive():
         nonlocal sent_body
         if not sent_body:
-            if disconnect_after is not None:
-                await asyncio.sleep(disconnect_after)
-                gone.set()
-                return {"type": "http.disconnect"}
             sent_body = True
             return {"type": "http.request", "body": body, "more_body": False}
+        if disconnect_after is not None:  # the whole body sent, the client goes away later
+            await asyncio.sleep(disconnect_after)
+            gone.set()
         await gone.wait()
         return {"type": "http.disconnect"}
 
@@ -206,7 +266,7 @@ def test_middleware_client_leaving_the_queue_frees_its_place():
         running = asyncio.ensure_future(_call(asgi, EVALUATE, b"x", content_type=b"application/x-npz"))
         await app.state.entered.wait()
         status, _, _ = await asyncio.wait_for(_call(asgi, EVALUATE, b"y", disconnect_after=0.05), 2)
-        assert status is None  # nothing sent to a client that is gone
+        assert status == 499  # counted as "client closed request" (nobody reads it)
         assert (asgi.state.admission.gate.in_flight, asgi.state.admission.gate.waiting) == (1, 0)
         app.state.release.set()
         await running
@@ -268,13 +328,14 @@ def test_middleware_lets_requests_without_a_valid_key_pass_to_the_401_without_a_
 # --- the service over real HTTP --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def strict_server(service_model_dir, tmp_path_factory):
-    """One evaluation at a time, no queue, a 2 MB byte budget."""
+    """One evaluation at a time, no queue, a 6 MB byte budget; one image per forward pass, so that
+    an evaluation of 1,000 images holds its slot for seconds."""
     from service.server_process import ServerError, ServerProcess
 
     try:
         with ServerProcess(service_model_dir, log_path=tmp_path_factory.mktemp("strict") / "server.log",
-                           max_concurrent_evaluations=1, evaluation_queue=0,
-                           max_buffered_bytes=2_000_000) as running:
+                           max_concurrent_evaluations=1, evaluation_queue=0, eval_chunk=1,
+                           max_buffered_bytes=6_000_000, buffer_wait_s=0.5) as running:
             yield running.url
     except ServerError as exc:
         pytest.fail(str(exc))
@@ -293,41 +354,33 @@ def test_http_overload_gets_503_with_retry_after_and_everything_is_released(stri
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
-    npz = npz_bytes(x=x, y=rng.integers(0, 10, 200))
-    boundary = "admissiontest"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.npz\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode() + npz + f"\r\n--{boundary}--\r\n".encode()
-    headers = {"content-type": f"multipart/form-data; boundary={boundary}", "content-length": str(len(body))}
+    # 1,000 images of zeros: a few KB on the wire, ~3 MB charged (what it declares it inflates to)
+    heavy = npz_bytes(compressed=True, x=np.zeros((1000, 32, 32, 3), np.uint8), y=np.arange(1000) % 10)
+    light = npz_bytes(x=x[:10], y=np.arange(10))
     small = {"instances": x[:1].tolist()}
-    large = {"instances": x[:20].tolist()}  # ~8 x 280 KB: over the budget next to the running upload
+    large = {"instances": x[:40].tolist()}  # ~8 x 500 KB: over the budget next to the running evaluation
     path = f"/v1/models/{MODEL}"
 
-    async def slow_body():  # holds the evaluation slot (and 2x its bytes) for ~2 s while it uploads
-        step = len(body) // 10 + 1
-        for i in range(0, len(body), step):
-            yield body[i:i + step]
-            await asyncio.sleep(0.2)
-
     async def run():
-        async with httpx.AsyncClient(base_url=strict_server, timeout=60) as client:
-            first = asyncio.ensure_future(client.post(f"{path}/evaluate", content=slow_body(), headers=headers))
-            for _ in range(50):  # until the first upload holds the slot
+        async with httpx.AsyncClient(base_url=strict_server, timeout=120) as client:
+            first = asyncio.ensure_future(client.post(f"{path}/evaluate", files={"file": ("a.npz", heavy)}))
+            for _ in range(200):  # until the first evaluation holds the slot
                 await asyncio.sleep(0.05)
                 if _metric((await client.get("/metrics")).text, "calib_evaluations_in_flight") == 1:
                     break
-            second = await client.post(f"{path}/evaluate", files={"file": ("b.npz", npz)})
+            second = await client.post(f"{path}/evaluate", files={"file": ("b.npz", light)})
             over_budget = await client.post(f"{path}/predict?mc_samples=0", json=large)
             predict = await client.post(f"{path}/predict?mc_samples=5", json=small)
             live = await client.get("/health/live")
             metrics_during = (await client.get("/metrics")).text
             first = await first
-            after = await client.post(f"{path}/evaluate", files={"file": ("c.npz", npz)})
+            after = await client.post(f"{path}/evaluate", files={"file": ("c.npz", light)})
             big_predict_alone = await client.post(f"{path}/predict?mc_samples=0", json=large)
             metrics_after = (await client.get("/metrics")).text
         return first, second, over_budget, predict, live, metrics_during, after, big_predict_alone, metrics_after
 
     first, second, over_budget, predict, live, during, after, alone, metrics = asyncio.run(run())
-    assert first.status_code == 200 and first.json()["n"] == 200
+    assert first.status_code == 200 and first.json()["n"] == 1000
     error_of(second, 503, "overloaded")
     assert second.json()["error"]["details"]["reason"] == "queue_full" and int(second.headers["retry-after"]) >= 1
     error_of(over_budget, 503, "overloaded")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.cli import (CommandError, UsageError, _stderr_filtered, command,
+from commandline import (CommandError, UsageError, _stderr_filtered, command,
                           is_tensorflow_noise, one_line)
 from training.config import validation_size
 from training.data import CIFAR10_CLASSES, DataSourceError

@@ -135,3 +135,42 @@ def test_compare_flags_differences_beyond_the_tolerance():
     assert compare.differences(a, {**a, "n": 3})
     assert compare.differences(a, {"predictions": []})
     assert compare.max_abs_difference(a, far) == pytest.approx(2e-5)
+
+
+# Benchmark tooling that still sits in service/ until issue 23's move to benchmarks/; it needs a
+# source checkout, not the image.
+TOOLING = {"benchmark.py", "benchmark_throughput.py", "benchmark_workers.py", "loadtest.py", "server_process.py"}
+
+
+def _top_level_imports(folder: Path) -> set[str]:
+    """The top-level modules that the .py files under `folder` import (absolute imports)."""
+    import ast
+
+    names = set()
+    for path in folder.rglob("*.py"):
+        if path.parent == REPO / "service" and path.name in TOOLING:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_image_copies_only_what_the_server_imports():
+    """The builder copies the server's own code and what it imports from this repository, and no
+    training code; only the console scripts that work in the image stay installed."""
+    copied = {rest.split()[0].rstrip("/") for kw, rest in instructions() if kw == "COPY" and "--from" not in rest}
+    project = {p.stem if p.suffix == ".py" else p.name for p in REPO.iterdir()
+               if (p / "__init__.py").is_file() or (p.suffix == ".py" and p.is_file())}
+    needed = {"service", "clients"} | (_top_level_imports(REPO / "service") & project)
+    needed |= _top_level_imports(REPO / "imagedata") & project
+    code = {c.removesuffix(".py") for c in copied} & project
+    assert "training" not in code
+    assert needed <= code, needed - code
+    assert code <= needed | {"models"}, code - needed
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    assert "! -name calib-serve ! -name calib-client -delete" in text
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"calib-serve", "calib-client"} <= set(scripts)

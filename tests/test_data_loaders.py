@@ -23,14 +23,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imagedata import decode_image, read_labelled_images_from_bytes
 from training.data import (
     CIFAR10_CLASSES,
     CifarData,
     DataSourceError,
-    decode_image,
     load_cifar10,
     read_labelled_images,
-    read_labelled_images_from_bytes,
     train_validation_split,
 )
 

@@ -166,6 +166,24 @@ def test_metrics_behind_the_key_only_with_the_setting(keyed, service_model_dir):
         assert {name for req in security for name in req} == {"ApiKeyHeader", "BearerAuth"}
 
 
+def test_docs_open_by_default_and_behind_the_key_with_the_setting(keyed, service_model_dir):
+    """The docs stay open under keys unless CALIB_DOCS_REQUIRE_KEY=true (docs/hardening.md)."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    for path in ("/docs", "/openapi.json"):
+        assert keyed.get(path).status_code == 200
+    with TestClient(create_app(_settings(service_model_dir, api_keys=KEY_A, docs_require_key=True))) as c:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            _unauthorized(c.get(path))
+            _unauthorized(c.get(path, headers={"X-API-Key": KEY_B}))
+            assert c.get(path, headers={"Authorization": f"Bearer {KEY_A}"}).status_code == 200
+        assert c.get("/health/live").status_code == 200
+    with pytest.raises(ValidationError, match="CALIB_DOCS_REQUIRE_KEY=true needs CALIB_API_KEYS"):
+        _settings(service_model_dir, docs_require_key=True)
+
+
 def test_metrics_require_key_without_keys_is_a_settings_error(service_model_dir):
     with pytest.raises(ValidationError, match="CALIB_METRICS_REQUIRE_KEY=true needs CALIB_API_KEYS"):
         _settings(service_model_dir, metrics_require_key=True)

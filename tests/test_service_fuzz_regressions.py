@@ -99,3 +99,15 @@ def test_documented_non_json_bodies(app_client):
     metrics_ok = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert metrics_ok == {"text/plain": {"schema": {"type": "string"}}}
     assert app_client.get("/metrics").headers["content-type"].startswith("text/plain")
+
+
+def test_v2_schema_enums_are_what_the_server_accepts():
+    """The OpenAPI document lists exactly the input name, datatypes and outputs service.v2_tensors
+    accepts (schemathesis' positive_data_acceptance holds the document to that)."""
+    from service import v2_tensors
+    from service.v2_schemas import REQUESTABLE_OUTPUTS, RequestInput
+
+    fields = RequestInput.model_json_schema()["properties"]
+    assert fields["name"]["enum"] == [v2_tensors.INPUT_NAME]
+    assert fields["datatype"]["enum"] == [*v2_tensors.PIXEL_DATATYPES, v2_tensors.BYTES]
+    assert REQUESTABLE_OUTPUTS == list(v2_tensors.OUTPUT_NAMES)

@@ -317,7 +317,7 @@ def test_compare_png_histograms(client, batches):
 
 
 def test_compare_is_admitted_through_the_evaluation_gate(client):
-    from service.rest.admission import AdmissionMiddleware
+    from service.rest.admission_middleware import AdmissionMiddleware
 
     scope = {"method": "POST", "path": f"/v1/models/{WITH}/compare"}
     assert AdmissionMiddleware._gated(scope) and scope["path_params"] == {"name": WITH}

@@ -13,7 +13,7 @@ import httpx
 import pydantic
 import pytest
 
-from service.metrics import forget_dead_processes
+from service.http_metrics import forget_dead_processes
 from service.settings import Settings
 from service.workers import MULTIPROC_ENV, metrics_dir
 

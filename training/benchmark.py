@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from training.cli import ArgumentParser, command, invoked_as, setup_tensorflow
+from commandline import ArgumentParser, command, invoked_as, setup_tensorflow
 
 setup_tensorflow()
 

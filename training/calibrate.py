@@ -19,7 +19,7 @@ and a `calibration` block saying what was used.
 
 from __future__ import annotations
 
-from training.cli import ArgumentParser, CommandError, UsageError, command, invoked_as, setup_tensorflow
+from commandline import ArgumentParser, CommandError, UsageError, command, invoked_as, setup_tensorflow
 
 setup_tensorflow()
 

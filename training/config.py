@@ -79,7 +79,7 @@ def validation_size(requested: int | None, n_images: int) -> int:
     None: 10% of them, at most DEFAULT_N_VALIDATION, so small data (the 2,000-image sample)
     trains without a flag. An explicit number that leaves nothing to train on is a usage error.
     """
-    from training.cli import CommandError, UsageError
+    from commandline import CommandError, UsageError
 
     if requested is None:
         n = min(DEFAULT_N_VALIDATION, n_images // 10)
@@ -95,7 +95,7 @@ def validation_size(requested: int | None, n_images: int) -> int:
 
 
 def parse_args(argv=None, *, prog: str = "calib-train") -> TrainConfig:
-    from training.cli import ArgumentParser
+    from commandline import ArgumentParser
 
     parser = ArgumentParser(
         prog=prog,

@@ -26,7 +26,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from training.cli import UsageError
+from commandline import UsageError
 
 
 def unsupported_options(config) -> list[str]:

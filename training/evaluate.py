@@ -8,7 +8,7 @@ artifact's own data source they must match the card, and `--check` fails if they
 
 from __future__ import annotations
 
-from training.cli import ArgumentParser, CommandError, command, invoked_as, setup_tensorflow
+from commandline import ArgumentParser, CommandError, command, invoked_as, setup_tensorflow
 
 setup_tensorflow()
 

@@ -12,7 +12,7 @@ records both files' SHA-256 and the measured differences in the model card (`lit
 
 from __future__ import annotations
 
-from training.cli import ArgumentParser, command, invoked_as, setup_tensorflow
+from commandline import ArgumentParser, command, invoked_as, setup_tensorflow
 
 setup_tensorflow()
 

@@ -11,7 +11,7 @@ logits, and writes the block into `model_card.json` atomically; `model.keras` is
 
 from __future__ import annotations
 
-from training.cli import ArgumentParser, CommandError, command, invoked_as, setup_tensorflow
+from commandline import ArgumentParser, CommandError, command, invoked_as, setup_tensorflow
 
 setup_tensorflow()
 

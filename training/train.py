@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 
-from training.cli import UsageError, command, invoked_as, setup_tensorflow
+from commandline import UsageError, command, invoked_as, setup_tensorflow
 
 setup_tensorflow()
 

@@ -126,6 +126,15 @@ podman healthcheck run "$NAME" || { echo "HEALTHCHECK failed" >&2; exit 1; }
 uid=$(podman exec "$NAME" id -u)
 if [ "$uid" != 10001 ]; then echo "the server runs as uid $uid, not 10001" >&2; exit 1; fi
 
+echo "== only the server's code and console scripts"
+# no training package (the server never imports it), and only the console scripts that work here
+if podman exec "$NAME" python -c "import training" 2> /dev/null; then
+  echo "the image holds the training package" >&2; exit 1
+fi
+scripts=$(podman exec "$NAME" sh -c 'cd /opt/venv/bin && ls calib-*' | tr '\n' ' ')
+if [ "$scripts" != "calib-client calib-serve " ]; then echo "console scripts in the image: $scripts" >&2; exit 1; fi
+podman exec "$NAME" calib-client --help > /dev/null
+
 hport=$(free_port)
 echo "== python -m service on the host (CALIB_RUNTIME=keras), 127.0.0.1:$hport"
 CALIB_RUNTIME=keras CALIB_PORT=$hport CALIB_HOST=127.0.0.1 "$PYTHON" -m service > /tmp/calib-host-server.log 2>&1 &

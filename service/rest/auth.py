@@ -4,7 +4,9 @@
 configured: a keyless service (the default) has no security dependency at all and an OpenAPI
 document without security, so the document always tells the truth about *this* server (a
 generated client of a keyed server sends the key; one of an open server is not asked for one).
-Health checks and the docs stay open; /metrics is protected with CALIB_METRICS_REQUIRE_KEY.
+Health checks stay open; /metrics is protected with CALIB_METRICS_REQUIRE_KEY, and the docs
+(/docs, /redoc, /openapi.json) with CALIB_DOCS_REQUIRE_KEY (open by default: the schema holds no
+secret, and clients are generated from it).
 
 A missing or wrong key is 401 `unauthorized` with `WWW-Authenticate: Bearer`; the key is never
 echoed, logged or put in a metric label. Matching is in `service.api_keys.KeyRing`.
@@ -93,3 +95,26 @@ def protect(keys: KeyRing) -> dict:
 def install(app: FastAPI, keys: KeyRing) -> None:
     app.state.api_keys = keys
     app.add_exception_handler(Unauthorized, _unauthorized)
+
+
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+def protect_docs(app: FastAPI, keys: KeyRing) -> None:
+    """CALIB_DOCS_REQUIRE_KEY: the docs and the schema answer 401 without a valid key. A pure-ASGI
+    check in front of FastAPI's own doc routes (which take no dependencies)."""
+
+    class DocsKeyMiddleware:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if (scope["type"] == "http" and scope.get("path") in DOCS_PATHS
+                    and not holds_valid_key(keys, dict(scope.get("headers") or []))):
+                response = error_response(401, "unauthorized", "the API docs need an API key "
+                                          "(CALIB_DOCS_REQUIRE_KEY)", scope=scope)
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return await response(scope, receive, send)
+            return await self.inner(scope, receive, send)
+
+    app.add_middleware(DocsKeyMiddleware)

@@ -13,16 +13,19 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.inputs import InputError
-from service.metrics import endpoint_label
+from service.http_metrics import endpoint_label
 from service.registry import UnknownModelError
 from service.rest.request_id import current_request_id
 from service.schemas import ErrorResponse
 
 logger = logging.getLogger("service.errors")
+
+CLIENT_CLOSED_REQUEST = 499  # the status a disconnected client's request is counted and logged with
 
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "payload_too_large",
               415: "unsupported_media_type", 503: "not_ready"}
@@ -34,6 +37,7 @@ def _documented(description: str) -> dict:
 
 ERROR_RESPONSES: dict[int, dict] = {
     400: _documented("`malformed_json` / `malformed_multipart`: the body cannot be parsed"),
+    408: _documented("`request_timeout`: the body did not arrive within CALIB_BODY_READ_TIMEOUT_S"),
     404: _documented("`unknown_model`: no loaded model has this name (`details.available` lists them)"),
     413: _documented("`payload_too_large`: the body, or an array it inflates to, is over CALIB_MAX_BODY_BYTES"),
     415: _documented("`unsupported_media_type`: the body is neither application/json nor multipart/form-data"),
@@ -90,8 +94,13 @@ async def _input_error(request: Request, exc: InputError) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message, request=request)
 
 
+def shown(text: str, limit: int = 64) -> str:
+    """A client-chosen string as an error message may echo it: repr'd and at most `limit` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
 async def _unknown_model(request: Request, exc: UnknownModelError) -> JSONResponse:
-    return error_response(404, "unknown_model", f"no model named {exc.name!r}; loaded: {exc.available}",
+    return error_response(404, "unknown_model", f"no model named {shown(exc.name)}; loaded: {exc.available}",
                           {"available": exc.available}, request=request)
 
 
@@ -109,7 +118,19 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
 
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-    return error_response(exc.status_code, code, str(exc.detail), request=request)
+    response = error_response(exc.status_code, code, str(exc.detail), request=request)
+    for name, value in (exc.headers or {}).items():  # e.g. the Allow header of a 405 (RFC 9110)
+        response.headers[name] = value
+    return response
+
+
+async def _client_disconnect(request: Request, exc: ClientDisconnect) -> Response:
+    """The client went away before its answer (mid-upload, or while its work ran): one info line,
+    no traceback, counted as 499 (nginx's "client closed request"); nobody reads the answer."""
+    logger.info("client disconnected before the answer: %s %s (request_id=%s)", request.method,
+                request.scope.get("route").path if request.scope.get("route") else "unmatched",
+                current_request_id.get())
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -125,4 +146,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Unavailable, _unavailable)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(ClientDisconnect, _client_disconnect)
     app.add_exception_handler(Exception, _internal)

@@ -16,6 +16,13 @@ async def live() -> dict:
     return {"status": "alive"}
 
 
+# HEAD too: probes (and load balancers) that check with HEAD get 200, not 405
+@router.head("/health/live", response_class=Response, summary="The process is up (no body)",
+             responses={200: {"description": "alive", "content": {"application/json": {}}}})
+async def live_head() -> Response:
+    return Response(media_type="application/json")
+
+
 @router.get("/health/ready", response_model=Readiness, summary="At least one model is loaded",
             responses=error_responses(503))
 async def ready(request: Request):
@@ -34,3 +41,10 @@ async def ready(request: Request):
 async def metrics(request: Request) -> Response:
     body, content_type = request.app.state.metrics.render()
     return Response(body, media_type=content_type)
+
+
+@metrics_router.head("/metrics", summary="Prometheus metrics (headers only)", response_class=Response,
+                     responses={200: {"description": "the headers of the Prometheus text exposition",
+                                      "content": {"text/plain": {}}}})
+async def metrics_head(request: Request) -> Response:
+    return Response(media_type=request.app.state.metrics.render()[1])

@@ -1,6 +1,11 @@
-"""Request-body cap (413) enforced while the body streams in, before anything parses it."""
+"""The request body's limits, enforced while it streams in, before anything parses it: its size
+(413 `payload_too_large`, CALIB_MAX_BODY_BYTES) and its arrival deadline (408 `request_timeout`,
+CALIB_BODY_READ_TIMEOUT_S: a client sending 1 byte a second is cut off, and the connection closed,
+so it holds nothing past the deadline)."""
 
 from __future__ import annotations
+
+import asyncio
 
 from service.inputs import InputError
 from service.rest.errors import error_response
@@ -13,12 +18,22 @@ class BodyTooLarge(InputError):
                          f"(CALIB_MAX_BODY_BYTES)", 413)
 
 
-class BodyLimitMiddleware:
-    """Refuses by Content-Length at once; counts streamed (chunked) bodies as they arrive."""
+class BodyReadTimeout(Exception):
+    """The body did not arrive in time (not an InputError: answered here, with the connection closed)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, timeout_s: float):
+        super().__init__(f"the request body did not arrive within {timeout_s:g} s (CALIB_BODY_READ_TIMEOUT_S)")
+        self.message = str(self)
+
+
+class BodyLimitMiddleware:
+    """Refuses by Content-Length at once; counts streamed (chunked) bodies as they arrive; the
+    whole body must be in within `read_timeout_s` of the request's start."""
+
+    def __init__(self, app, max_bytes: int, read_timeout_s: float = 60.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -37,14 +52,25 @@ class BodyLimitMiddleware:
 
         seen = 0
         started = False
+        body_done = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout_s
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise BodyReadTimeout(self.read_timeout_s) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
         async def tracking_send(message):
@@ -59,3 +85,9 @@ class BodyLimitMiddleware:
             if started:
                 raise
             await error_response(413, exc.code, exc.message, scope=scope)(scope, receive, send)
+        except BodyReadTimeout as exc:
+            if started:
+                raise
+            response = error_response(408, "request_timeout", exc.message, scope=scope)
+            response.headers["Connection"] = "close"  # the rest of the body is never read
+            await response(scope, receive, send)

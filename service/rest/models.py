@@ -11,13 +11,15 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from service import dataplane, inputs
 from service.rest.errors import error_responses
 from service.rest.requests import (
+    charge_uncompressed,
     in_thread,
     model_of,
     on_model_executor,
-    predictor_of,
     read_payload,
     registry_of,
+    run_predict,
     settings_of,
+    upload_limits,
 )
 from service.schemas import (
     COMPARE_BODY,
@@ -86,11 +88,11 @@ async def predict(
         x = await in_thread(inputs.instances_from_json, payload.json, resize=resize,
                             max_instances=settings.max_instances)
     else:
+        await charge_uncompressed(request, payload.files)
         x = await in_thread(inputs.images_from_files, payload.files, resize=resize,
-                            max_instances=settings.max_instances, max_array_bytes=_array_cap(settings))
+                            limits=upload_limits(settings, settings.max_instances))
     decoded = time.perf_counter()
-    result = await predictor_of(request).predict(model, x, mc_samples=t, seed=seed,
-                                                 mc_chunk_rows=settings.mc_chunk_rows)
+    result = await run_predict(request, model, x, mc_samples=t, seed=seed)
     metrics.images.labels(model.name, "predict").inc(len(x))
     metrics.mc_samples.labels(model.name).inc(t * len(x))
     predicted = time.perf_counter()
@@ -154,9 +156,9 @@ async def evaluate(
     if payload.json is not None:
         x, y = await in_thread(_labelled_json, payload.json, model.num_classes, resize, settings.max_eval_images)
     else:
+        await charge_uncompressed(request, payload.files)
         x, y = await in_thread(inputs.labelled_from_files, payload.files, class_names=model.classes,
-                               split=split, resize=resize, max_images=settings.max_eval_images,
-                               max_array_bytes=_array_cap(settings))
+                               split=split, resize=resize, limits=upload_limits(settings, settings.max_eval_images))
     report = await on_model_executor(request, dataplane.evaluate, model, x, y, n_bins=n_bins,
                                      fit=fit_temperature, chunk=settings.eval_chunk,
                                      target_accuracy=target_accuracy)
@@ -180,11 +182,6 @@ async def evaluate(
 def _labelled_json(payload: dict, num_classes: int, resize: bool, max_images: int):
     x = inputs.instances_from_json(payload, resize=resize, max_instances=max_images)
     return x, inputs.labels_from_json(payload, len(x), num_classes)
-
-
-def _array_cap(settings) -> int:
-    """An uploaded array may inflate (npz compression) to at most 8x the body limit."""
-    return 8 * settings.max_body_bytes
 
 
 @router.post("/{name}/compare", response_model=CompareResponse, openapi_extra=COMPARE_BODY,
@@ -218,8 +215,9 @@ async def compare(
         x_in, x_out = await in_thread(inputs.batches_from_json, payload.json, resize=resize,
                                       max_images=settings.max_eval_images)
     else:
+        await charge_uncompressed(request, payload.files)
         x_in, x_out = await in_thread(inputs.batches_from_files, payload.files, payload.fields, resize=resize,
-                                      max_images=settings.max_eval_images, max_array_bytes=_array_cap(settings))
+                                      limits=upload_limits(settings, settings.max_eval_images))
     result = await on_model_executor(request, dataplane.compare, model, x_in, x_out, mc_samples=t, seed=seed,
                                      chunk=settings.eval_chunk, mc_chunk_rows=settings.mc_chunk_rows)
     metrics = request.app.state.metrics
@@ -238,3 +236,40 @@ async def compare(
             "scores": [{"score": d.score, "auroc": d.auroc, "aupr": d.aupr, "fpr_at_95_tpr": d.fpr_at_95_tpr,
                         "mean_in_distribution": d.mean_in, "mean_suspect": d.mean_out}
                        for d in result.detections]}
+
+
+def document_query_limits(app, settings) -> None:
+    """Put this server's limits into the OpenAPI document (they are settings, so the route
+    declarations cannot hold them), so that the document admits exactly the query values the
+    server accepts: `mc_samples` 0..CALIB_MAX_MC_SAMPLES (compare: 0 or 2..), `bins`
+    1..CALIB_MAX_BINS, `seed` 0..2^31-2. The routes keep their own checks and error codes."""
+    generate = app.openapi
+    seed = {"minimum": 0, "maximum": 2**31 - 2}
+    limits = {
+        "/v1/models/{name}/predict": {"mc_samples": {"minimum": 0, "maximum": settings.max_mc_samples}, "seed": seed},
+        "/v1/models/{name}/evaluate": {"bins": {"minimum": 1, "maximum": settings.max_bins}},
+        "/v1/models/{name}/compare": {"mc_samples": {"anyOf": [{"type": "integer", "enum": [0]},
+                                                               {"type": "integer", "minimum": 2,
+                                                                "maximum": settings.max_mc_samples}]},
+                                      "seed": seed},
+    }
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = generate()
+        for path, params in limits.items():
+            for param in spec.get("paths", {}).get(path, {}).get("post", {}).get("parameters", []):
+                extra = params.get(param["name"])
+                if extra is None:
+                    continue
+                schema = param["schema"]
+                target = next((s for s in schema.get("anyOf", []) if s.get("type") == "integer"), schema)
+                if "anyOf" in extra:  # replaces the integer schema
+                    param["schema"] = {**{k: v for k, v in schema.items() if k not in ("type", "anyOf")}, **extra}
+                else:
+                    target.update(extra)
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi

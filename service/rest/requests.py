@@ -9,17 +9,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 import anyio
 from fastapi import Request
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.batching import BatchedPredictor
 from service.dataplane import WorkCancelled
-from service.inputs import InputError, parse_json_object
+from service.inputs import InputError, UploadLimits, declared_uncompressed_bytes, parse_json_object
 from service.registry import LoadedModel, ModelRegistry
 from service.rest.errors import Unavailable
 from service.settings import Settings
@@ -43,6 +45,24 @@ def settings_of(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def upload_limits(settings: Settings, max_images: int) -> UploadLimits:
+    """What a route's uploaded files may hold: an array may take 8x the body limit, and all
+    archives and .npz of the request inflate to at most CALIB_MAX_UNCOMPRESSED_BYTES."""
+    return UploadLimits(max_images=max_images, max_array_bytes=8 * settings.max_body_bytes,
+                        max_uncompressed_bytes=settings.uncompressed_cap)
+
+
+async def charge_uncompressed(request: Request, files: list[tuple[str, bytes]]) -> None:
+    """Admission charges what the .npz uploads declare they inflate to, before they are
+    inflated (503 overloaded when the budget cannot hold it). Read from the zip directories."""
+    reservation = request.scope.get("calib.reservation")
+    if reservation is None:
+        return
+    declared = await in_thread(declared_uncompressed_bytes, files)
+    if declared:
+        await reservation.reserve_waiting(min(declared, settings_of(request).uncompressed_cap))
+
+
 def registry_of(request: Request) -> ModelRegistry:
     """The loaded registry; 503 `not_ready` while the lifespan has not loaded it yet."""
     registry = request.app.state.registry
@@ -64,6 +84,45 @@ async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
 
+@asynccontextmanager
+async def stop_on_disconnect(request: Request, stop: threading.Event) -> AsyncIterator[Callable[[], bool]]:
+    """While the block runs, a client disconnect sets `stop` (the model work gives up at its next
+    chunk). Yields `gone()`: whether the client went away. Only after the body is read: then the
+    next ASGI message can only be the disconnect."""
+    disconnected = asyncio.Event()
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                disconnected.set()
+                stop.set()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        yield disconnected.is_set
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+
+
+async def run_predict(request: Request, model: LoadedModel, x, *, mc_samples: int, seed: int | None):
+    """`BatchedPredictor.predict` within the predict work bound (503 overloaded beyond it), given up
+    at its next chunk when the client disconnects (ClientDisconnect: counted as 499)."""
+    settings = settings_of(request)
+    stop = threading.Event()
+    with request.app.state.predict_work.hold(len(x) * max(1, mc_samples)):
+        async with stop_on_disconnect(request, stop) as gone:
+            try:
+                return await predictor_of(request).predict(model, x, mc_samples=mc_samples, seed=seed,
+                                                           mc_chunk_rows=settings.mc_chunk_rows, stop=stop)
+            except WorkCancelled:
+                if gone():
+                    raise ClientDisconnect() from None
+                raise
+
+
 async def on_model_executor(request: Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Long model work (`fn` takes a `stop` event) in the app's bounded inference executor.
 
@@ -76,8 +135,14 @@ async def on_model_executor(request: Request, fn: Callable[..., T], *args: Any, 
     running: set = request.app.state.model_work
     running.add(stop)
     try:
-        return await loop.run_in_executor(request.app.state.executor,
-                                          functools.partial(fn, *args, stop=stop, **kwargs))
+        async with stop_on_disconnect(request, stop) as gone:
+            try:
+                return await loop.run_in_executor(request.app.state.executor,
+                                                  functools.partial(fn, *args, stop=stop, **kwargs))
+            except WorkCancelled:
+                if gone():  # the client went away: its evaluation stopped at the next chunk
+                    raise ClientDisconnect() from None
+                raise
     except asyncio.CancelledError:
         stop.set()
         task = asyncio.current_task()

@@ -24,7 +24,8 @@ from service.api_keys import KeyRing
 from service.inputs import InputError, parse_json_object
 from service.registry import LoadedModel
 from service.rest import auth
-from service.rest.requests import in_thread, model_of, predictor_of, registry_of, settings_of
+from service.rest.errors import shown
+from service.rest.requests import in_thread, model_of, registry_of, run_predict, settings_of
 from service.schemas import _EXAMPLE_IMAGES
 from service.v2_schemas import (
     ErrorV2,
@@ -81,7 +82,7 @@ def version_of(model: LoadedModel) -> str:
 def _model(request: Request, name: str, version: str | None) -> LoadedModel:
     model = model_of(request, name)
     if version is not None and version != version_of(model):
-        raise InputError("unknown_version", f"model {name!r} has no version {version!r}; its version is "
+        raise InputError("unknown_version", f"model {shown(name)} has no version {shown(version)}; its version is "
                                             f"{version_of(model)!r}", 404)
     return model
 
@@ -175,8 +176,7 @@ async def _infer(request: Request, name: str, version: str | None) -> dict:
     seed = opts.seed
     if seed is None and opts.mc_samples:
         seed = secrets.randbelow(2**31 - 1)
-    result = await predictor_of(request).predict(model, x, mc_samples=opts.mc_samples, seed=seed,
-                                                 mc_chunk_rows=settings.mc_chunk_rows)
+    result = await run_predict(request, model, x, mc_samples=opts.mc_samples, seed=seed)
     metrics = request.app.state.metrics
     metrics.images.labels(model.name, "infer_v2").inc(len(x))
     metrics.mc_samples.labels(model.name).inc(opts.mc_samples * len(x))

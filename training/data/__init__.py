@@ -3,33 +3,16 @@
 Public API:
 
 * :func:`load_cifar10` -> :class:`CifarData`; :data:`CIFAR10_CLASSES`
-* :func:`read_labelled_images`, :func:`read_labelled_images_from_bytes`,
-  :func:`decode_image` (image folders / uploads, used by the HTTP service)
+* :func:`read_labelled_images` (image folders and archives) and :class:`DataSourceError` (a
+  ``ValueError``, for every bad input), from the shared :mod:`imagedata` package, which also
+  decodes images and reads uploads for the HTTP service
 * :func:`train_validation_split`
-* :class:`DataSourceError` (a ``ValueError``) for every bad input
 """
 
+from imagedata import DataSourceError, read_labelled_images
+
 from .cifar import CIFAR10_CLASSES, CifarData, load_cifar10, recorded_data_source
-from .errors import DataSourceError
-from .image_folder import (
-    IMAGE_EXTENSIONS,
-    IMAGE_SIZE,
-    decode_image,
-    read_labelled_images,
-    read_labelled_images_from_bytes,
-)
 from .split import train_validation_split
 
-__all__ = [
-    "CIFAR10_CLASSES",
-    "IMAGE_EXTENSIONS",
-    "IMAGE_SIZE",
-    "CifarData",
-    "DataSourceError",
-    "decode_image",
-    "load_cifar10",
-    "read_labelled_images",
-    "read_labelled_images_from_bytes",
-    "recorded_data_source",
-    "train_validation_split",
-]
+__all__ = ["CIFAR10_CLASSES", "CifarData", "DataSourceError", "load_cifar10", "read_labelled_images",
+           "recorded_data_source", "train_validation_split"]

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataSourceError
-from .image_folder import _Entry, _labelled_arrays, _path_entries, _is_image
+from imagedata.errors import DataSourceError
+from imagedata.image_folder import _Entry, _labelled_arrays, _path_entries, _is_image
 
 __all__ = ["CIFAR10_CLASSES", "CifarData", "load_cifar10", "load_python_batch", "recorded_data_source"]
 

@@ -6,7 +6,7 @@ One command runs one section (or all, one after another) and writes its report t
 
 from __future__ import annotations
 
-from training.cli import ArgumentParser, command, setup_tensorflow
+from commandline import ArgumentParser, command, setup_tensorflow
 
 setup_tensorflow()   # also oneDNN on: 1.5x faster on this CPU; never bf16 here
 

@@ -9,7 +9,7 @@ repository's test fixture (for CI and tests).
 
 from __future__ import annotations
 
-from training.cli import ArgumentParser, UsageError, command, invoked_as, setup_tensorflow
+from commandline import ArgumentParser, UsageError, command, invoked_as, setup_tensorflow
 
 setup_tensorflow()
 

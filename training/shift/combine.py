@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from training.cli import ArgumentParser, CommandError, UsageError, command, invoked_as
+from commandline import ArgumentParser, CommandError, UsageError, command, invoked_as
 
 PROG = invoked_as("training.shift.combine")
 

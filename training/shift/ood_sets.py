@@ -78,7 +78,7 @@ def _sha256_file(path: Path) -> str:
 def _folder_checksum(root: Path) -> str:
     """sha256 over sorted (relative POSIX path, NUL, sha256(content)) of the folder's image files,
     the rule `training.data.load_cifar10` uses for image folders."""
-    from training.data import IMAGE_EXTENSIONS
+    from imagedata import IMAGE_EXTENSIONS
 
     records = []
     for path in root.rglob("*"):
@@ -108,7 +108,7 @@ def _cifar100_images(data: bytes, display: str) -> np.ndarray:
 
 def _cifar100_member(path: Path) -> tuple[str, bytes] | None:
     """(display, bytes) of `cifar-100-python/test` inside a tar/zip archive, or None if absent."""
-    from training.data.image_folder import _path_entries
+    from imagedata.image_folder import _path_entries
 
     def keep(parts: tuple[str, ...]) -> bool:
         return parts[-1] == CIFAR100_TEST and len(parts) <= 2

@@ -30,7 +30,7 @@ DEFAULT_TF_LOG_LEVEL = "3"
 # Looked up in sys.modules when an error is caught: an exception of a class whose module was never
 # imported cannot have been raised, so this module need not import numpy, Keras or pydantic.
 EXPECTED_ERRORS = (
-    ("training.data.errors", "DataSourceError"),             # bad path, corrupt archive, bad image
+    ("imagedata.errors", "DataSourceError"),                  # bad path, corrupt archive, bad image
     ("models.artifact", "ArtifactError"),                     # missing/truncated/tampered artifact
     ("models.calibration.temperature", "TemperatureFitError"),  # too few validation images
 )

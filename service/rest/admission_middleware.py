@@ -1,17 +1,19 @@
 """Admission at the HTTP edge: 503 `overloaded` + Retry-After before the server takes on more
-than it can hold (the limits themselves live in service.admission).
+than it can hold (the limits themselves live in service.admission_limits).
 
-Order per request, before any of the body is read:
-1. an evaluate (or compare) request takes an evaluation slot, waiting in the bounded queue if need be. Its body
-   stays in the client's socket while it waits (uvicorn reads at most 64 KiB ahead), so a
-   rejected or queued 29 MB upload costs the server nothing; a client that disconnects while
-   queued leaves the queue at once.
-2. the body reserves `size x charge_factor` bytes from the shared budget: by Content-Length up
-   front when declared, else chunk by chunk as it streams in.
-Both are returned when the request ends, however it ends. Predict requests only meet step 2.
-Before a 503 the unread body is drained (read and dropped), so the client, which writes its whole
-body first, gets the 503 instead of a reset connection; a client that sent `Expect: 100-continue`
-gets the 503 at once instead and never uploads.
+Per request:
+1. the body reserves `chunk x charge_factor` bytes from the shared budget as each chunk arrives
+   (never the declared Content-Length: a client sending 1 byte a second holds 1 byte's worth); a
+   chunk that does not fit waits up to CALIB_BUFFER_WAIT_S for room (the oldest request always
+   gets it), then 503;
+   the routes add what an .npz upload declares it inflates to (`calib.reservation` in the scope).
+2. an evaluate (or compare) request takes an evaluation slot once its whole body is in, waiting in
+   the bounded queue if need be: a slow upload never holds the slot; a client that disconnects
+   while queued leaves the queue at once.
+Both are returned when the request ends, however it ends. Predict requests only meet step 1 (and
+the predict work bound, service.rest.requests). Before a 503 the unread body is drained (read and
+dropped), so the client, which writes its whole body first, gets the 503 instead of a reset
+connection; a client that sent `Expect: 100-continue` gets the 503 at once instead.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import asyncio
 import re
 from types import SimpleNamespace
 
-from service.admission import JSON_CHARGE, ByteBudget, EvaluationGate, Overloaded, charge_factor
+from service.admission_limits import JSON_CHARGE, ByteBudget, EvaluationGate, Overloaded, charge_factor
 from service.rest.auth import holds_valid_key
 from service.rest.errors import error_response
 
@@ -43,7 +45,7 @@ class AdmissionMiddleware:
         settings = fastapi_app.state.settings
         self.gate = EvaluationGate(settings.max_concurrent_evaluations, settings.evaluation_queue,
                                    settings.evaluation_queue_timeout_s)
-        self.budget = ByteBudget(settings.max_buffered_bytes)
+        self.budget = ByteBudget(settings.max_buffered_bytes, settings.buffer_wait_s)
         fastapi_app.state.admission = self
         metrics = getattr(fastapi_app.state, "metrics", None)
         if metrics is not None and hasattr(metrics, "watch_admission"):
@@ -74,8 +76,10 @@ class AdmissionMiddleware:
         if V2_INFER.match(scope.get("path", "")):
             factor = JSON_CHARGE
         reservation = self.budget.reservation()
+        scope["calib.reservation"] = reservation  # the routes charge inflated uploads to it
         token = None
         started = False
+        body_done = False
         loop = asyncio.get_running_loop()
         admitted_at = loop.time()
 
@@ -85,32 +89,27 @@ class AdmissionMiddleware:
                 started = True
             await send(message)
 
-        body_done = False
-        outer_receive = receive
-
-        async def receive():  # notes when the body is complete: then there is nothing to drain
-            nonlocal body_done
-            message = await outer_receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
+        async def app_receive():
+            """Charges each chunk as it arrives (never the declared length: a slow client holds only
+            what it sent); a gated request takes its evaluation slot once the whole body is in."""
+            nonlocal body_done, token, admitted_at
+            if body_done:
+                return await receive()
+            message = await receive()
+            if message["type"] != "http.request":
                 body_done = True
+                return message
+            body_done = not message.get("more_body", False)  # before reserving: a 503 drains only the rest
+            await reservation.reserve_waiting(len(message.get("body", b"")) * factor)
+            if body_done:
+                if gated:
+                    token, disconnect = await self._wait_for_slot(receive)
+                    if token is None:
+                        return disconnect  # the client went away while queued
+                    admitted_at = loop.time()
             return message
 
         try:
-            if gated:
-                token, receive = await self._wait_for_slot(receive)
-                if token is None:
-                    return  # the client went away while queued
-                admitted_at = loop.time()
-            declared = _content_length(headers)
-            if declared is not None:
-                reservation.reserve(declared * factor)
-                app_receive = receive
-            else:
-                async def app_receive():  # chunked: charge each chunk as it arrives
-                    message = await receive()
-                    if message["type"] == "http.request":
-                        reservation.reserve(len(message.get("body", b"")) * factor)
-                    return message
             await self.app(scope, app_receive, tracking_send)
         except Overloaded as exc:
             if started:
@@ -122,17 +121,16 @@ class AdmissionMiddleware:
                 self.gate.release(token, loop.time() - admitted_at)
 
     async def _wait_for_slot(self, receive):
-        """(token, receive) once admitted; (None, receive) if the client disconnected meanwhile.
-        While queued, one `receive` watches for a disconnect; a body chunk it returns instead
-        is handed back first by the returned receive."""
+        """(token, None) once admitted; (None, the disconnect message) if the client went away
+        meanwhile (the body is read, so `receive` only ever answers a disconnect)."""
         acquire = asyncio.ensure_future(self.gate.acquire())
         watch = asyncio.ensure_future(receive())
         try:
             await asyncio.wait({acquire, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if watch.done() and watch.result()["type"] == "http.disconnect" and not acquire.done():
+            if watch.done() and not acquire.done():
                 acquire.cancel()
                 await asyncio.gather(acquire, return_exceptions=True)
-                return None, receive
+                return None, watch.result()
             token = await acquire  # raises Overloaded (queue full or timed out)
         except BaseException:
             if not acquire.done():
@@ -145,14 +143,7 @@ class AdmissionMiddleware:
             if not watch.done():
                 watch.cancel()
                 await asyncio.gather(watch, return_exceptions=True)
-        if watch.cancelled():
-            return token, receive
-        stashed = [watch.result()]
-
-        async def replay_receive():
-            return stashed.pop() if stashed else await receive()
-
-        return token, replay_receive
+        return token, None
 
     async def _reject(self, exc: Overloaded, scope, receive, send, drain: bool) -> None:
         """503 overloaded; `drain`: the body has not been read to its end."""

@@ -1,7 +1,7 @@
 """Labelled image folders (``<class>/*.jpg|*.jpeg|*.png``) read with numpy + Pillow only.
 
 No TensorFlow here: the HTTP service imports this module to read uploaded
-validation sets and single images.
+validation sets and single images, and training's CIFAR-10 loader reads image folders with it.
 
 Supported sources
 -----------------
@@ -24,7 +24,7 @@ hidden entries (any path component starting with ``.``, e.g. ``.DS_Store``,
 components are ignored.  Images are sorted by file name within each class;
 classes come in ``class_names`` order.
 
-Every problem raises :class:`~training.data.errors.DataSourceError` with a
+Every problem raises :class:`~imagedata.errors.DataSourceError` with a
 message that names the file (``archive.tar.gz:train/cat/0001.png`` for archive
 members).
 """
@@ -84,30 +84,32 @@ def decode_image(data: bytes, *, name: str, resize: bool = False) -> np.ndarray:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode_image expects bytes, got {type(data).__name__}")
     if len(data) == 0:
-        raise DataSourceError(f"cannot decode image {name}: the file is empty")
+        raise DataSourceError(f"cannot decode image {name}: the file is empty", "undecodable_image")
     try:
         img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
     except UnidentifiedImageError as exc:
-        raise DataSourceError(f"cannot decode image {name}: not a JPEG or PNG file") from exc
+        raise DataSourceError(f"cannot decode image {name}: not a JPEG or PNG file", "undecodable_image") from exc
     except Exception as exc:  # OSError, SyntaxError, ... from a damaged header
-        raise DataSourceError(f"cannot decode image {name}: {exc}") from exc
+        raise DataSourceError(f"cannot decode image {name}: {exc}", "undecodable_image") from exc
     with img:
         width, height = img.size
         if not resize:
             if (width, height) != (IMAGE_SIZE, IMAGE_SIZE) or img.mode != "RGB":
                 raise DataSourceError(
                     f"image {name} is {width}x{height} mode {img.mode}; expected "
-                    f"{IMAGE_SIZE}x{IMAGE_SIZE} RGB"
+                    f"{IMAGE_SIZE}x{IMAGE_SIZE} RGB",
+                    "wrong_image_size" if (width, height) != (IMAGE_SIZE, IMAGE_SIZE) else "unsupported_image_mode",
                 )
             try:
                 img.load()
                 arr = np.asarray(img, dtype=np.uint8)
             except Exception as exc:
-                raise DataSourceError(f"cannot decode image {name}: {exc}") from exc
+                raise DataSourceError(f"cannot decode image {name}: {exc}", "undecodable_image") from exc
         else:
             if width * height > MAX_SOURCE_PIXELS:
                 raise DataSourceError(
-                    f"image {name} is {width}x{height}, larger than {MAX_SOURCE_PIXELS} pixels"
+                    f"image {name} is {width}x{height}, larger than {MAX_SOURCE_PIXELS} pixels",
+                    "image_too_large",
                 )
             try:
                 if img.format == "JPEG":
@@ -121,9 +123,10 @@ def decode_image(data: bytes, *, name: str, resize: bool = False) -> np.ndarray:
                     work = work.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
                 arr = np.asarray(work, dtype=np.uint8)
             except Exception as exc:
-                raise DataSourceError(f"cannot decode image {name}: {exc}") from exc
+                raise DataSourceError(f"cannot decode image {name}: {exc}", "undecodable_image") from exc
     if arr.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):  # defensive: Pillow oddities
-        raise DataSourceError(f"image {name} decoded to shape {arr.shape}, expected (32, 32, 3)")
+        raise DataSourceError(f"image {name} decoded to shape {arr.shape}, expected (32, 32, 3)",
+                              "undecodable_image")
     return arr
 
 
@@ -200,7 +203,7 @@ class _Counter:
     def add(self) -> None:
         self.n += 1
         if self.limit is not None and self.n > self.limit:
-            raise DataSourceError(f"{self.display} contains more than {self.limit} images")
+            raise DataSourceError(f"{self.display} contains more than {self.limit} images", "too_many_images")
 
 
 def _directory_entries(root: Path, keep: Keep, counter: _Counter) -> list[_Entry]:
@@ -239,18 +242,32 @@ def _archive_members(fileobj: BinaryIO, kind: str):
 
 
 def _archive_entries(fileobj: BinaryIO, kind: str, display: str, keep: Keep, counter: _Counter,
-                     max_member_bytes: int) -> list[_Entry]:
-    """Read the kept members of a tar/zip archive into memory."""
+                     max_member_bytes: int, max_total_bytes: int | None = None,
+                     max_members: int | None = None) -> list[_Entry]:
+    """Read the kept members of a tar/zip archive into memory.
+
+    Every member's declared size counts towards `max_total_bytes` (those skipped too: a tar.gz
+    is inflated to be walked), checked before the member is read; `max_members` bounds the
+    entries walked (empty members cost a header each)."""
     entries: list[_Entry] = []
     member = "?"
+    total = members = 0
     try:
         for name, size, read in _archive_members(fileobj, kind):
+            members += 1
+            total += size
+            if max_members is not None and members > max_members:
+                raise DataSourceError(f"{display} has more than {max_members} members", "too_many_images")
+            if max_total_bytes is not None and total > max_total_bytes:
+                raise DataSourceError(f"{display}: its members declare more than {max_total_bytes} bytes "
+                                      f"uncompressed", "archive_too_large")
             parts = _clean_parts(name)
             if parts is None or not keep(parts):
                 continue
             member = name
             if size > max_member_bytes:
-                raise DataSourceError(f"{display}:{member} is {size} bytes, more than {max_member_bytes}")
+                raise DataSourceError(f"{display}:{member} is {size} bytes, more than {max_member_bytes}",
+                                      "member_too_large")
             if _is_image(parts):
                 counter.add()
             data = read()
@@ -312,7 +329,7 @@ def _group_by_class(entries: Iterable[_Entry], *, split: str | None,
     images = [e for e in entries if keep(e.parts)]
     where = f" under '{split}/'" if split is not None else ""
     if not images:
-        raise DataSourceError(f"no {'/'.join(IMAGE_EXTENSIONS)} images found in {display}{where}")
+        raise DataSourceError(f"no {'/'.join(IMAGE_EXTENSIONS)} images found in {display}{where}", "invalid_layout")
     depth = 2 if split is None else 3  # parts after the optional top-level folder
     groups: dict[str, list[_Entry]] = {}
     prefix_entry: _Entry | None = None
@@ -321,13 +338,13 @@ def _group_by_class(entries: Iterable[_Entry], *, split: str | None,
             layout = "<class>/<image>" if split is None else f"{split}/<class>/<image>"
             raise DataSourceError(
                 f"{e.display}: unexpected location; expected {layout}, optionally inside one "
-                f"top-level folder" + ("" if split is not None else " (pass split= for train/test trees)"))
+                f"top-level folder" + ("" if split is not None else " (pass split= for train/test trees)"), "invalid_layout")
         if prefix_entry is None:
             prefix_entry = e
         elif e.parts[:-depth] != prefix_entry.parts[:-depth]:
             raise DataSourceError(
                 f"{display}: images at inconsistent levels: {prefix_entry.display} and {e.display}"
-                + (" (pass split= for train/test trees)" if split is None else ""))
+                + (" (pass split= for train/test trees)" if split is None else ""), "invalid_layout")
         groups.setdefault(e.parts[-2], []).append(e)
     for members in groups.values():
         members.sort(key=lambda e: e.parts[-1])
@@ -402,12 +419,12 @@ def _labelled_arrays(entries: Sequence[_Entry], *, display: str, split: str | No
             if folder not in known:
                 raise DataSourceError(
                     f"unknown class folder '{folder}' ({groups[folder][0].display}); "
-                    f"expected one of {names}")
+                    f"expected one of {names}", "invalid_layout")
         if require_all_classes:
             for c in names:
                 if c not in groups:
                     folder = c if split is None else f"{split}/{c}"
-                    raise DataSourceError(f"missing class folder '{folder}' in {display}")
+                    raise DataSourceError(f"missing class folder '{folder}' in {display}", "invalid_layout")
     ordered: list[_Entry] = []
     labels: list[int] = []
     for label, c in enumerate(names):
@@ -457,12 +474,15 @@ def read_labelled_images_from_bytes(
     split: str | None = None,
     resize: bool = False,
     max_images: int | None = None,
+    max_total_bytes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Like :func:`read_labelled_images` for an uploaded archive held in memory.
 
     ``data`` is the archive content (bytes-like) or a seekable binary file
     object; ``filename`` (the upload's name) selects zip vs tar by extension,
     otherwise the content is sniffed, and it names the archive in errors.
+    ``max_total_bytes`` caps what all members declare uncompressed (zip and tar bombs), and
+    with ``max_images`` the members walked are at most ``4 * max_images + 1024``.
     """
     names = _check_class_names(class_names)
     _check_split(split)
@@ -487,7 +507,8 @@ def read_labelled_images_from_bytes(
                 f"unknown archive format for {display}: expected .tar.gz/.tgz/.tar or .zip")
     counter = _Counter(max_images, display)
     entries = _archive_entries(fileobj, kind, display, _image_keep(split), counter,
-                               MAX_IMAGE_FILE_BYTES)
+                               MAX_IMAGE_FILE_BYTES, max_total_bytes,
+                               None if max_images is None else 4 * max_images + 1024)
     x, y, out_names, _, _ = _labelled_arrays(entries, display=display, split=split,
                                              class_names=names, resize=resize)
     return x, y, out_names

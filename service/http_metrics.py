@@ -4,8 +4,9 @@ as they do in the tests) and a pure-ASGI middleware that counts and times every 
 With several server processes (CALIB_WORKERS > 1, service.workers) the values live in
 prometheus-client's multiprocess files and a scrape sums every worker's, whichever worker answers.
 
-Labels use the route template (`/v1/models/{name}/predict`), never the raw path, and the model
-label only names loaded models, so a client cannot blow up the label cardinality.
+Every label takes its value from a bounded set, so no client can add series: the route template
+(`/v1/models/{name}/predict`, or "unmatched"), never the raw path; the model label only names
+loaded models; the method is one of METHODS (else "other"); the status is a 3-digit code.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class ServiceMetrics:
                                    multiprocess_mode="liveall")
         self.load_failures = Gauge("calib_model_load_failures", "Artifacts skipped at startup", registry=r,
                                    multiprocess_mode="liveall")
-        # admission control (service.admission); the gauges read the live limiter state at scrape time
+        # admission control (service.admission_limits); the gauges read the live limiter state at scrape time
         # (summed over the live workers when there are several)
         self.evaluations_in_flight = Gauge("calib_evaluations_in_flight", "Evaluations holding a slot",
                                            registry=r, multiprocess_mode="livesum")
@@ -153,6 +154,19 @@ class ServiceMetrics:
             mark_process_dead(os.getpid(), self.multiprocess_dir)
 
 
+METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS"})
+
+
+def method_label(scope) -> str:
+    """The HTTP method if it is one the API uses, else "other" (uvicorn accepts any token)."""
+    method = scope.get("method", "")
+    return method if method in METHODS else "other"
+
+
+def status_label(status: int) -> str:
+    return str(status) if 100 <= status <= 599 else "other"
+
+
 def endpoint_label(scope) -> str:
     route = scope.get("route")
     return getattr(route, "path", None) or "unmatched"
@@ -191,5 +205,5 @@ class MetricsMiddleware:
             registry = getattr(self.fastapi_app.state, "registry", None)
             known = registry.models if registry is not None else {}
             endpoint, model = endpoint_label(scope), model_label(scope, known)
-            metrics.requests.labels(endpoint, model, scope.get("method", ""), str(status["code"])).inc()
+            metrics.requests.labels(endpoint, model, method_label(scope), status_label(status["code"])).inc()
             metrics.latency.labels(endpoint, model).observe(time.perf_counter() - started)
