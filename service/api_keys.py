@@ -40,10 +40,10 @@ def check_keys(keys: Iterable[SecretStr], where: str) -> list[SecretStr]:
     return keys
 
 
-def read_key_file(path: Path) -> list[SecretStr]:
+def read_key_file(path: Path, setting: str = "CALIB_API_KEYS_FILE") -> list[SecretStr]:
     """One key a line; blank lines and #comments ignored. Unreadable or empty -> ApiKeyConfigError
     (a secrets file that yields no key would otherwise silently leave the service open)."""
-    where = f"CALIB_API_KEYS_FILE={path}"
+    where = f"{setting}={path}"
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
