@@ -29,10 +29,18 @@ class LoadFailureOut(BaseModel):
     error: str
 
 
+class StorageStatus(BaseModel):
+    status: str = Field(description="'ready' or 'unavailable': the calibration profiles' database")
+    backend: str = Field(description="sqlite or postgresql")
+    message: Optional[str] = None
+
+
 class Readiness(BaseModel):
     status: str = Field(description="'ready'")
     models: list[str]
     failed: list[LoadFailureOut]
+    storage: Optional[StorageStatus] = Field(None, description="the calibration database; when it is down only "
+                                                               "the calibration-profile routes answer 503")
 
 
 class Liveness(BaseModel):
