@@ -10,6 +10,7 @@ never contains the URL.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import uuid
@@ -139,6 +140,12 @@ class SqlCalibrationRepository:
 
     # --- the repository ----------------------------------------------------------------------
     def create(self, new: NewProfile) -> StoredProfile:
+        for name in ("parameters", "report"):  # a bug upstream, not an outage: refuse before the database
+            try:
+                json.dumps(getattr(new, name), allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"profile {name} are not strict JSON (NaN, infinity or a non-JSON type): {exc}") \
+                    from None
         row = ProfileRow(id=uuid.uuid4(), model_name=new.model_name, model_sha256=new.model_sha256,
                          num_classes=new.num_classes, method=new.method, parameters=new.parameters,
                          label=new.label, n=new.n, data_sha256=new.data_sha256,
