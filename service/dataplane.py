@@ -8,6 +8,7 @@ The backbone may also have run earlier, on several requests' images at once (`se
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ from models.calibration.ood import (
     uncertainty_scores,
 )
 from models.calibration.ood_diagram import score_histograms_png
-from models.calibration.uncertainty import MCSummary
+from models.calibration.uncertainty import MCSummary, chunked_mc_summary
 from service.inputs import InputError
 from service.registry import LoadedModel
 
@@ -82,15 +83,18 @@ class Evaluation:
     fitted_temperature: float | None
     after_fitted: CalibrationMetrics | None
     selective: SelectiveEvaluation | None = None
+    after_profile: CalibrationMetrics | None = None  # under a recalibration profile (calibration=<id>)
 
 
 def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
             mc_chunk_rows: int = 65_536, batch_size: int = 500,
-            features: np.ndarray | None = None, logits: np.ndarray | None = None) -> Prediction:
+            features: np.ndarray | None = None, logits: np.ndarray | None = None,
+            calibrator=None) -> Prediction:
     """`features` (and `logits`, the deterministic head on them): the backbone's output for `x`
     when already computed (the micro-batcher, `service.batching`, runs both for several requests
     at once); the MC sampling depends only on the features and the seed, never on which other
-    images shared the pass."""
+    images shared the pass. `calibrator` (a recalibration profile's `Calibrator`) replaces the
+    card's temperature: the probabilities and every MC sample are calibrated by it."""
     clf = model.classifier
     t = model.temperature
     if features is None:
@@ -102,10 +106,28 @@ def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | N
     elif len(logits) != len(x):
         raise ValueError(f"{len(logits)} logit rows for {len(x)} images")
     summary = None
+    if calibrator is not None:
+        if mc_samples > 0:
+            seed = 0 if seed is None else int(seed)
+            summary = chunked_mc_summary(_calibrated_samples(clf, calibrator), features, mc_samples, seed,
+                                         1.0, mc_chunk_rows)
+        return Prediction(logits, calibrator.probabilities(logits), softmax(logits, 1.0), summary, seed)
     if mc_samples > 0:
         seed = 0 if seed is None else int(seed)
         summary = clf.mc_summary_from_features(features, mc_samples, seed, t, mc_chunk_rows)
     return Prediction(logits, softmax(logits, t), softmax(logits, 1.0), summary, seed)
+
+
+def _calibrated_samples(clf, calibrator):
+    """MC head samples [T, B, K] mapped to the profile's calibrated log-probabilities: their
+    softmax at temperature 1 is the calibrated softmax of each sample, so the MC summary (mean,
+    variance, entropies) is over per-sample calibrated probabilities, with the same seeds and
+    chunking as the card's path."""
+    def sample(features: np.ndarray, n_samples: int, seed: int) -> np.ndarray:
+        z = clf.mc_logits_from_features(features, n_samples, seed)
+        t, b, k = z.shape
+        return calibrator.log_probabilities(z.reshape(t * b, k)).reshape(t, b, k)
+    return sample
 
 
 def logits_in_chunks(model: LoadedModel, x: np.ndarray, chunk: int,
@@ -121,10 +143,14 @@ def logits_in_chunks(model: LoadedModel, x: np.ndarray, chunk: int,
 
 def evaluate(model: LoadedModel, x: np.ndarray, y: np.ndarray, *, n_bins: int, fit: bool,
              chunk: int = 500, target_accuracy: float | None = None,
-             stop: threading.Event | None = None) -> Evaluation:
+             stop: threading.Event | None = None, calibrator=None) -> Evaluation:
     logits = logits_in_chunks(model, x, chunk, stop)
-    return evaluate_logits(logits, y, temperature=model.temperature, n_bins=n_bins, fit=fit,
-                           target_accuracy=target_accuracy)
+    evaluation = evaluate_logits(logits, y, temperature=model.temperature, n_bins=n_bins, fit=fit,
+                                 target_accuracy=target_accuracy)
+    if calibrator is None:
+        return evaluation
+    return dataclasses.replace(evaluation, after_profile=compute_metrics(calibrator.log_probabilities(logits), y,
+                                                                         n_bins=n_bins))
 
 
 def evaluate_logits(logits: np.ndarray, y: np.ndarray, *, temperature: float, n_bins: int,

@@ -16,8 +16,9 @@ class ProfileModel(BaseModel):
 
 class ConformalSummary(BaseModel):
     n: int = Field(description="images whose conformity scores the prediction sets use (each scored by a "
-                               "calibrator that never saw it)")
-    details: dict[str, Any] = Field(default_factory=dict)
+                               "calibrator that never saw it: out-of-fold)")
+    class_counts: list[int] = Field(description="of those, per class (the Mondrian sets' n_k)")
+    methods: list[str] = Field(description="the conformity scores it serves")
 
 
 class CalibrationProfile(BaseModel):
@@ -47,3 +48,17 @@ class CalibrationUsed(BaseModel):
     id: Optional[str] = Field(description="the profile's id; null for the card's calibration")
     method: str
     source: str = Field(description="'profile' or 'card'")
+
+
+class PredictionSetOut(BaseModel):
+    indices: list[int]
+    coverage: float
+    method: str
+    mondrian: bool
+
+
+class CalibrationApplied(BaseModel):
+    calibration: CalibrationUsed
+    n: int
+    probabilities: list[list[float]]
+    prediction_sets: Optional[list[PredictionSetOut]] = Field(None, description="with coverage=c")

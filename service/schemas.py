@@ -10,6 +10,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.profile_schemas import CalibrationUsed
+
 
 class ErrorBody(BaseModel):
     code: str = Field(description="stable machine-readable error code, e.g. 'invalid_shape'")
@@ -136,6 +138,8 @@ class PredictResponse(BaseModel):
     classes: list[str]
     mc_samples: int
     seed: Optional[int] = Field(None, description="seed of the MC samples; send it back to reproduce them")
+    calibration: Optional[CalibrationUsed] = Field(None, description="the calibration used: a profile "
+                                                                     "(calibration=<id>) or the card's temperature")
     predictions: list[PredictionOut]
 
 
@@ -205,6 +209,10 @@ class EvaluateResponse(BaseModel):
     after_fitted_temperature: Optional[MetricsOut] = None
     selective: SelectiveOut = Field(description="selective prediction: AURC, accuracy at coverage, "
                                                 "risk-coverage curve, threshold for target_accuracy")
+    calibration: Optional[CalibrationUsed] = Field(None, description="the calibration of `after_calibration` and "
+                                                                     "`selective`: a profile or the card's")
+    after_calibration: Optional[MetricsOut] = Field(None, description="with calibration=<id>: the metrics under "
+                                                                      "that profile")
 
 
 class ScoreSeparation(BaseModel):

@@ -9,14 +9,20 @@ Reading and using a profile needs a read key; creating and deleting one an admin
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI, Path, Request, Response
+from typing import Literal, Optional
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.profile_schemas import CalibrationProfile, CalibrationProfileList
+from models.calibration.recalibration import AUTO, DEFAULT_FOLDS, METHODS, TooFewImagesError
+from service import inputs, logits_inputs, profiles
+from service.inputs import InputError
+from service.profile_schemas import CalibrationApplied, CalibrationProfile, CalibrationProfileList
 from service.registry import LoadedModel
 from service.rest.errors import error_response, error_responses
-from service.rest.requests import in_thread, model_of
-from service.schemas import ErrorResponse
+from service.rest.requests import in_thread, model_of, on_model_executor, read_payload, settings_of
+from service.schemas import EVALUATE_BODY, ErrorResponse
 from service.storage import (
     CalibrationRepository,
     LimitReached,
@@ -41,6 +47,13 @@ STORAGE = {503: _documented("`storage_unavailable`: the calibration database can
                             "without a profile still work; /health/ready says which part is down), with "
                             "`Retry-After`; or `not_ready`")}
 
+TOO_FEW = {422: _documented("bad input; `too_few_images`: fewer labelled images than the method and folds "
+                             "need (`details.minimum`), `non_finite_values`, `length_mismatch`, "
+                             "`label_out_of_range`, `invalid_parameter`, ...")}
+BODY_ERRORS = error_responses(400, 413, 415)
+Method = Literal["temperature", "vector", "dirichlet", "auto"]
+assert set(Method.__args__) == {*METHODS, AUTO}  # the math's methods, spelled for OpenAPI
+
 router = APIRouter(prefix="/v1", tags=["calibrations"], responses={**error_responses(422), **STORAGE})
 admin_router = APIRouter(prefix="/v1", tags=["calibrations"], responses={**error_responses(422), **STORAGE})
 
@@ -59,6 +72,30 @@ class CalibrationMismatch(Exception):
 
 def repository_of(request: Request) -> CalibrationRepository:
     return request.app.state.calibrations
+
+
+def cache_of(request: Request) -> profiles.ProfileCache:
+    return request.app.state.profile_cache
+
+
+async def load(request: Request, profile_id: str) -> profiles.LoadedProfile:
+    """From the in-memory cache when fresh (no thread hop, no query), else from the repository."""
+    cache = cache_of(request)
+    return cache.fresh(profile_id) or await in_thread(cache.get, repository_of(request), profile_id)
+
+
+async def profile_for(request: Request, model: LoadedModel, profile_id: Optional[str]):
+    """`calibration=<id>` of predict/evaluate/compare/v2: the loaded profile of this model, or None."""
+    if profile_id is None:
+        return None
+    profile = await load(request, profile_id)
+    check_profile_model(profile.record, model)
+    return profile
+
+
+def used(model: LoadedModel, profile) -> dict:
+    """The `calibration` block every answer carries."""
+    return profiles.card_calibration(model) if profile is None else profile.used()
 
 
 def profile_body(record: ProfileRecord, conformal: dict | None = None) -> dict:
@@ -110,13 +147,76 @@ async def get_model_calibration(request: Request, name: str = ModelName, profile
     return profile_body(record)
 
 
+Label = Query(None, max_length=200, description="a free-text name for the domain, e.g. 'camera B, winter'")
+Folds = Query(DEFAULT_FOLDS, ge=2, le=20, description="k of the k-fold cross-fitting of the report and the "
+                                                      "conformal scores")
+MethodQuery = Query("temperature", description="temperature, vector (per-class scale and bias), dirichlet "
+                                               "(ODIR-regularised) or auto (the lowest cross-validated NLL)")
+
+
+def _fit_error(exc: ValueError) -> InputError:
+    return InputError("invalid_input", f"cannot fit a profile on this batch: {exc}")
+
+
+@admin_router.post("/models/{name}/calibrations", status_code=201, response_model=CalibrationProfile,
+                   openapi_extra=EVALUATE_BODY, responses={**NOT_FOUND, **CONFLICT, **TOO_FEW, **BODY_ERRORS},
+                   summary="Fit and store a recalibration profile of a model on a labelled batch (admin)",
+                   description="The labelled batch in any form evaluate accepts (JSON instances + labels, an "
+                               ".npz with x and y, an archive of <class>/<image> folders). Admitted like "
+                               "evaluate; a failed fit stores nothing.")
+async def create_model_calibration(
+    request: Request,
+    name: str = ModelName,
+    method: Method = MethodQuery,
+    label: Optional[str] = Label,
+    folds: int = Folds,
+    resize: bool = Query(False, description="resize archive images that are not 32x32 RGB"),
+    split: Optional[str] = Query(None, description="archive sub-folder holding the class folders, e.g. test"),
+) -> Response:
+    from service.rest.models import _array_cap, _labelled_json
+
+    settings = settings_of(request)
+    model = model_of(request, name)
+    payload = await read_payload(request, max_files=2)
+    if payload.json is not None:
+        x, y = await in_thread(_labelled_json, payload.json, model.num_classes, resize, settings.max_eval_images)
+    else:
+        x, y = await in_thread(inputs.labelled_from_files, payload.files, class_names=model.classes,
+                               split=split, resize=resize, max_images=settings.max_eval_images,
+                               max_array_bytes=_array_cap(settings))
+    try:
+        new = await on_model_executor(request, _fit_model, model, x, y, method=method, folds=folds, label=label,
+                                      chunk=settings.eval_chunk)
+    except TooFewImagesError:
+        raise
+    except ValueError as exc:
+        raise _fit_error(exc) from None
+    request.app.state.metrics.images.labels(model.name, "calibrate").inc(len(x))
+    stored = await in_thread(repository_of(request).create, new)
+    return JSONResponse(_json(profile_body(stored)), status_code=201,
+                        headers={"Location": f"/v1/models/{model.name}/calibrations/{stored.id}"})
+
+
+def _fit_model(model, x, y, *, stop, **kwargs):
+    return profiles.fit_model_profile(model, x, y, stop=stop, **kwargs)
+
+
+def _json(body: dict) -> dict:
+    return CalibrationProfile.model_validate(body).model_dump(mode="json")
+
+
 @admin_router.delete("/models/{name}/calibrations/{profile_id}", status_code=204, response_class=Response,
                      summary="Delete a calibration profile of a model (admin)", responses={**NOT_FOUND, **CONFLICT})
 async def delete_model_calibration(request: Request, name: str = ModelName,
                                    profile_id: str = ProfileId) -> Response:
     _, record = await _model_profile(request, name, profile_id)
-    await in_thread(repository_of(request).delete, record.id)
+    await _delete(request, record.id)
     return Response(status_code=204)
+
+
+async def _delete(request: Request, profile_id: str) -> None:
+    await in_thread(repository_of(request).delete, profile_id)
+    cache_of(request).evict(profile_id)
 
 
 # --- any profile by id; model-independent profiles ---------------------------------------------
@@ -138,8 +238,87 @@ async def get_calibration(request: Request, profile_id: str = ProfileId) -> dict
 @admin_router.delete("/calibrations/{profile_id}", status_code=204, response_class=Response,
                      summary="Delete any calibration profile by id (admin)", responses=NOT_FOUND)
 async def delete_calibration(request: Request, profile_id: str = ProfileId) -> Response:
-    await in_thread(repository_of(request).delete, profile_id)
+    await _delete(request, profile_id)
     return Response(status_code=204)
+
+
+LOGITS_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "properties": {
+        "logits": {"type": "array", "items": {"type": "array", "items": {"type": "number"}},
+                   "description": "[N, K] raw logits (or send `probabilities` instead)"},
+        "probabilities": {"type": "array", "items": {"type": "array", "items": {"type": "number"}},
+                          "description": "[N, K] probabilities, rows summing to 1"},
+        "labels": {"type": "array", "items": {"type": "integer"}, "description": "[N] class indices"}}}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "string", "format": "binary",
+                 "description": ".npz with `logits` or `probs` [N, K] and `y` [N]"}}}}}}}
+
+
+@admin_router.post("/calibrations", status_code=201, response_model=CalibrationProfile, openapi_extra=LOGITS_BODY,
+                   responses={**CONFLICT, **TOO_FEW, **BODY_ERRORS},
+                   summary="Fit and store a model-independent profile from any classifier's labelled logits (admin)",
+                   description="`logits` or `probabilities` [N, K] (K from 2 to 1,000) and `labels` [N], as JSON "
+                               "or an .npz (`logits` or `probs`, and `y`). Admitted like evaluate; a failed fit "
+                               "stores nothing.")
+async def create_calibration(request: Request, method: Method = MethodQuery, label: Optional[str] = Label,
+                             folds: int = Folds) -> Response:
+    from service.rest.models import _array_cap
+
+    settings = settings_of(request)
+    payload = await read_payload(request, max_files=1)
+    z, y, _ = await in_thread(logits_inputs.labelled_logits, payload.json, payload.files,
+                              max_rows=settings.max_eval_images, max_array_bytes=_array_cap(settings))
+    try:
+        new = await on_model_executor(request, _fit_logits, z, y, method=method, folds=folds, label=label)
+    except TooFewImagesError:
+        raise
+    except ValueError as exc:
+        raise _fit_error(exc) from None
+    stored = await in_thread(repository_of(request).create, new)
+    return JSONResponse(_json(profile_body(stored)), status_code=201,
+                        headers={"Location": f"/v1/calibrations/{stored.id}"})
+
+
+def _fit_logits(z, y, *, stop, **kwargs):
+    return profiles.fit_logits_profile(z, y, **kwargs)
+
+
+@router.post("/calibrations/{profile_id}/apply", response_model=CalibrationApplied, openapi_extra=LOGITS_BODY,
+             responses={**NOT_FOUND, **BODY_ERRORS},
+             summary="Calibrated probabilities (and prediction sets with `coverage`) for logits under a profile",
+             description="`logits` (or `probabilities`) [N, K] with the profile's K, as JSON or an .npz; no labels.")
+async def apply_calibration(
+    request: Request,
+    profile_id: str = ProfileId,
+    coverage: Optional[float] = Query(None, gt=0, lt=1, description="also return split-conformal prediction "
+                                                                    "sets at this coverage (0 < c < 1)"),
+    conformal_method: Literal["lac", "aps", "raps"] = Query("lac", description="conformity score of the sets"),
+    mondrian: bool = Query(False, description="class-conditional sets (one threshold per class)"),
+) -> dict:
+    from service.rest.models import _array_cap
+
+    settings = settings_of(request)
+    profile = await load(request, profile_id)
+    payload = await read_payload(request, max_files=1)
+    z = await in_thread(logits_inputs.unlabelled_logits, payload.json, payload.files,
+                        max_rows=settings.max_eval_images, max_array_bytes=_array_cap(settings))
+    if z.shape[1] != profile.record.num_classes:
+        raise InputError("class_count_mismatch", f"{z.shape[1]} classes given; profile {profile.id} was fitted "
+                                                 f"for K = {profile.record.num_classes}")
+    if coverage is not None and profile.conformal is None:
+        raise InputError("conformal_unavailable", f"profile {profile.id} has no conformal calibration")
+    p, sets = await in_thread(_apply, profile, z, coverage, conformal_method, mondrian)
+    return {"calibration": profile.used(), "n": int(len(z)), "probabilities": p.tolist(),
+            "prediction_sets": sets}
+
+
+def _apply(profile: profiles.LoadedProfile, z: np.ndarray, coverage, method: str, mondrian: bool):
+    p = profile.calibrator.probabilities(z)
+    if coverage is None:
+        return p, None
+    mask = profile.conformal.prediction_sets(p, coverage, method, mondrian)
+    return p, [{"indices": np.flatnonzero(row).tolist(), "coverage": coverage, "method": method,
+                "mondrian": mondrian} for row in mask]
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -155,6 +334,10 @@ async def _mismatch(request: Request, exc: CalibrationMismatch) -> JSONResponse:
     return error_response(409, exc.code, exc.message, request=request)
 
 
+async def _too_few(request: Request, exc: TooFewImagesError) -> JSONResponse:
+    return error_response(422, "too_few_images", str(exc), {"minimum": exc.minimum}, request=request)
+
+
 async def _unavailable(request: Request, exc: StorageUnavailable) -> JSONResponse:
     response = error_response(503, "storage_unavailable", exc.message, request=request)
     response.headers["Retry-After"] = str(RETRY_AFTER_S)
@@ -162,6 +345,8 @@ async def _unavailable(request: Request, exc: StorageUnavailable) -> JSONRespons
 
 
 def install(app: FastAPI) -> None:
+    app.state.profile_cache = profiles.ProfileCache()
+    app.add_exception_handler(TooFewImagesError, _too_few)
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(LimitReached, _limit)
     app.add_exception_handler(CalibrationMismatch, _mismatch)

@@ -9,6 +9,7 @@ from typing import Literal, Optional
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from service import dataplane, inputs
+from service.rest import calibrations
 from service.rest.errors import error_responses
 from service.rest.requests import (
     in_thread,
@@ -70,9 +71,12 @@ async def predict(
     seed: Optional[int] = Query(None, description="seed of the dropout masks (random if omitted)"),
     return_logits: bool = Query(False, description="also return raw logits and uncalibrated probabilities"),
     resize: bool = Query(False, description="resize encoded images that are not 32x32 RGB"),
+    calibration: Optional[str] = Query(None, description="a calibration profile's id: use it instead of the "
+                                                         "card's temperature"),
 ) -> dict:
     settings = settings_of(request)
     model = model_of(request, name)
+    profile = await calibrations.profile_for(request, model, calibration)
     t = inputs.check_mc_samples(settings.default_mc_samples if mc_samples is None else mc_samples,
                                 settings.max_mc_samples)
     seed = inputs.check_seed(seed)
@@ -90,11 +94,13 @@ async def predict(
                             max_instances=settings.max_instances, max_array_bytes=_array_cap(settings))
     decoded = time.perf_counter()
     result = await predictor_of(request).predict(model, x, mc_samples=t, seed=seed,
-                                                 mc_chunk_rows=settings.mc_chunk_rows)
+                                                 mc_chunk_rows=settings.mc_chunk_rows,
+                                                 calibrator=None if profile is None else profile.calibrator)
     metrics.images.labels(model.name, "predict").inc(len(x))
     metrics.mc_samples.labels(model.name).inc(t * len(x))
     predicted = time.perf_counter()
     body = _predict_body(model, result, t, return_logits)
+    body["calibration"] = calibrations.used(model, profile)
     for stage, seconds in (("read_body", read - started), ("decode", decoded - read),
                            ("respond", time.perf_counter() - predicted)):
         metrics.observe_stage(model.name, stage, seconds)
@@ -146,9 +152,12 @@ async def evaluate(
                                       "reach this accuracy, and its coverage (selective.target)"),
     resize: bool = Query(False, description="resize archive images that are not 32x32 RGB"),
     split: Optional[str] = Query(None, description="archive sub-folder holding the class folders, e.g. test"),
+    calibration: Optional[str] = Query(None, description="a calibration profile's id: also report the metrics "
+                                                         "under it (after_calibration)"),
 ):
     settings = settings_of(request)
     model = model_of(request, name)
+    profile = await calibrations.profile_for(request, model, calibration)
     n_bins = inputs.check_bins(settings.default_bins if bins is None else bins, settings.max_bins)
     payload = await read_payload(request, max_files=2)
     if payload.json is not None:
@@ -159,7 +168,8 @@ async def evaluate(
                                max_array_bytes=_array_cap(settings))
     report = await on_model_executor(request, dataplane.evaluate, model, x, y, n_bins=n_bins,
                                      fit=fit_temperature, chunk=settings.eval_chunk,
-                                     target_accuracy=target_accuracy)
+                                     target_accuracy=target_accuracy,
+                                     calibrator=None if profile is None else profile.calibrator)
     request.app.state.metrics.images.labels(model.name, "evaluate").inc(len(x))
     if format == "png":
         png = await in_thread(dataplane.diagram_png, report, model.name)
@@ -173,7 +183,8 @@ async def evaluate(
             "before_temperature": report.before.to_dict(), "after_temperature": report.after.to_dict(),
             "fitted_temperature": report.fitted_temperature,
             "after_fitted_temperature": None if report.after_fitted is None else report.after_fitted.to_dict(),
-            "selective": report.selective.report.to_dict()}
+            "selective": report.selective.report.to_dict(), "calibration": calibrations.used(model, profile),
+            "after_calibration": None if report.after_profile is None else report.after_profile.to_dict()}
 
 
 def _labelled_json(payload: dict, num_classes: int, resize: bool, max_images: int):
