@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
+from typing import Iterator
 from urllib.parse import quote
 
 import pytest
@@ -42,19 +44,25 @@ def postgres_server():
     engine.dispose()
 
 
-@pytest.fixture
-def postgres_url(postgres_server):
-    """A PostgreSQL URL whose connections use a new, empty schema; dropped after the test."""
+@contextmanager
+def postgres_schema(engine) -> Iterator[str]:
+    """A PostgreSQL URL whose connections use a new, empty schema; dropped on exit."""
     from sqlalchemy import text
 
     schema = f"calib_test_{os.getpid()}_{uuid.uuid4().hex[:10]}"
-    with postgres_server.begin() as connection:
+    with engine.begin() as connection:
         connection.execute(text(f'CREATE SCHEMA "{schema}"'))
     try:
         yield _with_search_path(POSTGRES_URL, schema)
     finally:
-        with postgres_server.begin() as connection:
+        with engine.begin() as connection:
             connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    with postgres_schema(postgres_server) as url:
+        yield url
 
 
 @pytest.fixture
