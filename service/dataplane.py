@@ -8,6 +8,7 @@ The backbone may also have run earlier, on several requests' images at once (`se
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from models.calibration.ood import (
 from models.calibration.ood_diagram import score_histograms_png
 from models.calibration.uncertainty import MCSummary
 from service.inputs import InputError
+from service.prediction_sets import evaluate_block
 from service.registry import LoadedModel
 
 _SEED_MOD = 2**31 - 1
@@ -82,6 +84,17 @@ class Evaluation:
     fitted_temperature: float | None
     after_fitted: CalibrationMetrics | None
     selective: SelectiveEvaluation | None = None
+    conformal: dict | None = None  # service.prediction_sets.evaluate_block, with a ConformalRequest
+
+
+@dataclass(frozen=True)
+class ConformalRequest:
+    """Evaluate's conformal block: the calibration set (the card's, or a profile's) and what to report."""
+
+    calibration: object  # models.calibration.conformal.ConformalCalibration
+    coverages: tuple[float, ...]
+    methods: tuple[str, ...]
+    mondrian: bool = False
 
 
 def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
@@ -121,10 +134,15 @@ def logits_in_chunks(model: LoadedModel, x: np.ndarray, chunk: int,
 
 def evaluate(model: LoadedModel, x: np.ndarray, y: np.ndarray, *, n_bins: int, fit: bool,
              chunk: int = 500, target_accuracy: float | None = None,
-             stop: threading.Event | None = None) -> Evaluation:
+             stop: threading.Event | None = None, conformal: ConformalRequest | None = None) -> Evaluation:
     logits = logits_in_chunks(model, x, chunk, stop)
-    return evaluate_logits(logits, y, temperature=model.temperature, n_bins=n_bins, fit=fit,
-                           target_accuracy=target_accuracy)
+    evaluation = evaluate_logits(logits, y, temperature=model.temperature, n_bins=n_bins, fit=fit,
+                                 target_accuracy=target_accuracy)
+    if conformal is None:
+        return evaluation
+    block = evaluate_block(conformal.calibration, softmax(logits, model.temperature), y, conformal.coverages,
+                           conformal.methods, conformal.mondrian)
+    return dataclasses.replace(evaluation, conformal=block)
 
 
 def evaluate_logits(logits: np.ndarray, y: np.ndarray, *, temperature: float, n_bins: int,

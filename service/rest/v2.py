@@ -19,7 +19,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from service import v2_tensors
+from service import prediction_sets, v2_tensors
 from service.api_keys import KeyRing
 from service.inputs import InputError, parse_json_object
 from service.registry import LoadedModel
@@ -170,6 +170,7 @@ async def _infer(request: Request, name: str, version: str | None) -> dict:
     body = await request.body()
     infer_request = await in_thread(_parse, body)
     opts = v2_tensors.options(infer_request, settings.max_mc_samples)
+    calibration = None if opts.sets is None else prediction_sets.calibration_of(model, status=400)
     x = await in_thread(v2_tensors.images, infer_request, resize=opts.resize,
                         max_instances=settings.max_instances)
     seed = opts.seed
@@ -183,8 +184,12 @@ async def _infer(request: Request, name: str, version: str | None) -> dict:
     parameters = {"temperature": model.temperature}
     if opts.mc_samples:
         parameters.update(mc_samples=opts.mc_samples, seed=result.seed)
+    mask = None
+    if opts.sets is not None:
+        mask = prediction_sets.sets(calibration, result.probabilities, opts.sets)
+        parameters.update(coverage=opts.sets.coverage, conformal_method=opts.sets.method, mondrian=opts.sets.mondrian)
     response = {"model_name": model.name, "model_version": version_of(model), "parameters": parameters,
-                "outputs": await in_thread(v2_tensors.output_tensors, result, opts.outputs)}
+                "outputs": await in_thread(v2_tensors.output_tensors, result, opts.outputs, mask)}
     if infer_request.id is not None:
         response["id"] = infer_request.id
     return response
