@@ -1,4 +1,5 @@
-"""`python -m clients` / `calib-client`: predict on image files, evaluate a dataset, compare two batches, list models.
+"""`python -m clients` / `calib-client`: predict on image files, evaluate a dataset, compare two batches, list models,
+and report the calibration of any classifier's logits (calibrate-evaluate).
 
 Readable tables by default, the server's JSON with --json; errors print one line
 (`calib-client: error: ...`, with the service's code and message) and exit 1 (2 for usage
@@ -16,7 +17,9 @@ from clients.client import DEFAULT_URL, CalibClient
 from clients.types import (
     ClientError,
     ComparisonReport,
+    ConformalResult,
     EvaluationReport,
+    OutputsReport,
     PredictResult,
     SelectiveReport,
     ServiceError,
@@ -24,6 +27,15 @@ from clients.types import (
 )
 
 METRICS = ("accuracy", "nll", "brier", "ece", "mce", "adaptive_ece", "classwise_ece")
+CONFORMAL_METHODS = ("lac", "aps", "raps")
+
+
+def _conformal_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coverage", type=float, action="append",
+                   help="report conformal prediction sets at this coverage (0 < c < 1; repeatable)")
+    p.add_argument("--conformal-method", choices=CONFORMAL_METHODS, action="append",
+                   help="the scores to report (repeatable; default all three)")
+    p.add_argument("--mondrian", action="store_true", help="class-conditional sets")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, help="seed of the MC samples")
     pr.add_argument("--resize", action="store_true", help="let the server resize non-32x32 images")
     pr.add_argument("--logits", action="store_true", help="also return raw logits")
+    pr.add_argument("--coverage", type=float, help="conformal prediction sets at this coverage (0 < c < 1)")
+    pr.add_argument("--conformal-method", choices=CONFORMAL_METHODS, help="the sets' score (server default lac)")
+    pr.add_argument("--mondrian", action="store_true", help="class-conditional sets")
     pr.add_argument("--json", action="store_true", help="print the server's JSON")
 
     ev = sub.add_parser("evaluate", help="ECE report on an .npz (x, y) or an image-folder tree/archive")
@@ -58,7 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "(0 < A <= 1), and its coverage")
     ev.add_argument("--risk-coverage-png", type=Path, metavar="FILE",
                     help="also save the risk-coverage curve to this file")
+    _conformal_arguments(ev)
     ev.add_argument("--json", action="store_true", help="print the server's JSON")
+
+    ce = sub.add_parser("calibrate-evaluate", help="ECE report, fitted temperature and split-conformal coverage "
+                                                   "of any classifier's logits (.npz with logits or probs, and y)")
+    ce.add_argument("data", type=Path, help=".npz with `logits` (or `probs`) [N, K] and `y` [N]")
+    ce.add_argument("--bins", type=int, help="confidence bins (server default 15)")
+    ce.add_argument("--fit-temperature", action="store_true", help="also fit T on this batch (in-sample)")
+    ce.add_argument("--seed", type=int, help="seed of the conformal calibration/measured split (default 0)")
+    ce.add_argument("--png", type=Path, help="also save the reliability diagram to this file")
+    _conformal_arguments(ce)
+    ce.add_argument("--json", action="store_true", help="print the server's JSON")
 
     co = sub.add_parser("compare", help="how well the uncertainty scores tell a suspect batch from an "
                                         "in-distribution one (AUROC, AUPR, FPR@95)")
@@ -111,7 +137,9 @@ def _models(client: CalibClient, args) -> int:
 
 def _predict(client: CalibClient, args) -> int:
     result: PredictResult = client.predict([str(f) for f in args.files], mc_samples=args.mc_samples,
-                                           seed=args.seed, return_logits=args.logits, resize=args.resize)
+                                           seed=args.seed, return_logits=args.logits, resize=args.resize,
+                                           coverage=args.coverage, conformal_method=args.conformal_method,
+                                           mondrian=args.mondrian)
     if args.json:
         print(json.dumps(result.raw, indent=2))
         return 0
@@ -124,7 +152,11 @@ def _predict(client: CalibClient, args) -> int:
         u = p.uncertainty
         cols = (f"{u.predictive_entropy:>9.4f}{u.expected_entropy:>9.4f}{u.mutual_information:>9.4f}"
                 if u else f"{'-':>9}{'-':>9}{'-':>9}")
-        print(f"{name:<{width}}{p.label:<14}{p.confidence:>11.4f}{cols}{_ood_columns(p.ood)}")
+        print(f"{name:<{width}}{p.label:<14}{p.confidence:>11.4f}{cols}{_ood_columns(p.ood)}"
+              + (f"  {{{', '.join(p.prediction_set.labels)}}}" if p.prediction_set is not None else ""))
+    if args.coverage is not None:
+        print(f"prediction sets: coverage {args.coverage:g}, {args.conformal_method or 'lac'}"
+              f"{', class-conditional' if args.mondrian else ''}; {{}} = no class is plausible enough")
     return 0
 
 
@@ -145,7 +177,8 @@ def _row_names(files: list[Path], n: int) -> list[str]:
 def _evaluate(client: CalibClient, args) -> int:
     report: EvaluationReport = client.evaluate(str(args.data), bins=args.bins, fit_temperature=args.fit_temperature,
                                                resize=args.resize, split=args.split,
-                                               target_accuracy=args.target_accuracy)
+                                               target_accuracy=args.target_accuracy, coverage=args.coverage,
+                                               conformal_method=args.conformal_method, mondrian=args.mondrian)
     if args.png is not None:
         args.png.write_bytes(client.reliability_diagram(str(args.data), bins=args.bins, resize=args.resize,
                                                         split=args.split))
@@ -158,6 +191,8 @@ def _evaluate(client: CalibClient, args) -> int:
         print(format_report(report))
         if report.selective is not None:
             print(format_selective(report.selective))
+        if report.conformal:
+            print(format_conformal(report.conformal))
         if args.png is not None:
             print(f"reliability diagram saved to {args.png}")
         if args.risk_coverage_png is not None:
@@ -224,4 +259,44 @@ def format_comparison(report: ComparisonReport) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"models": _models, "predict": _predict, "evaluate": _evaluate, "compare": _compare}
+def format_conformal(results: list[ConformalResult]) -> str:
+    lines = [f"conformal prediction sets (thresholds from {results[0].calibration_n} calibration images, "
+             f"measured on {results[0].n})",
+             f"{'target':>7}{'method':>8}{'coverage':>10}{'mean size':>11}{'single':>8}{'empty':>8}"
+             f"{'worst class':>13}"]
+    for r in results:
+        lines.append(f"{r.coverage_target:>7.0%}{r.method:>8}{r.coverage:>10.4f}{r.mean_set_size:>11.3f}"
+                     f"{r.singletons:>8.1%}{r.empty:>8.1%}{r.worst_class['coverage']:>9.4f} (#{r.worst_class['class']})")
+    return "\n".join(lines)
+
+
+def _calibrate_evaluate(client: CalibClient, args) -> int:
+    report: OutputsReport = client.calibrate_evaluate(str(args.data), bins=args.bins,
+                                                      fit_temperature=args.fit_temperature, coverage=args.coverage,
+                                                      conformal_method=args.conformal_method, mondrian=args.mondrian,
+                                                      seed=args.seed)
+    if args.png is not None:
+        args.png.write_bytes(client.calibration_diagram(str(args.data), bins=args.bins,
+                                                        fit_temperature=args.fit_temperature))
+    if args.json:
+        print(json.dumps(report.raw, indent=2))
+        return 0
+    columns = [("uploaded", report.uploaded)]
+    if report.after_fitted is not None:
+        columns.append((f"fitted T={report.fitted_temperature:.4f}", report.after_fitted))
+    lines = [f"{report.kind}  N={report.n}  K={report.num_classes}  bins={report.n_bins}",
+             f"{'metric':<16}" + "".join(f"{title:>20}" for title, _ in columns)]
+    for metric in METRICS:
+        lines.append(f"{metric:<16}" + "".join(f"{getattr(m, metric):>20.4f}" for _, m in columns))
+    print("\n".join(lines))
+    if report.conformal:
+        print(f"split conformal: seed {report.split['seed']}, {report.split['calibration_n']} rows set the "
+              f"thresholds, {report.split['test_n']} are measured")
+        print(format_conformal(report.conformal))
+    if args.png is not None:
+        print(f"reliability diagram saved to {args.png}")
+    return 0
+
+
+COMMANDS = {"models": _models, "predict": _predict, "evaluate": _evaluate, "compare": _compare,
+            "calibrate-evaluate": _calibrate_evaluate}

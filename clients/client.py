@@ -14,12 +14,13 @@ from typing import Any, Callable, Optional
 
 import httpx
 
-from clients.payloads import Body, compare_body, evaluate_body, predict_body
+from clients.payloads import Body, compare_body, evaluate_body, outputs_body, predict_body
 from clients.types import (
     AuthenticationError,
     ComparisonReport,
     EvaluationReport,
     ModelInfo,
+    OutputsReport,
     PredictResult,
     ServiceError,
     TransportError,
@@ -78,6 +79,11 @@ def _decode(call: _Call, response: httpx.Response, sent_key: bool = False) -> An
     return result
 
 
+def _set_params(coverage, conformal_method, mondrian) -> dict:
+    """Query parameters of the conformal prediction sets (lists repeat the parameter)."""
+    return {"coverage": coverage, "conformal_method": conformal_method, "mondrian": mondrian or None}
+
+
 class _Calls:
     """Request builders shared by both clients."""
 
@@ -94,20 +100,27 @@ class _Calls:
         return _Call("GET", "/v1/models",
                      parse=lambda d: [ModelInfo.from_dict(m) for m in d["models"]])
 
-    def _predict_call(self, images, model, mc_samples, seed, return_logits, resize) -> _Call:
+    def _predict_call(self, images, model, mc_samples, seed, return_logits, resize, sets=None) -> _Call:
         return _Call("POST", f"/v1/models/{self._name(model)}/predict",
                      {"mc_samples": mc_samples, "seed": seed, "return_logits": return_logits or None,
-                      "resize": resize or None},
+                      "resize": resize or None, **(sets or {})},
                      predict_body(images), parse=PredictResult.from_dict)
 
     def _evaluate_call(self, x, y, model, bins, fit_temperature, resize, split, png,
-                       target_accuracy=None) -> _Call:
+                       target_accuracy=None, sets=None) -> _Call:
         """`png`: False (the JSON report), True (reliability diagram) or "risk_coverage_png"."""
         fmt = png if isinstance(png, str) else ("png" if png else None)
         return _Call("POST", f"/v1/models/{self._name(model)}/evaluate",
                      {"bins": bins, "fit_temperature": fit_temperature or None, "resize": resize or None,
-                      "split": split, "format": fmt, "target_accuracy": target_accuracy},
+                      "split": split, "format": fmt, "target_accuracy": target_accuracy, **(sets or {})},
                      evaluate_body(x, y), raw=bool(png), parse=EvaluationReport.from_dict)
+
+    @staticmethod
+    def _outputs_call(scores, y, probabilities, bins, fit_temperature, png, sets, seed) -> _Call:
+        return _Call("POST", "/v1/calibration/evaluate",
+                     {"bins": bins, "fit_temperature": fit_temperature or None, "format": "png" if png else None,
+                      "seed": seed, **(sets or {})},
+                     outputs_body(scores, y, probabilities=probabilities), raw=png, parse=OutputsReport.from_dict)
 
     def _compare_call(self, in_distribution, suspect, model, mc_samples, seed, resize, png) -> _Call:
         return _Call("POST", f"/v1/models/{self._name(model)}/compare",
@@ -158,15 +171,34 @@ class CalibClient(_Calls):
         return self._name(model)
 
     def predict(self, images, *, model: Optional[str] = None, mc_samples: Optional[int] = None,
-                seed: Optional[int] = None, return_logits: bool = False, resize: bool = False) -> PredictResult:
-        return self._do(self._predict_call(images, self._resolve(model), mc_samples, seed, return_logits, resize))
+                seed: Optional[int] = None, return_logits: bool = False, resize: bool = False,
+                coverage: Optional[float] = None, conformal_method: Optional[str] = None,
+                mondrian: bool = False) -> PredictResult:
+        """`coverage` in (0, 1): each prediction carries its conformal `prediction_set`."""
+        return self._do(self._predict_call(images, self._resolve(model), mc_samples, seed, return_logits, resize,
+                                           _set_params(coverage, conformal_method, mondrian)))
 
     def evaluate(self, x, y=None, *, model: Optional[str] = None, bins: Optional[int] = None,
                  fit_temperature: bool = False, resize: bool = False, split: Optional[str] = None,
-                 target_accuracy: Optional[float] = None) -> EvaluationReport:
-        """`target_accuracy` in (0, 1]: `report.selective.target` holds the confidence threshold."""
+                 target_accuracy: Optional[float] = None, coverage=None, conformal_method=None,
+                 mondrian: bool = False) -> EvaluationReport:
+        """`target_accuracy` in (0, 1]: `report.selective.target` holds the confidence threshold.
+        `coverage` (one level or a list): `report.conformal` measures the prediction sets on this batch."""
         return self._do(self._evaluate_call(x, y, self._resolve(model), bins, fit_temperature, resize, split, False,
-                                            target_accuracy))
+                                            target_accuracy, _set_params(coverage, conformal_method, mondrian)))
+
+    def calibrate_evaluate(self, scores, y=None, *, probabilities: bool = False, bins: Optional[int] = None,
+                           fit_temperature: bool = False, coverage=None, conformal_method=None,
+                           mondrian: bool = False, seed: Optional[int] = None) -> OutputsReport:
+        """Calibration report of any classifier's outputs: an .npz path (`logits` or `probs`, and `y`),
+        or arrays / nested lists [N, K] with labels `y`. `coverage`: split conformal on the batch."""
+        return self._do(self._outputs_call(scores, y, probabilities, bins, fit_temperature, False,
+                                           _set_params(coverage, conformal_method, mondrian), seed))
+
+    def calibration_diagram(self, scores, y=None, *, probabilities: bool = False, bins: Optional[int] = None,
+                            fit_temperature: bool = False) -> bytes:
+        """PNG reliability diagram of any classifier's outputs (and at the fitted T, if asked)."""
+        return self._do(self._outputs_call(scores, y, probabilities, bins, fit_temperature, True, None, None))
 
     def reliability_diagram(self, x, y=None, *, model: Optional[str] = None, bins: Optional[int] = None,
                             resize: bool = False, split: Optional[str] = None) -> bytes:
@@ -241,17 +273,27 @@ class AsyncCalibClient(_Calls):
     async def card(self, model: Optional[str] = None) -> dict:
         return await self._do(_Call("GET", f"/v1/models/{await self._resolve(model)}"))
 
+    async def calibrate_evaluate(self, scores, y=None, *, probabilities: bool = False, bins: Optional[int] = None,
+                                 fit_temperature: bool = False, coverage=None, conformal_method=None,
+                                 mondrian: bool = False, seed: Optional[int] = None) -> OutputsReport:
+        return await self._do(self._outputs_call(scores, y, probabilities, bins, fit_temperature, False,
+                                                 _set_params(coverage, conformal_method, mondrian), seed))
+
     async def predict(self, images, *, model: Optional[str] = None, mc_samples: Optional[int] = None,
-                      seed: Optional[int] = None, return_logits: bool = False, resize: bool = False) -> PredictResult:
+                      seed: Optional[int] = None, return_logits: bool = False, resize: bool = False,
+                      coverage: Optional[float] = None, conformal_method: Optional[str] = None,
+                      mondrian: bool = False) -> PredictResult:
         name = await self._resolve(model)
-        return await self._do(self._predict_call(images, name, mc_samples, seed, return_logits, resize))
+        return await self._do(self._predict_call(images, name, mc_samples, seed, return_logits, resize,
+                                                 _set_params(coverage, conformal_method, mondrian)))
 
     async def evaluate(self, x, y=None, *, model: Optional[str] = None, bins: Optional[int] = None,
                        fit_temperature: bool = False, resize: bool = False,
-                       split: Optional[str] = None, target_accuracy: Optional[float] = None) -> EvaluationReport:
+                       split: Optional[str] = None, target_accuracy: Optional[float] = None,
+                       coverage=None, conformal_method=None, mondrian: bool = False) -> EvaluationReport:
         name = await self._resolve(model)
         return await self._do(self._evaluate_call(x, y, name, bins, fit_temperature, resize, split, False,
-                                                  target_accuracy))
+                                                  target_accuracy, _set_params(coverage, conformal_method, mondrian)))
 
     async def reliability_diagram(self, x, y=None, *, model: Optional[str] = None, bins: Optional[int] = None,
                                   resize: bool = False, split: Optional[str] = None) -> bytes:

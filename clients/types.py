@@ -54,6 +54,18 @@ class OODFlag:
 
 
 @dataclass(frozen=True)
+class PredictionSet:
+    """A conformal prediction set: holds the true class with probability >= coverage (over exchangeable
+    images). Empty: no class is plausible enough at this coverage (docs/conformal.md)."""
+
+    indices: list[int]
+    labels: list[str]
+    coverage: float
+    method: str
+    mondrian: bool = False
+
+
+@dataclass(frozen=True)
 class Prediction:
     class_index: int
     label: str
@@ -63,14 +75,17 @@ class Prediction:
     logits: Optional[list[float]] = None
     uncalibrated_probabilities: Optional[list[float]] = None
     ood: Optional[OODFlag] = None
+    prediction_set: Optional[PredictionSet] = None  # with coverage=... only
 
     @classmethod
     def from_dict(cls, d: dict) -> "Prediction":
         u = d.get("uncertainty")
         ood = d.get("ood")
+        ps = d.get("prediction_set")
         return cls(d["class_index"], d["label"], d["confidence"], d["probabilities"],
                    Uncertainty(**u) if u else None, d.get("logits"), d.get("uncalibrated_probabilities"),
-                   OODFlag(**{k: ood.get(k) for k in OODFlag.__dataclass_fields__}) if ood else None)
+                   OODFlag(**{k: ood.get(k) for k in OODFlag.__dataclass_fields__}) if ood else None,
+                   PredictionSet(**{k: ps[k] for k in PredictionSet.__dataclass_fields__ if k in ps}) if ps else None)
 
 
 @dataclass(frozen=True)
@@ -161,6 +176,30 @@ class SelectiveReport:
 
 
 @dataclass(frozen=True)
+class ConformalResult:
+    """How the prediction sets at one (coverage, method) did on a labelled batch."""
+
+    coverage_target: float
+    method: str
+    mondrian: bool
+    calibration_n: int
+    threshold: Any  # float, None (+inf: every class), or one per class (mondrian)
+    n: int
+    coverage: float
+    mean_set_size: float
+    singletons: float
+    empty: float
+    coverage_by_set_size: list[dict[str, Any]]
+    worst_class: dict[str, Any]
+
+    @classmethod
+    def list_from(cls, block: Optional[dict]) -> list["ConformalResult"]:
+        if not block:
+            return []
+        return [cls(**{k: r[k] for k in cls.__dataclass_fields__}) for r in block["results"]]
+
+
+@dataclass(frozen=True)
 class EvaluationReport:
     model: str
     n: int
@@ -185,6 +224,35 @@ class EvaluationReport:
     def selective(self) -> Optional[SelectiveReport]:
         """AURC, accuracy at coverage, risk-coverage curve, threshold (None from an older server)."""
         return SelectiveReport.from_dict(self.raw.get("selective"))
+
+    @property
+    def conformal(self) -> list[ConformalResult]:
+        """One result per (coverage, method) when evaluate was asked for coverage, else empty."""
+        return ConformalResult.list_from(self.raw.get("conformal"))
+
+
+@dataclass(frozen=True)
+class OutputsReport:
+    """POST /v1/calibration/evaluate: calibration of any classifier's logits or probabilities."""
+
+    kind: str
+    n: int
+    num_classes: int
+    n_bins: int
+    uploaded: CalibrationMetrics
+    fitted_temperature: Optional[float]
+    after_fitted: Optional[CalibrationMetrics]
+    conformal: list[ConformalResult]
+    split: Optional[dict[str, int]]  # seed, calibration_n, test_n of the split-conformal halves
+    raw: dict = field(repr=False, compare=False)
+    request_id: Optional[str] = field(default=None, compare=False)  # the server's X-Request-ID
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OutputsReport":
+        block = d.get("conformal")
+        return cls(d["kind"], d["n"], d["num_classes"], d["n_bins"], CalibrationMetrics.from_dict(d["uploaded"]),
+                   d.get("fitted_temperature"), CalibrationMetrics.from_dict(d.get("after_fitted_temperature")),
+                   ConformalResult.list_from(block), block["split"] if block else None, d)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from service.api_keys import KeyRing
 from service.batching import BatchedPredictor
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.registry import load_registry
-from service.rest import auth, calibrations, errors, health, models, v2
+from service.rest import auth, calibration, calibrations, errors, health, models, v2
 from service.rest.admission import AdmissionMiddleware
 from service.rest.limits import BodyLimitMiddleware
 from service.rest.request_id import ServiceApp
@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router, **auth.protect(keys))  # every data-plane router: auth.protect(keys)
     app.include_router(calibrations.router, **auth.protect(keys))
     app.include_router(calibrations.admin_router, **auth.protect_admin(keys))
+    app.include_router(calibration.router, **auth.protect(keys))
     app.include_router(v2.health_router)  # the Open Inference Protocol (/v2): its health stays open too
     app.include_router(v2.router, **v2.protect(keys))
     v2.document_400_not_422(app)

@@ -35,6 +35,7 @@ from models.calibration.ood import (
 from models.calibration.ood_diagram import score_histograms_png
 from models.calibration.uncertainty import MCSummary, chunked_mc_summary
 from service.inputs import InputError
+from service.prediction_sets import evaluate_block
 from service.registry import LoadedModel
 
 _SEED_MOD = 2**31 - 1
@@ -84,6 +85,17 @@ class Evaluation:
     after_fitted: CalibrationMetrics | None
     selective: SelectiveEvaluation | None = None
     after_profile: CalibrationMetrics | None = None  # under a recalibration profile (calibration=<id>)
+    conformal: dict | None = None  # service.prediction_sets.evaluate_block, with a ConformalRequest
+
+
+@dataclass(frozen=True)
+class ConformalRequest:
+    """Evaluate's conformal block: the calibration set (the card's, or a profile's) and what to report."""
+
+    calibration: object  # models.calibration.conformal.ConformalCalibration
+    coverages: tuple[float, ...]
+    methods: tuple[str, ...]
+    mondrian: bool = False
 
 
 def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
@@ -143,14 +155,24 @@ def logits_in_chunks(model: LoadedModel, x: np.ndarray, chunk: int,
 
 def evaluate(model: LoadedModel, x: np.ndarray, y: np.ndarray, *, n_bins: int, fit: bool,
              chunk: int = 500, target_accuracy: float | None = None,
-             stop: threading.Event | None = None, calibrator=None) -> Evaluation:
+             stop: threading.Event | None = None, conformal: ConformalRequest | None = None,
+             calibrator=None) -> Evaluation:
+    """`calibrator`: a recalibration profile's; its metrics go to `after_profile`, and the
+    conformal block (with `conformal`, then the profile's own calibration set) uses its probabilities."""
     logits = logits_in_chunks(model, x, chunk, stop)
     evaluation = evaluate_logits(logits, y, temperature=model.temperature, n_bins=n_bins, fit=fit,
                                  target_accuracy=target_accuracy)
-    if calibrator is None:
+    if calibrator is not None:
+        evaluation = dataclasses.replace(evaluation, after_profile=compute_metrics(
+            calibrator.log_probabilities(logits), y, n_bins=n_bins))
+    if conformal is None:
         return evaluation
-    return dataclasses.replace(evaluation, after_profile=compute_metrics(calibrator.log_probabilities(logits), y,
-                                                                         n_bins=n_bins))
+    probabilities = softmax(logits, model.temperature) if calibrator is None else calibrator.probabilities(logits)
+    block = evaluate_block(conformal.calibration, probabilities, y, conformal.coverages,
+                           conformal.methods, conformal.mondrian)
+    if calibrator is not None:
+        block["calibration"] = {"source": "profile", "n": conformal.calibration.n}
+    return dataclasses.replace(evaluation, conformal=block)
 
 
 def evaluate_logits(logits: np.ndarray, y: np.ndarray, *, temperature: float, n_bins: int,

@@ -1,94 +1,94 @@
-"""Labelled logits or probabilities from a client's own classifier (any K from 2 to 1,000), as
-JSON `{"logits" | "probabilities": [[...]], "labels": [...]}` or an `.npz` with `logits` or
-`probs` and `y`: parsed into float64 logits and int64 labels, every problem an `InputError`
-(422 with a stable code). No HTTP here."""
+"""Any classifier's outputs as a request: logits or probabilities [N, K] and labels [N].
+
+`POST /v1/calibration/evaluate` serves models that are not served here (PyTorch, JAX, ...).
+The body is JSON (`{"logits": [[...]], "labels": [...]}` or `"probabilities"`) or one `.npz`
+file with `logits` or `probs` and `y` (loaded with allow_pickle=False, headers checked before
+inflating, as for images: `service.inputs.load_npz`). Every problem is an `InputError` (422
+unless said otherwise) with a stable code.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
 
 import numpy as np
 
-from service.inputs import InputError, check_count, check_labels, load_npz
-from service.profiles import MAX_CLASSES, logits_from_probabilities
+from service.inputs import InputError, check_count, check_labels, labels_from_json, load_npz
 
-SUM_TOLERANCE = 1e-4
-LOGIT_KEYS = ("logits",)
-PROBABILITY_KEYS = ("probabilities", "probs")
+MIN_CLASSES = 2
+MAX_CLASSES = 1000
+# Rows of probabilities must sum to 1 within this (float32 softmax outputs sum to 1 +- 1e-6).
+SUM_TOLERANCE = 1e-3
 
 
-def _matrix(value, name: str) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind not in "fiu":
-            raise InputError("invalid_dtype", f"{name}: numbers expected, got dtype {value.dtype}")
-        arr = value.astype(np.float64)
-    else:
-        try:
-            arr = np.asarray(value, dtype=np.float64)
-        except (TypeError, ValueError, OverflowError):
-            raise InputError("invalid_dtype", f"'{name}' must be a list of rows of numbers") from None
+@dataclass(frozen=True)
+class ClassifierOutputs:
+    """Validated float64 scores [N, K]: `kind` says whether they are logits or probabilities."""
+
+    kind: str  # "logits" or "probabilities"
+    values: np.ndarray
+    labels: np.ndarray
+
+
+def _matrix(value, name: str, max_rows: int) -> np.ndarray:
+    if isinstance(value, list) and any(isinstance(r, list) and any(type(v) is bool for v in r) for r in value):
+        raise InputError("invalid_dtype", f"{name}: values must be numbers, not booleans")
+    try:
+        arr = np.asarray(value)
+    except (ValueError, OverflowError):
+        raise InputError("invalid_shape", f"{name}: ragged rows; expected [N, K]") from None
+    if arr.dtype.kind not in "iuf":
+        raise InputError("invalid_dtype", f"{name}: values must be real numbers, got dtype {arr.dtype}")
     if arr.ndim != 2:
-        raise InputError("invalid_shape", f"'{name}' must be 2-D [N, K], got shape {list(arr.shape)}")
-    if not 2 <= arr.shape[1] <= MAX_CLASSES:
-        raise InputError("invalid_shape", f"'{name}': K = {arr.shape[1]} classes; 2 to {MAX_CLASSES} accepted")
+        raise InputError("invalid_shape", f"{name}: shape {list(arr.shape)}; expected [N, K]")
+    check_count(arr.shape[0], max_rows, "rows")
+    k = arr.shape[1]
+    if not MIN_CLASSES <= k <= MAX_CLASSES:
+        raise InputError("invalid_shape", f"{name}: K = {k} classes; expected {MIN_CLASSES}..{MAX_CLASSES}")
+    arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)):
-        bad = int(np.count_nonzero(~np.isfinite(arr)))
-        raise InputError("non_finite_values", f"'{name}' holds {bad} NaN or infinite value(s)")
+        raise InputError("non_finite_value", f"{name}: contains NaN or infinity")
     return arr
 
 
-def logits_of(arrays: dict, *, max_rows: int, where: str = "body") -> tuple[np.ndarray, str]:
-    """(float64 logits [N, K], 'logits' | 'probabilities') from the one input array present."""
-    logit_keys = [k for k in LOGIT_KEYS if arrays.get(k) is not None]
-    prob_keys = [k for k in PROBABILITY_KEYS if arrays.get(k) is not None]
-    if len(logit_keys) + len(prob_keys) != 1:
-        raise InputError("invalid_request", f"{where}: send exactly one of 'logits' or 'probabilities' "
-                                            f"('probs' in an .npz)")
-    if logit_keys:
-        z = _matrix(arrays[logit_keys[0]], logit_keys[0])
-        check_count(len(z), max_rows, "rows")
-        return z, "logits"
-    p = _matrix(arrays[prob_keys[0]], prob_keys[0])
-    check_count(len(p), max_rows, "rows")
-    if p.min() < 0 or p.max() > 1 or np.abs(p.sum(axis=1) - 1).max() > SUM_TOLERANCE:
-        raise InputError("invalid_probabilities", f"'{prob_keys[0]}': every row must lie in [0, 1] and sum to 1 "
-                                                  f"(within {SUM_TOLERANCE:g})")
-    return logits_from_probabilities(p), "probabilities"
+def _check_probabilities(p: np.ndarray, name: str) -> np.ndarray:
+    if p.min() < 0 or p.max() > 1:
+        raise InputError("invalid_probabilities", f"{name}: values must lie in [0, 1]")
+    sums = p.sum(axis=1)
+    worst = int(np.argmax(np.abs(sums - 1.0)))
+    if abs(sums[worst] - 1.0) > SUM_TOLERANCE:
+        raise InputError("invalid_probabilities",
+                         f"{name}: row {worst} sums to {sums[worst]:.6g}; every row must sum to 1 within "
+                         f"{SUM_TOLERANCE} (send logits if these are not probabilities)")
+    return p / p.sum(axis=1, keepdims=True)
 
 
-def labels_of(arrays: dict, n: int, num_classes: int, key: str) -> np.ndarray:
-    labels = arrays.get(key)
-    if labels is None:
-        raise InputError("missing_labels", f"'{key}': one class index per row is needed")
-    if isinstance(labels, list) and any(type(v) is bool for v in labels):
-        raise InputError("invalid_dtype", "labels: class indices must be integers, not booleans")
-    try:
-        arr = np.asarray(labels)
-    except (ValueError, OverflowError):
-        raise InputError("invalid_dtype", f"'{key}' must be a flat list of class indices") from None
-    return check_labels(arr, n, num_classes, key)
+def outputs_from_json(payload: dict, max_rows: int) -> ClassifierOutputs:
+    present = [k for k in ("logits", "probabilities") if payload.get(k) is not None]
+    if len(present) != 1:
+        raise InputError("invalid_request", "send exactly one of 'logits' or 'probabilities' ([N, K]) with 'labels'")
+    kind = present[0]
+    values = _matrix(payload[kind], kind, max_rows)
+    if kind == "probabilities":
+        values = _check_probabilities(values, kind)
+    return ClassifierOutputs(kind, values, labels_from_json(payload, len(values), values.shape[1]))
 
 
-def labelled_logits(payload: Optional[dict], files: list[tuple[str, bytes]], *, max_rows: int,
-                    max_array_bytes: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """(logits, labels, input kind) from a JSON object or one uploaded .npz."""
-    if payload is not None:
-        z, kind = logits_of(payload, max_rows=max_rows)
-        return z, labels_of(payload, len(z), z.shape[1], "labels"), kind
+def outputs_from_files(files: list[tuple[str, bytes]], max_rows: int, max_array_bytes: int) -> ClassifierOutputs:
     if len(files) != 1:
-        raise InputError("invalid_request", f"upload one .npz file (logits or probs, and y), got {len(files)} files")
+        raise InputError("invalid_request", f"upload exactly one .npz file (logits or probs, and y); got {len(files)}")
     name, data = files[0]
     arrays = load_npz(data, name, max_array_bytes)
-    z, kind = logits_of(arrays, max_rows=max_rows, where=name)
-    return z, labels_of(arrays, len(z), z.shape[1], "y"), kind
-
-
-def unlabelled_logits(payload: Optional[dict], files: list[tuple[str, bytes]], *, max_rows: int,
-                      max_array_bytes: int) -> np.ndarray:
-    """Logits [N, K] (or probabilities turned into logits) to apply a profile to."""
-    if payload is not None:
-        return logits_of(payload, max_rows=max_rows)[0]
-    if len(files) != 1:
-        raise InputError("invalid_request", f"upload one .npz file (logits or probs), got {len(files)} files")
-    name, data = files[0]
-    return logits_of(load_npz(data, name, max_array_bytes), max_rows=max_rows, where=name)[0]
+    present = [k for k in ("logits", "probs") if k in arrays]
+    if len(present) != 1:
+        raise InputError("invalid_array_file", f"{name}: expected exactly one of the arrays 'logits' or 'probs' "
+                                               f"(and 'y'), found {sorted(arrays)}")
+    if "y" not in arrays:
+        raise InputError("missing_labels", f"{name}: no 'y' array of labels")
+    key = present[0]
+    kind = "logits" if key == "logits" else "probabilities"
+    values = _matrix(arrays[key], f"{name}:{key}", max_rows)
+    if kind == "probabilities":
+        values = _check_probabilities(values, f"{name}:{key}")
+    labels = check_labels(np.asarray(arrays["y"]), len(values), values.shape[1], f"{name}:y")
+    return ClassifierOutputs(kind, values, labels)

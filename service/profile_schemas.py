@@ -52,6 +52,7 @@ class CalibrationUsed(BaseModel):
 
 class PredictionSetOut(BaseModel):
     indices: list[int]
+    labels: list[str] = Field(description="the class indices as text (a profile knows no class names)")
     coverage: float
     method: str
     mondrian: bool

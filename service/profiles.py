@@ -26,7 +26,6 @@ from service.storage import CalibrationRepository, NewProfile, ProfileRecord, St
 CACHE_TTL_S = 30.0
 CACHE_SIZE = 256
 PROBABILITY_FLOOR = 1e-12  # log(p) of a probability input, so a 0 stays a finite logit
-MAX_CLASSES = 1000
 
 
 def data_sha256(*arrays: np.ndarray) -> str:

@@ -45,7 +45,9 @@ class InferenceRequest(_Strict):
         None, description="`mc_samples` (int 2..CALIB_MAX_MC_SAMPLES: also return the MC-dropout outputs), "
                           "`seed` (int, the dropout masks' seed; random if omitted, returned in the "
                           "response parameters), `resize` (bool: resize BYTES images that are not 32x32 "
-                          "RGB); other parameters are ignored")
+                          "RGB), `coverage` (0 < c < 1: also return `prediction_set`, the conformal sets as a "
+                          "BOOL mask [N, K]) with `conformal_method` (lac, aps, raps) and `mondrian` (bool); "
+                          "other parameters are ignored")
     inputs: list[RequestInput] = Field(description="exactly one input tensor, `images`")
     outputs: Optional[list[RequestOutput]] = Field(
         None, description="the outputs to return (default: `probabilities`, plus the MC outputs when "
@@ -57,7 +59,7 @@ class ResponseOutput(BaseModel):
     shape: list[int]
     datatype: str
     parameters: Optional[Parameters] = None
-    data: list[float] = Field(description="row-major, flat")
+    data: list[Union[float, bool]] = Field(description="row-major, flat (booleans for BOOL tensors)")
 
 
 class InferenceResponse(BaseModel):
@@ -66,7 +68,8 @@ class InferenceResponse(BaseModel):
     id: Optional[str] = Field(None, description="the request's `id`, if it had one")
     parameters: Optional[Parameters] = Field(
         None, description="`temperature`; with MC dropout also `mc_samples` and `seed` (send it back to "
-                          "reproduce the MC outputs)")
+                          "reproduce the MC outputs); with coverage also `coverage`, `conformal_method`, "
+                          "`mondrian`")
     outputs: list[ResponseOutput]
 
 

@@ -335,13 +335,14 @@ def test_too_few_images_names_the_minimum_and_stores_nothing(client, labelled, m
 
 
 @pytest.mark.parametrize("payload,code", [
-    ({"logits": [[0.0, float("nan")], [1.0, 0.0]] * 20, "labels": [0, 1] * 20}, "non_finite_values"),
+    ({"logits": [[0.0, float("nan")], [1.0, 0.0]] * 20, "labels": [0, 1] * 20}, "non_finite_value"),
     ({"logits": [[0.0, 1.0], [1.0, 0.0]] * 20, "labels": [0, 1] * 19}, "length_mismatch"),
     ({"logits": [[0.0, 1.0], [1.0, 0.0]] * 20, "labels": [0, 2] * 20}, "label_out_of_range"),
     ({"logits": [[0.0, 1.0, 2.0]] * 40, "labels": [-1] + [0] * 39}, "label_out_of_range"),
     ({"probabilities": [[0.5, 0.6]] * 40, "labels": [0] * 40}, "invalid_probabilities"),
     ({"logits": [[1.0]] * 40, "labels": [0] * 40}, "invalid_shape"),
     ({"logits": [[0.0, 1.0]] * 40}, "missing_labels"),
+    ({"logits": [[0.0, 1.0]] * 40, "probabilities": [[0.5, 0.5]] * 40, "labels": [0] * 40}, "invalid_request"),
     ({"labels": [0] * 40}, "invalid_request"),
 ])
 def test_bad_logits_are_422_and_store_nothing(client, payload, code):
@@ -355,7 +356,7 @@ def test_infinite_logits_in_an_npz_are_422(client):
     z = np.zeros((40, 3))
     z[5, 1] = np.inf
     r = client.post("/v1/calibrations", files={"file": ("l.npz", npz_bytes(logits=z, y=np.zeros(40, int)))})
-    error_of(r, 422, "non_finite_values")
+    error_of(r, 422, "non_finite_value")
 
 
 def test_bad_model_batch_is_422(client, labelled):
@@ -374,12 +375,16 @@ def test_bad_model_batch_is_422(client, labelled):
 
 
 @pytest.mark.parametrize("coverage", [0, 1, -0.5, 1.5])
-def test_coverage_outside_0_1_is_422(client, logits_batch, coverage):
+def test_coverage_outside_0_1_is_422(client, logits_batch, labelled, coverage):
     z, y = logits_batch
     body = client.post("/v1/calibrations", json={"logits": z.tolist(), "labels": y.tolist()}).json()
     r = client.post(f"/v1/calibrations/{body['id']}/apply", params={"coverage": coverage},
                     json={"logits": z[:2].tolist()})
-    error_of(r, 422, "invalid_parameter")
+    error_of(r, 422, "invalid_coverage")
+    profile = _create(client, *labelled)
+    r = client.post(PREDICT, params={"calibration": profile["id"], "coverage": coverage},
+                    json={"instances": labelled[0][:1].tolist()})
+    error_of(r, 422, "invalid_coverage")
 
 
 def test_apply_with_the_wrong_number_of_classes_is_422(client, logits_batch):
@@ -389,7 +394,7 @@ def test_apply_with_the_wrong_number_of_classes_is_422(client, logits_batch):
              "class_count_mismatch")
     r = client.post(f"/v1/calibrations/{body['id']}/apply", files={"file": ("l.npz", npz_bytes(
         logits=np.array([[0.0, np.inf, 1, 2]])))})
-    error_of(r, 422, "non_finite_values")
+    error_of(r, 422, "non_finite_value")
 
 
 def test_more_profiles_than_the_limit_is_409(service_model_dir, tmp_path, logits_batch):
@@ -465,3 +470,50 @@ def test_without_any_key_everything_is_open(client, logits_batch):
     r = client.post("/v1/calibrations", json={"logits": z.tolist(), "labels": y.tolist()})
     assert r.status_code == 201
     assert client.delete(f"/v1/calibrations/{r.json()['id']}").status_code == 204
+
+
+# --- prediction sets and /v2 with a profile ----------------------------------------------------------
+
+def test_prediction_sets_come_from_the_profiles_own_conformal_calibration(client, labelled):
+    from models.calibration.conformal import ConformalCalibration
+
+    x, y = labelled
+    profile = _create(client, x, y, method="vector")
+    stored = client.app.state.calibrations.get(profile["id"])
+    conformal = ConformalCalibration.from_bytes(stored.conformal)
+    assert conformal.n == profile["conformal"]["n"] == 300
+    r = client.post(PREDICT, params={"calibration": profile["id"], "coverage": 0.8, "conformal_method": "aps",
+                                     "mc_samples": 0}, json={"instances": x[:8].tolist()})
+    assert r.status_code == 200, r.text
+    rows = r.json()["predictions"]
+    probs = np.array([row["probabilities"] for row in rows])
+    expected = conformal.prediction_sets(probs, 0.8, "aps")
+    for row, mask in zip(rows, expected):
+        assert row["prediction_set"]["indices"] == np.flatnonzero(mask).tolist()
+        assert row["prediction_set"]["coverage"] == 0.8 and row["prediction_set"]["method"] == "aps"
+    ev = client.post(EVALUATE, params={"calibration": profile["id"], "coverage": [0.8, 0.9]},
+                     files={"file": ("b.npz", npz_bytes(x=x, y=y))})
+    assert ev.status_code == 200, ev.text
+    block = ev.json()["conformal"]
+    assert block["calibration"] == {"source": "profile", "n": 300} and len(block["results"]) == 6
+
+
+def test_v2_infer_takes_parameters_calibration(client, labelled):
+    x, y = labelled
+    profile = _create(client, x, y)
+    url = f"/v2/models/{MODEL}/infer"
+    tensor = {"name": "images", "datatype": "UINT8", "shape": [3, 32, 32, 3],
+              "data": np.asarray(x[:3]).ravel().tolist()}
+    r = client.post(url, json={"inputs": [tensor], "parameters": {"calibration": profile["id"]}})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["parameters"]["calibration"] == profile["id"] and out["parameters"]["calibration_method"] == "temperature"
+    via_v1 = client.post(PREDICT, params={"calibration": profile["id"], "mc_samples": 0},
+                         json={"instances": x[:3].tolist()}).json()
+    (probs,) = [o for o in out["outputs"] if o["name"] == "probabilities"]
+    np.testing.assert_allclose(np.reshape(probs["data"], (3, 10)),
+                               [p["probabilities"] for p in via_v1["predictions"]], atol=1e-6)
+    missing = client.post(url, json={"inputs": [tensor], "parameters": {"calibration": "nope"}})
+    assert missing.status_code == 404 and "no calibration profile" in missing.json()["error"]
+    bad = client.post(url, json={"inputs": [tensor], "parameters": {"calibration": 7}})
+    assert bad.status_code == 400

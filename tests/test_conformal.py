@@ -53,7 +53,7 @@ def test_sets_equal_crepes(method, coverage):
     test_scores = conformity_scores(test, method)
     reference = cc.predict_set(test_scores, confidence=coverage, smoothing=False).astype(bool)
     p_values = cc.predict_p(test_scores, smoothing=False)
-    ours = cal.prediction_sets(test, coverage, method)
+    ours = cal.threshold_sets(test, coverage, method)
     np.testing.assert_array_equal(ours, reference)
     np.testing.assert_array_equal(ours, p_values > round(1 - coverage, 12))
 
@@ -66,7 +66,7 @@ def test_mondrian_sets_equal_crepes_per_class(method):
     cal_scores = conformity_scores(p[:700], method)[np.arange(700), y[:700]]
     cc = crepes.ConformalClassifier().fit(cal_scores, bins=y[:700])
     scores = conformity_scores(test, method)
-    ours = cal.prediction_sets(test, 0.9, method, mondrian=True)
+    ours = cal.threshold_sets(test, 0.9, method, mondrian=True)
     for k in range(6):
         # crepes' Mondrian categories are per test object; ask it for candidate class k.
         p_k = cc.predict_p(scores[:, k], bins=np.full(len(test), k), smoothing=False)
@@ -100,6 +100,31 @@ def test_lac_thresholds_and_sets_equal_mapie():
     for j, c in enumerate(COVERAGES):
         assert cal.threshold(c, "lac") == pytest.approx(float(quantiles[j]), abs=0)
         np.testing.assert_array_equal(cal.prediction_sets(p[600:], c, "lac"), sets[:, :, j])
+
+
+@pytest.mark.parametrize("method", ["aps", "raps"])
+@pytest.mark.parametrize("mondrian", [False, True])
+def test_aps_raps_sets_add_the_crossing_class_and_are_never_empty(method, mondrian):
+    p, y = synthetic(5, 1500, 8, concentration=0.2)  # confident rows: some top classes above q
+    cal = ConformalCalibration(p[:800], y[:800])
+    test = p[800:]
+    inside = cal.threshold_sets(test, 0.8, method, mondrian)
+    served = cal.prediction_sets(test, 0.8, method, mondrian)
+    scores = conformity_scores(test, method)
+    added = served & ~inside
+    assert not np.any(inside & ~served)
+    assert served.sum(axis=1).min() >= 1
+    for i in range(len(test)):
+        outside = scores[i][~inside[i]]
+        if outside.size:  # exactly the class(es) with the smallest score above the threshold
+            np.testing.assert_array_equal(added[i], ~inside[i] & (scores[i] == outside.min()))
+    assert (inside.sum(axis=1) == 0).any()  # the threshold set alone would be empty somewhere
+
+
+def test_lac_sets_are_the_threshold_sets():
+    p, y = synthetic(6, 600, 5)
+    cal = ConformalCalibration(p[:300], y[:300])
+    np.testing.assert_array_equal(cal.prediction_sets(p[300:], 0.9, "lac"), cal.threshold_sets(p[300:], 0.9, "lac"))
 
 
 # --------------------------------------------------------------------------

@@ -189,6 +189,11 @@ def run(config) -> Path:
 
         check = export_litert(out)["check"]
         print(f"LiteRT export checked: max |p_litert - p_keras| {check['max_abs_probability_diff']:.2e}", flush=True)
+        if len(y_val):   # the conformal calibration set: prediction sets over these validation logits
+            from models.conformal_set import save_calibration_set
+
+            save_calibration_set(out, val_logits, y_val, {"data": "validation split",
+                                                          "split_seed": card["data"]["split_seed"]})
     return out
 
 

@@ -1,21 +1,27 @@
 """Split conformal prediction sets for classifiers (NumPy only).
 
-A prediction set at coverage c = 1 - alpha holds every class whose non-conformity score is at
-most a threshold q taken from a calibration set of n images the classifier never fitted on:
+The threshold set at coverage c = 1 - alpha holds every class whose non-conformity score is
+at most a threshold q taken from a calibration set of n images the classifier never fitted on:
 
     q = the m-th smallest calibration score (score of the true label), m = ceil((n + 1) c),
 
 the finite-sample quantile ceil((n + 1)(1 - alpha)) / n of Vovk et al. and Angelopoulos &
 Bates. When m > n the quantile does not exist: q = +inf and the set is every class. On
-exchangeable data this gives P(y in set) >= c. The sets are exactly those of the conformal
-p-values {k : p_k > alpha}, p_k = (#{calibration scores >= s_k} + 1) / (n + 1), as crepes
-computes them (non-smoothed); the threshold is MAPIE's `_compute_classification_quantile`.
+exchangeable data this gives P(y in set) >= c. The threshold sets are exactly those of the
+conformal p-values {k : p_k > alpha}, p_k = (#{calibration scores >= s_k} + 1) / (n + 1), as
+crepes computes them (non-smoothed); the threshold is MAPIE's `_compute_classification_quantile`.
+
+For ``aps`` and ``raps`` the served set also holds the class that crosses the threshold (the
+class, or tied classes, with the smallest score above q), as the RAPS reference code
+(Angelopoulos et al.) and MAPIE (`include_last_label=True`) do: a superset of a valid set, so
+the guarantee stands, and the set is never empty (the inclusive score alone would give an empty
+set to an image whose top class is more confident than q). ``lac`` sets are the threshold sets.
 
 Scores, for calibrated probabilities p (deterministic: no randomisation, so one image always
 gets one set, at the price of coverage slightly above c):
 
 * ``lac`` (Sadinle et al. 2019): s_k = 1 - p_k;
-* ``aps`` (Romano et al. 2020, non-randomised, u = 1): s_k = sum of p_j over the classes
+* ``aps`` (Romano et al. 2020, non-randomised: own mass in full): s_k = sum of p_j over the classes
   ranked at or above k, i.e. sum_{j: p_j > p_k} p_j + p_k (ties share a rank, so the score
   does not depend on the order of equal probabilities);
 * ``raps`` (Angelopoulos et al. 2021, non-randomised): the APS score plus
@@ -24,8 +30,8 @@ gets one set, at the price of coverage slightly above c):
 Class-conditional (Mondrian) sets use one threshold per class, from the calibration images of
 that class only (n_k instead of n): coverage >= c holds within every class.
 
-Any set can be empty (LAC when every probability is below 1 - q; APS when even the top class's
-mass exceeds q). docs/conformal.md explains how to read one.
+A LAC set is empty when every probability is below 1 - q; docs/conformal.md explains how to
+read one.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ __all__ = [
 ]
 
 METHODS = ("lac", "aps", "raps")
+INCLUDES_CROSSING = ("aps", "raps")  # methods whose served sets add the class crossing the threshold
 RAPS_LAMBDA = 0.01
 RAPS_K_REG = 1
 _FORMAT_VERSION = 1
@@ -188,15 +195,30 @@ class ConformalCalibration:
             return _quantile(self._scores(method, -1), c)
         return np.array([_quantile(self._scores(method, k), c) for k in range(self.num_classes)])
 
-    def prediction_sets(
+    def threshold_sets(
         self, probabilities: ArrayLike, coverage: float, method: str = "lac", mondrian: bool = False
     ) -> np.ndarray:
         """Boolean mask [N, K]: class k is in image i's set iff s_k(p_i) <= q (or q_k)."""
         p = _check_probabilities(probabilities)
         if p.shape[1] != self.num_classes:
             raise ValueError(f"probabilities have K = {p.shape[1]}, the calibration set K = {self.num_classes}")
-        q = self.threshold(coverage, method, mondrian)
-        return conformity_scores(p, method) <= q
+        return conformity_scores(p, method) <= self.threshold(coverage, method, mondrian)
+
+    def prediction_sets(
+        self, probabilities: ArrayLike, coverage: float, method: str = "lac", mondrian: bool = False
+    ) -> np.ndarray:
+        """Boolean mask [N, K] of the served sets: the threshold sets, plus for APS/RAPS the class(es)
+        with the smallest score above the threshold (never empty)."""
+        p = _check_probabilities(probabilities)
+        if p.shape[1] != self.num_classes:
+            raise ValueError(f"probabilities have K = {p.shape[1]}, the calibration set K = {self.num_classes}")
+        s = conformity_scores(p, method)
+        inside = s <= self.threshold(coverage, method, mondrian)
+        if method not in INCLUDES_CROSSING:
+            return inside
+        outside = np.where(inside, np.inf, s)
+        crossing = outside.min(axis=1, keepdims=True)
+        return inside | (outside <= crossing)
 
     def to_bytes(self) -> bytes:
         """A compressed .npz (probabilities float64, labels int64, format version)."""

@@ -16,7 +16,7 @@ from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from models.calibration.recalibration import AUTO, DEFAULT_FOLDS, METHODS, TooFewImagesError
-from service import inputs, logits_inputs, profiles
+from service import inputs, logits_inputs, prediction_sets, profile_inputs, profiles
 from service.inputs import InputError
 from service.profile_schemas import CalibrationApplied, CalibrationProfile, CalibrationProfileList
 from service.registry import LoadedModel
@@ -91,6 +91,17 @@ async def profile_for(request: Request, model: LoadedModel, profile_id: Optional
     profile = await load(request, profile_id)
     check_profile_model(profile.record, model)
     return profile
+
+
+def conformal_of(model: LoadedModel, profile):
+    """The conformal calibration prediction sets use: the profile's, else the card's (409
+    `conformal_unavailable` when there is none)."""
+    if profile is None:
+        return prediction_sets.calibration_of(model)
+    if profile.conformal is None:
+        raise InputError("conformal_unavailable", f"calibration profile {profile.id} has no conformal "
+                                                  f"calibration, so it cannot serve prediction sets", 409)
+    return profile.conformal
 
 
 def used(model: LoadedModel, profile) -> dict:
@@ -266,8 +277,12 @@ async def create_calibration(request: Request, method: Method = MethodQuery, lab
 
     settings = settings_of(request)
     payload = await read_payload(request, max_files=1)
-    z, y, _ = await in_thread(logits_inputs.labelled_logits, payload.json, payload.files,
-                              max_rows=settings.max_eval_images, max_array_bytes=_array_cap(settings))
+    if payload.json is not None:
+        outputs = await in_thread(logits_inputs.outputs_from_json, payload.json, settings.max_eval_images)
+    else:
+        outputs = await in_thread(logits_inputs.outputs_from_files, payload.files, settings.max_eval_images,
+                                  _array_cap(settings))
+    z, y = profile_inputs.as_logits(outputs), outputs.labels
     try:
         new = await on_model_executor(request, _fit_logits, z, y, method=method, folds=folds, label=label)
     except TooFewImagesError:
@@ -290,35 +305,35 @@ def _fit_logits(z, y, *, stop, **kwargs):
 async def apply_calibration(
     request: Request,
     profile_id: str = ProfileId,
-    coverage: Optional[float] = Query(None, gt=0, lt=1, description="also return split-conformal prediction "
-                                                                    "sets at this coverage (0 < c < 1)"),
-    conformal_method: Literal["lac", "aps", "raps"] = Query("lac", description="conformity score of the sets"),
-    mondrian: bool = Query(False, description="class-conditional sets (one threshold per class)"),
+    coverage: Optional[float] = Query(None, description="also return split-conformal prediction sets at this "
+                                                        "coverage (0 < c < 1), from the profile's own calibration"),
+    conformal_method: Optional[Literal["lac", "aps", "raps"]] = Query(
+        None, description="the sets' non-conformity score (default lac); needs coverage"),
+    mondrian: bool = Query(False, description="class-conditional (Mondrian) sets; needs coverage"),
 ) -> dict:
     from service.rest.models import _array_cap
 
     settings = settings_of(request)
+    options = prediction_sets.set_options(coverage, conformal_method, mondrian)
     profile = await load(request, profile_id)
     payload = await read_payload(request, max_files=1)
-    z = await in_thread(logits_inputs.unlabelled_logits, payload.json, payload.files,
+    z = await in_thread(profile_inputs.unlabelled_logits, payload.json, payload.files,
                         max_rows=settings.max_eval_images, max_array_bytes=_array_cap(settings))
     if z.shape[1] != profile.record.num_classes:
         raise InputError("class_count_mismatch", f"{z.shape[1]} classes given; profile {profile.id} was fitted "
                                                  f"for K = {profile.record.num_classes}")
-    if coverage is not None and profile.conformal is None:
-        raise InputError("conformal_unavailable", f"profile {profile.id} has no conformal calibration")
-    p, sets = await in_thread(_apply, profile, z, coverage, conformal_method, mondrian)
+    conformal = None if options is None else conformal_of(None, profile)
+    p, sets = await in_thread(_apply, profile, z, conformal, options)
     return {"calibration": profile.used(), "n": int(len(z)), "probabilities": p.tolist(),
             "prediction_sets": sets}
 
 
-def _apply(profile: profiles.LoadedProfile, z: np.ndarray, coverage, method: str, mondrian: bool):
+def _apply(profile: profiles.LoadedProfile, z: np.ndarray, conformal, options):
     p = profile.calibrator.probabilities(z)
-    if coverage is None:
+    if options is None:
         return p, None
-    mask = profile.conformal.prediction_sets(p, coverage, method, mondrian)
-    return p, [{"indices": np.flatnonzero(row).tolist(), "coverage": coverage, "method": method,
-                "mondrian": mondrian} for row in mask]
+    classes = [str(k) for k in range(p.shape[1])]   # a model-independent profile knows no class names
+    return p, prediction_sets.set_rows(prediction_sets.sets(conformal, p, options), options, classes)
 
 
 # --- errors --------------------------------------------------------------------------------------

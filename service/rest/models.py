@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from service import dataplane, inputs
+from service import dataplane, inputs, prediction_sets
 from service.rest import calibrations
 from service.rest.errors import error_responses
 from service.rest.requests import (
@@ -71,12 +71,20 @@ async def predict(
     seed: Optional[int] = Query(None, description="seed of the dropout masks (random if omitted)"),
     return_logits: bool = Query(False, description="also return raw logits and uncalibrated probabilities"),
     resize: bool = Query(False, description="resize encoded images that are not 32x32 RGB"),
+    coverage: Optional[float] = Query(None, description="conformal prediction sets at this coverage, 0 < c < 1 "
+                                                        "(docs/conformal.md)"),
+    conformal_method: Optional[Literal["lac", "aps", "raps"]] = Query(
+        None, description="the sets' non-conformity score (default lac); needs coverage"),
+    mondrian: bool = Query(False, description="class-conditional (Mondrian) sets; needs coverage"),
     calibration: Optional[str] = Query(None, description="a calibration profile's id: use it instead of the "
-                                                         "card's temperature"),
+                                                         "card's temperature (probabilities, MC samples, OOD "
+                                                         "entropy, and the sets from its own conformal calibration)"),
 ) -> dict:
     settings = settings_of(request)
     model = model_of(request, name)
     profile = await calibrations.profile_for(request, model, calibration)
+    set_options = prediction_sets.set_options(coverage, conformal_method, mondrian)
+    conformal_set = None if set_options is None else calibrations.conformal_of(model, profile)
     t = inputs.check_mc_samples(settings.default_mc_samples if mc_samples is None else mc_samples,
                                 settings.max_mc_samples)
     seed = inputs.check_seed(seed)
@@ -101,6 +109,10 @@ async def predict(
     predicted = time.perf_counter()
     body = _predict_body(model, result, t, return_logits)
     body["calibration"] = calibrations.used(model, profile)
+    if set_options is not None:
+        mask = prediction_sets.sets(conformal_set, result.probabilities, set_options)
+        for row, prediction_set in zip(body["predictions"], prediction_sets.set_rows(mask, set_options, model.classes)):
+            row["prediction_set"] = prediction_set
     for stage, seconds in (("read_body", read - started), ("decode", decoded - read),
                            ("respond", time.perf_counter() - predicted)):
         metrics.observe_stage(model.name, stage, seconds)
@@ -152,12 +164,20 @@ async def evaluate(
                                       "reach this accuracy, and its coverage (selective.target)"),
     resize: bool = Query(False, description="resize archive images that are not 32x32 RGB"),
     split: Optional[str] = Query(None, description="archive sub-folder holding the class folders, e.g. test"),
+    coverage: Optional[list[float]] = Query(None, description="report the conformal prediction sets (the card's, "
+                                                              "or the profile's with calibration=<id>) at these "
+                                                              "coverages (repeat the parameter), 0 < c < 1"),
+    conformal_method: Optional[list[Literal["lac", "aps", "raps"]]] = Query(
+        None, description="the scores to report (repeatable; default all three); needs coverage"),
+    mondrian: bool = Query(False, description="class-conditional (Mondrian) sets; needs coverage"),
     calibration: Optional[str] = Query(None, description="a calibration profile's id: also report the metrics "
-                                                         "under it (after_calibration)"),
+                                                         "under it (after_calibration); the conformal block then "
+                                                         "uses it"),
 ):
     settings = settings_of(request)
     model = model_of(request, name)
     profile = await calibrations.profile_for(request, model, calibration)
+    conformal = _conformal_request(model, coverage, conformal_method, mondrian, profile)
     n_bins = inputs.check_bins(settings.default_bins if bins is None else bins, settings.max_bins)
     payload = await read_payload(request, max_files=2)
     if payload.json is not None:
@@ -168,7 +188,7 @@ async def evaluate(
                                max_array_bytes=_array_cap(settings))
     report = await on_model_executor(request, dataplane.evaluate, model, x, y, n_bins=n_bins,
                                      fit=fit_temperature, chunk=settings.eval_chunk,
-                                     target_accuracy=target_accuracy,
+                                     target_accuracy=target_accuracy, conformal=conformal,
                                      calibrator=None if profile is None else profile.calibrator)
     request.app.state.metrics.images.labels(model.name, "evaluate").inc(len(x))
     if format == "png":
@@ -183,8 +203,19 @@ async def evaluate(
             "before_temperature": report.before.to_dict(), "after_temperature": report.after.to_dict(),
             "fitted_temperature": report.fitted_temperature,
             "after_fitted_temperature": None if report.after_fitted is None else report.after_fitted.to_dict(),
-            "selective": report.selective.report.to_dict(), "calibration": calibrations.used(model, profile),
+            "selective": report.selective.report.to_dict(), "conformal": report.conformal,
+            "calibration": calibrations.used(model, profile),
             "after_calibration": None if report.after_profile is None else report.after_profile.to_dict()}
+
+
+def _conformal_request(model, coverage, methods, mondrian, profile=None) -> dataplane.ConformalRequest | None:
+    if not coverage:
+        if methods or mondrian:
+            raise inputs.InputError("invalid_parameter", "conformal_method and mondrian need coverage")
+        return None
+    return dataplane.ConformalRequest(calibrations.conformal_of(model, profile),
+                                      prediction_sets.coverage_levels(coverage),
+                                      tuple(dict.fromkeys(methods)) if methods else prediction_sets.METHODS, mondrian)
 
 
 def _labelled_json(payload: dict, num_classes: int, resize: bool, max_images: int):
