@@ -260,28 +260,36 @@ class Comparison:
 
 def batch_scores(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
                  chunk: int = 500, mc_chunk_rows: int = 65_536,
-                 stop: threading.Event | None = None) -> dict[str, np.ndarray]:
+                 stop: threading.Event | None = None, calibrator=None) -> dict[str, np.ndarray]:
     """1 - max probability and predictive entropy of the deterministic calibrated probabilities;
     with `mc_samples` >= 2 also the MC mutual information. `chunk` images per forward pass, so
-    features and activations stay bounded for any batch."""
+    features and activations stay bounded for any batch. `calibrator`: a profile's, instead of
+    the card's temperature."""
     clf, t = model.classifier, model.temperature
     probs, mi = [], []
     for c, start in enumerate(range(0, len(x), chunk)):
         _check(stop)
         features = clf.features(x[start:start + chunk], chunk)
-        probs.append(softmax(clf.head_logits(features), t))
+        logits = clf.head_logits(features)
+        probs.append(softmax(logits, t) if calibrator is None else calibrator.probabilities(logits))
         if mc_samples >= 2:
             chunk_seed = (int(seed or 0) + 7_919 * c) % _SEED_MOD
-            mi.append(clf.mc_summary_from_features(features, mc_samples, chunk_seed, t, mc_chunk_rows).mutual_information)
+            if calibrator is None:
+                summary = clf.mc_summary_from_features(features, mc_samples, chunk_seed, t, mc_chunk_rows)
+            else:
+                summary = chunked_mc_summary(_calibrated_samples(clf, calibrator), features, mc_samples,
+                                             chunk_seed, 1.0, mc_chunk_rows)
+            mi.append(summary.mutual_information)
     return uncertainty_scores(np.concatenate(probs), np.concatenate(mi) if mi else None)
 
 
 def compare(model: LoadedModel, x_in: np.ndarray, x_suspect: np.ndarray, *, mc_samples: int,
             seed: int | None, chunk: int = 500, mc_chunk_rows: int = 65_536,
-            stop: threading.Event | None = None) -> Comparison:
+            stop: threading.Event | None = None, calibrator=None) -> Comparison:
     """AUROC / AUPR-Out / FPR@95%TPR per score, the suspect batch as the positive class
     (`models.calibration.ood`). Both batches use the same seed: their MC masks are drawn alike."""
-    kw = {"mc_samples": mc_samples, "seed": seed, "chunk": chunk, "mc_chunk_rows": mc_chunk_rows, "stop": stop}
+    kw = {"mc_samples": mc_samples, "seed": seed, "chunk": chunk, "mc_chunk_rows": mc_chunk_rows, "stop": stop,
+          "calibrator": calibrator}
     s_in, s_out = batch_scores(model, x_in, **kw), batch_scores(model, x_suspect, **kw)
     detections = [detection(name, s_in[name], s_out[name]) for name in OOD_SCORES if name in s_in]
     block = ood_threshold(model)

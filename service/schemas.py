@@ -309,6 +309,8 @@ class CompareResponse(BaseModel):
     temperature: float
     mc_samples: int = Field(description="MC dropout samples drawn for the mutual information (0: none)")
     seed: Optional[int] = Field(None, description="seed of the MC samples (null without them)")
+    calibration: Optional[CalibrationUsed] = Field(None, description="the calibration the scores used: a "
+                                                                     "profile (calibration=<id>) or the card's")
     n_in_distribution: int
     n_suspect: int
     scores: list[ScoreSeparation]

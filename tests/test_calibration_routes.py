@@ -517,3 +517,25 @@ def test_v2_infer_takes_parameters_calibration(client, labelled):
     assert missing.status_code == 404 and "no calibration profile" in missing.json()["error"]
     bad = client.post(url, json={"inputs": [tensor], "parameters": {"calibration": 7}})
     assert bad.status_code == 400
+
+
+def test_compare_with_a_profile(client, labelled):
+    x, y = labelled
+    profile = _create(client, x, y)
+    t_profile = profile["parameters"]["temperature"]
+    body = {"in_distribution": x[:20].tolist(), "suspect": x[20:40][..., ::-1].tolist()}
+    r = client.post(f"/v1/models/{MODEL}/compare", params={"calibration": profile["id"], "mc_samples": 4, "seed": 1},
+                    json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["calibration"] == {"id": profile["id"], "method": "temperature", "source": "profile"}
+    plain = client.post(f"/v1/models/{MODEL}/compare", params={"mc_samples": 4, "seed": 1}, json=body).json()
+    assert plain["calibration"]["source"] == "card"
+    by_score = {s["score"]: s for s in out["scores"]}
+    plain_by_score = {s["score"]: s for s in plain["scores"]}
+    # a temperature rescales the entropy but keeps 1 - max p in the same order: the same AUROC
+    assert by_score["max_probability"]["auroc"] == pytest.approx(plain_by_score["max_probability"]["auroc"])
+    if abs(t_profile - client.app.state.registry.get(MODEL).temperature) > 1e-3:
+        assert by_score["predictive_entropy"]["mean_suspect"] != plain_by_score["predictive_entropy"]["mean_suspect"]
+    error_of(client.post(f"/v1/models/{MODEL}/compare", params={"calibration": "nope"}, json=body), 404,
+             "unknown_calibration")

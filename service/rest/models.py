@@ -247,9 +247,12 @@ async def compare(
     seed: Optional[int] = Query(None, description="seed of the dropout masks (random if omitted)"),
     format: Literal["json", "png"] = Query("json", description="png: histograms of the scores of both batches"),
     resize: bool = Query(False, description="resize encoded images that are not 32x32 RGB"),
+    calibration: Optional[str] = Query(None, description="a calibration profile's id: the scores use it instead "
+                                                         "of the card's temperature"),
 ):
     settings = settings_of(request)
     model = model_of(request, name)
+    profile = await calibrations.profile_for(request, model, calibration)
     t = inputs.check_compare_mc_samples(mc_samples, settings.max_mc_samples)
     seed = inputs.check_seed(seed)
     if t >= 2 and seed is None:
@@ -262,7 +265,8 @@ async def compare(
         x_in, x_out = await in_thread(inputs.batches_from_files, payload.files, payload.fields, resize=resize,
                                       max_images=settings.max_eval_images, max_array_bytes=_array_cap(settings))
     result = await on_model_executor(request, dataplane.compare, model, x_in, x_out, mc_samples=t, seed=seed,
-                                     chunk=settings.eval_chunk, mc_chunk_rows=settings.mc_chunk_rows)
+                                     chunk=settings.eval_chunk, mc_chunk_rows=settings.mc_chunk_rows,
+                                     calibrator=None if profile is None else profile.calibrator)
     metrics = request.app.state.metrics
     metrics.images.labels(model.name, "compare").inc(len(x_in) + len(x_out))
     metrics.mc_samples.labels(model.name).inc(t * (len(x_in) + len(x_out)))
@@ -275,7 +279,7 @@ async def compare(
         flagged = {"threshold": result.threshold, "in_distribution": result.flagged_in,
                    "suspect": result.flagged_suspect}
     return {"model": model.name, "temperature": model.temperature, "mc_samples": t, "seed": result.seed,
-            "n_in_distribution": result.n_in, "n_suspect": result.n_suspect, "flagged": flagged,
+            "calibration": calibrations.used(model, profile), "n_in_distribution": result.n_in, "n_suspect": result.n_suspect, "flagged": flagged,
             "scores": [{"score": d.score, "auroc": d.auroc, "aupr": d.aupr, "fpr_at_95_tpr": d.fpr_at_95_tpr,
                         "mean_in_distribution": d.mean_in, "mean_suspect": d.mean_out}
                        for d in result.detections]}
