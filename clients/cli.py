@@ -1,5 +1,6 @@
 """`python -m clients` / `calib-client`: predict on image files, evaluate a dataset, compare two batches, list models,
-and report the calibration of any classifier's logits (calibrate-evaluate).
+report the calibration of any classifier's logits (calibrate-evaluate), and manage recalibration profiles
+(recalibrate, calibrate, calibrations, calibration, delete-calibration, apply).
 
 Readable tables by default, the server's JSON with --json; errors print one line
 (`calib-client: error: ...`, with the service's code and message) and exit 1 (2 for usage
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from clients.client import DEFAULT_URL, CalibClient
 from clients.types import (
+    CalibrationProfile,
     ClientError,
     ComparisonReport,
     ConformalResult,
@@ -59,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--coverage", type=float, help="conformal prediction sets at this coverage (0 < c < 1)")
     pr.add_argument("--conformal-method", choices=CONFORMAL_METHODS, help="the sets' score (server default lac)")
     pr.add_argument("--mondrian", action="store_true", help="class-conditional sets")
+    pr.add_argument("--calibration", metavar="ID", help="use this recalibration profile instead of the card's "
+                                                        "temperature")
     pr.add_argument("--json", action="store_true", help="print the server's JSON")
 
     ev = sub.add_parser("evaluate", help="ECE report on an .npz (x, y) or an image-folder tree/archive")
@@ -74,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--risk-coverage-png", type=Path, metavar="FILE",
                     help="also save the risk-coverage curve to this file")
     _conformal_arguments(ev)
+    ev.add_argument("--calibration", metavar="ID", help="also report the metrics under this recalibration profile")
     ev.add_argument("--json", action="store_true", help="print the server's JSON")
 
     ce = sub.add_parser("calibrate-evaluate", help="ECE report, fitted temperature and split-conformal coverage "
@@ -97,6 +102,40 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--resize", action="store_true", help="let the server resize non-32x32 images")
     co.add_argument("--png", type=Path, help="also save the score histograms to this file")
     co.add_argument("--json", action="store_true", help="print the server's JSON")
+
+    def profile_options(sp):
+        sp.add_argument("--method", choices=("temperature", "vector", "dirichlet", "auto"),
+                        help="the recalibration map (server default temperature; auto: lowest cross-validated NLL)")
+        sp.add_argument("--label", help="a free-text name for the domain")
+        sp.add_argument("--folds", type=int, help="k of the cross-fitted report (server default 5)")
+        sp.add_argument("--json", action="store_true", help="print the server's JSON")
+
+    rc = sub.add_parser("recalibrate", help="fit and store a recalibration profile of --model on a labelled batch "
+                                            "(.npz x/y or an image-folder tree/archive)")
+    rc.add_argument("data", type=Path)
+    rc.add_argument("--split", help="sub-folder holding the class folders (e.g. test)")
+    rc.add_argument("--resize", action="store_true", help="let the server resize non-32x32 images")
+    profile_options(rc)
+    ca = sub.add_parser("calibrate", help="fit and store a model-independent profile from any classifier's "
+                                          "labelled logits (.npz with logits or probs, and y)")
+    ca.add_argument("data", type=Path)
+    profile_options(ca)
+    ls = sub.add_parser("calibrations", help="list the profiles of --model, or with --independent the "
+                                             "model-independent ones")
+    ls.add_argument("--independent", action="store_true")
+    ls.add_argument("--json", action="store_true", help="print the server's JSON")
+    sh = sub.add_parser("calibration", help="show one profile")
+    sh.add_argument("id")
+    sh.add_argument("--json", action="store_true", help="print the server's JSON")
+    de = sub.add_parser("delete-calibration", help="delete a profile (needs an admin key when keys are on)")
+    de.add_argument("id")
+    ap = sub.add_parser("apply", help="calibrated probabilities (and prediction sets) of logits under a profile")
+    ap.add_argument("id")
+    ap.add_argument("data", type=Path, help=".npz with `logits` (or `probs`) [N, K]")
+    ap.add_argument("--coverage", type=float, help="prediction sets at this coverage (0 < c < 1)")
+    ap.add_argument("--conformal-method", choices=CONFORMAL_METHODS, help="the sets' score (server default lac)")
+    ap.add_argument("--mondrian", action="store_true", help="class-conditional sets")
+    ap.add_argument("--json", action="store_true", help="print the server's JSON")
     return p
 
 
@@ -139,7 +178,7 @@ def _predict(client: CalibClient, args) -> int:
     result: PredictResult = client.predict([str(f) for f in args.files], mc_samples=args.mc_samples,
                                            seed=args.seed, return_logits=args.logits, resize=args.resize,
                                            coverage=args.coverage, conformal_method=args.conformal_method,
-                                           mondrian=args.mondrian)
+                                           mondrian=args.mondrian, calibration=args.calibration)
     if args.json:
         print(json.dumps(result.raw, indent=2))
         return 0
@@ -178,7 +217,8 @@ def _evaluate(client: CalibClient, args) -> int:
     report: EvaluationReport = client.evaluate(str(args.data), bins=args.bins, fit_temperature=args.fit_temperature,
                                                resize=args.resize, split=args.split,
                                                target_accuracy=args.target_accuracy, coverage=args.coverage,
-                                               conformal_method=args.conformal_method, mondrian=args.mondrian)
+                                               conformal_method=args.conformal_method, mondrian=args.mondrian,
+                                               calibration=args.calibration)
     if args.png is not None:
         args.png.write_bytes(client.reliability_diagram(str(args.data), bins=args.bins, resize=args.resize,
                                                         split=args.split))
@@ -189,6 +229,10 @@ def _evaluate(client: CalibClient, args) -> int:
         print(json.dumps(report.raw, indent=2))
     else:
         print(format_report(report))
+        if report.raw.get("after_calibration"):
+            m = report.raw["after_calibration"]
+            print(f"under profile {args.calibration}: ECE {m['ece']:.4f}  NLL {m['nll']:.4f}  "
+                  f"accuracy {m['accuracy']:.4f}")
         if report.selective is not None:
             print(format_selective(report.selective))
         if report.conformal:
@@ -300,3 +344,75 @@ def _calibrate_evaluate(client: CalibClient, args) -> int:
 
 COMMANDS = {"models": _models, "predict": _predict, "evaluate": _evaluate, "compare": _compare,
             "calibrate-evaluate": _calibrate_evaluate}
+
+
+# --- recalibration profiles ----------------------------------------------------------------------
+
+def format_profile(p: CalibrationProfile) -> str:
+    owner = f"model {p.model} ({(p.model_sha256 or '')[:12]})" if p.model else "model-independent"
+    lines = [f"profile {p.id}  {owner}  method {p.method}  n {p.n}  label {p.label or '-'}  created {p.created_at}"]
+    before, after = p.report.get("before", {}), p.report.get("after", {})
+    if before and after:
+        lines.append(f"{'':<10}{'NLL':>9}{'ECE-15':>9}{'Brier':>9}{'accuracy':>10}   (after: {p.report.get('folds')}-fold "
+                     f"cross-fitted)")
+        for name, m in (("before", before), ("after", after)):
+            lines.append(f"{name:<10}{m['nll']:>9.4f}{m['ece_15']:>9.4f}{m['brier']:>9.4f}{m['accuracy']:>10.4f}")
+    if p.conformal_n is not None:
+        lines.append(f"conformal calibration: {p.conformal_n} out-of-fold scores")
+    return "\n".join(lines)
+
+
+def _print_profile(profile: CalibrationProfile, as_json: bool) -> int:
+    print(json.dumps(profile.raw, indent=2) if as_json else format_profile(profile))
+    return 0
+
+
+def _recalibrate(client: CalibClient, args) -> int:
+    return _print_profile(client.create_calibration(str(args.data), method=args.method, label=args.label,
+                                                    folds=args.folds, resize=args.resize, split=args.split), args.json)
+
+
+def _calibrate(client: CalibClient, args) -> int:
+    return _print_profile(client.create_logits_calibration(str(args.data), method=args.method, label=args.label,
+                                                           folds=args.folds), args.json)
+
+
+def _calibrations(client: CalibClient, args) -> int:
+    model = None if args.independent else client._resolve(args.model)
+    profiles = client.calibrations(model=model)
+    if args.json:
+        print(json.dumps({"calibrations": [p.raw for p in profiles]}, indent=2))
+        return 0
+    print(f"{'id':<38}{'method':<13}{'n':>7}  {'created':<28}label")
+    for p in profiles:
+        print(f"{p.id:<38}{p.method:<13}{p.n:>7}  {p.created_at:<28}{p.label or '-'}")
+    return 0
+
+
+def _calibration(client: CalibClient, args) -> int:
+    return _print_profile(client.calibration(args.id), args.json)
+
+
+def _delete_calibration(client: CalibClient, args) -> int:
+    client.delete_calibration(args.id)
+    print(f"deleted {args.id}")
+    return 0
+
+
+def _apply(client: CalibClient, args) -> int:
+    out = client.apply_calibration(args.id, str(args.data), coverage=args.coverage,
+                                   conformal_method=args.conformal_method, mondrian=args.mondrian)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    sets = out.get("prediction_sets") or [None] * out["n"]
+    print(f"{'row':>5}{'class':>7}{'confidence':>12}  set")
+    for i, (p, s) in enumerate(zip(out["probabilities"], sets)):
+        k = max(range(len(p)), key=p.__getitem__)
+        print(f"{i:>5}{k:>7}{p[k]:>12.4f}  " + ("-" if s is None else "{" + ", ".join(map(str, s["indices"])) + "}"))
+    return 0
+
+
+COMMANDS.update({"recalibrate": _recalibrate, "calibrate": _calibrate, "calibrations": _calibrations,
+                 "calibration": _calibration, "delete-calibration": _delete_calibration, "apply": _apply})
+

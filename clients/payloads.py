@@ -153,3 +153,20 @@ def outputs_body(scores: Any, y: Any = None, *, probabilities: bool = False) -> 
         return Body(files=[("file", ("outputs.npz", buf.getvalue(), "application/octet-stream"))])
     labels = y.tolist() if _is_array(y) else list(y)
     return Body(json={"probabilities" if probabilities else "logits": list(scores), "labels": labels})
+
+
+def scores_body(scores: Any, *, probabilities: bool = False) -> Body:
+    """Unlabelled outputs for /v1/calibrations/{id}/apply: an .npz path (`logits` or `probs`) as it is;
+    arrays -> one .npz; nested lists -> JSON."""
+    if isinstance(scores, (str, os.PathLike)):
+        path = Path(scores)
+        return Body(files=[("file", (path.name, path.read_bytes(), "application/octet-stream"))])
+    key = "probs" if probabilities else "logits"
+    if _is_array(scores):
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.savez(buf, **{key: np.ascontiguousarray(scores)})
+        return Body(files=[("file", ("outputs.npz", buf.getvalue(), "application/octet-stream"))])
+    return Body(json={"probabilities" if probabilities else "logits": list(scores)})
+

@@ -304,3 +304,30 @@ class ComparisonReport:
             if s.score == name:
                 return s
         raise KeyError(f"no score {name!r} in this report (mutual_information needs mc_samples >= 2)")
+
+
+@dataclass(frozen=True)
+class CalibrationProfile:
+    """A stored recalibration profile (immutable): `model` is None for a model-independent one;
+    `report` holds the cross-fitted before/after figures, `conformal` its calibration set's size."""
+
+    id: str
+    model: Optional[str]
+    model_sha256: Optional[str]
+    method: str
+    parameters: dict
+    label: Optional[str]
+    n: int
+    created_at: str
+    report: dict
+    conformal_n: Optional[int]
+    raw: dict = field(repr=False, default_factory=dict)
+    request_id: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CalibrationProfile":
+        model = d.get("model") or {}
+        return cls(id=d["id"], model=model.get("name"), model_sha256=model.get("sha256"), method=d["method"],
+                   parameters=d["parameters"], label=d.get("label"), n=d["n"], created_at=d["created_at"],
+                   report=d["report"], conformal_n=(d.get("conformal") or {}).get("n"), raw=d)
+
