@@ -55,6 +55,14 @@ def read_key_file(path: Path, setting: str = "CALIB_API_KEYS_FILE") -> list[Secr
     return check_keys(keys, where)
 
 
+def load_keys(keys: Iterable[SecretStr], key_file: Path | None, setting: str) -> list[SecretStr]:
+    """The keys of setting `setting` (e.g. CALIB_API_KEYS) plus those of its `_FILE` companion."""
+    loaded = check_keys(keys, setting)
+    if key_file is not None:
+        loaded += read_key_file(key_file, f"{setting}_FILE")
+    return loaded
+
+
 def _digest(key: str | bytes) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape") if isinstance(key, str) else key).digest()
 

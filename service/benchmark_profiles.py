@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,20 +25,11 @@ import numpy as np
 
 from service.server_process import ServerProcess
 from training.cli import ArgumentParser, command, invoked_as, setup_tensorflow
+from training.shift.__main__ import cpu_model
 
 PROG = invoked_as("service.benchmark_profiles", "python -m service.benchmark_profiles")
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "cifar10-fixture"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def labelled(data: Path | None, n: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -99,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
 
     x, y, source = labelled(args.data, args.fit_images)
-    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs); model {args.model}; images: {source}")
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); model {args.model}; images: {source}")
     model_dir = REPO / "models" / "shipped" / args.model
     with tempfile.TemporaryDirectory() as data_dir, \
             ServerProcess(model_dir, data_dir=data_dir, max_eval_images=max(args.fit_images, 50_000),

@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.api_keys import check_keys, read_key_file, split_keys
+from service.api_keys import load_keys, split_keys
 
 # `models/shipped` sits next to this package both in the repo and in site-packages.
 DEFAULT_MODEL = "cifar10-augmix"   # AugMix + shift-aware temperature: calibrated under corruption
@@ -51,17 +51,17 @@ class Settings(BaseSettings):
     metrics_require_key: bool = Field(False, description="/metrics needs an API key too")
     _all_api_keys: tuple[SecretStr, ...] = PrivateAttr(())
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _split_api_keys(cls, value):
         return split_keys(value)
 
     @model_validator(mode="after")
     def _load_api_keys(self):
-        keys = check_keys(self.api_keys, "CALIB_API_KEYS")
-        if self.api_keys_file is not None:
-            keys += read_key_file(self.api_keys_file)
-        if self.metrics_require_key and not keys and not self.admin_api_keys and self.admin_api_keys_file is None:
+        keys = load_keys(self.api_keys, self.api_keys_file, "CALIB_API_KEYS")
+        self._all_admin_api_keys = tuple(load_keys(self.admin_api_keys, self.admin_api_keys_file,
+                                                   "CALIB_ADMIN_API_KEYS"))
+        if self.metrics_require_key and not keys and not self._all_admin_api_keys:
             raise ValueError("CALIB_METRICS_REQUIRE_KEY=true needs CALIB_API_KEYS or CALIB_API_KEYS_FILE "
                              "(or admin keys)")
         self._all_api_keys = tuple(keys)
@@ -81,19 +81,6 @@ class Settings(BaseSettings):
     admin_api_keys_file: Optional[Path] = Field(
         None, description="file with one admin API key a line (as CALIB_API_KEYS_FILE)")
     _all_admin_api_keys: tuple[SecretStr, ...] = PrivateAttr(())
-
-    @field_validator("admin_api_keys", mode="before")
-    @classmethod
-    def _split_admin_api_keys(cls, value):
-        return split_keys(value)
-
-    @model_validator(mode="after")
-    def _load_admin_api_keys(self):
-        keys = check_keys(self.admin_api_keys, "CALIB_ADMIN_API_KEYS")
-        if self.admin_api_keys_file is not None:
-            keys += read_key_file(self.admin_api_keys_file, "CALIB_ADMIN_API_KEYS_FILE")
-        self._all_admin_api_keys = tuple(keys)
-        return self
 
     @property
     def all_admin_api_keys(self) -> tuple[SecretStr, ...]:

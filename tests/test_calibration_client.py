@@ -6,11 +6,12 @@ from __future__ import annotations
 import functools
 import json
 
-import httpx
 import numpy as np
 import pytest
 
-from tests.service_fixtures import MAX_BODY, MODEL, service_model_dir  # noqa: F401  (fixtures)
+from tests.service_fixtures import MAX_BODY, MODEL, forward_to, service_model_dir  # noqa: F401  (fixtures)
+# the client of the prediction-set tests (on this module's `forward`), and their synthetic logits
+from tests.test_client_conformal import client, logits_batch  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -23,27 +24,7 @@ def forward(service_model_dir, tmp_path_factory):
     settings = Settings(model_dir=service_model_dir, max_body_bytes=MAX_BODY, warmup=False,
                         data_dir=tmp_path_factory.mktemp("data"))
     with TestClient(create_app(settings), raise_server_exceptions=False) as app:
-        def handler(request: httpx.Request) -> httpx.Response:
-            r = app.request(request.method, request.url.raw_path.decode(), content=request.content,
-                            headers={k: v for k, v in request.headers.items() if k.lower() != "host"})
-            return httpx.Response(r.status_code, headers=r.headers, content=r.content)
-
-        yield httpx.MockTransport(handler)
-
-
-@pytest.fixture()
-def client(forward):
-    from clients import CalibClient
-
-    with CalibClient("http://svc", model=MODEL, transport=forward, api_key="") as c:
-        yield c
-
-
-def logits_batch(n=200, k=5, seed=0):
-    rng = np.random.default_rng(seed)
-    z = rng.normal(scale=3.0, size=(n, k))
-    y = np.where(rng.random(n) < 0.7, z.argmax(axis=1), rng.integers(0, k, n))
-    return z, y
+        yield forward_to(app)
 
 
 def test_model_profile_round_trip_and_use(client, sample_data):
@@ -71,7 +52,7 @@ def test_logits_profile_and_apply(client, tmp_path):
 
     z, y = logits_batch()
     profile = client.create_logits_calibration(z, y, method="temperature", label="torch")
-    assert profile.model is None and profile.n == 200
+    assert profile.model is None and profile.n == 120
     path = tmp_path / "logits.npz"
     np.savez(path, logits=z, y=y)
     from_file = client.create_logits_calibration(str(path))

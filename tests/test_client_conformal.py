@@ -7,13 +7,13 @@ import functools
 import io
 import json
 
-import httpx
 import numpy as np
 import pytest
 
 from tests.service_fixtures import (  # noqa: F401  (fixtures)
     MODEL,
     app_client,
+    forward_to,
     service_model_dir,
     service_settings,
 )
@@ -21,12 +21,7 @@ from tests.service_fixtures import (  # noqa: F401  (fixtures)
 
 @pytest.fixture(scope="module")
 def forward(app_client):
-    def handler(request: httpx.Request) -> httpx.Response:
-        r = app_client.request(request.method, request.url.raw_path.decode(), content=request.content,
-                               headers={k: v for k, v in request.headers.items() if k.lower() != "host"})
-        return httpx.Response(r.status_code, headers=r.headers, content=r.content)
-
-    return httpx.MockTransport(handler)
+    return forward_to(app_client)
 
 
 @pytest.fixture()

@@ -16,7 +16,7 @@ from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from models.calibration.recalibration import AUTO, DEFAULT_FOLDS, METHODS, TooFewImagesError
-from service import inputs, logits_inputs, prediction_sets, profile_inputs, profiles
+from service import logits_inputs, prediction_sets, profile_inputs, profiles
 from service.inputs import InputError
 from service.profile_schemas import CalibrationApplied, CalibrationProfile, CalibrationProfileList
 from service.registry import LoadedModel
@@ -184,17 +184,11 @@ async def create_model_calibration(
     resize: bool = Query(False, description="resize archive images that are not 32x32 RGB"),
     split: Optional[str] = Query(None, description="archive sub-folder holding the class folders, e.g. test"),
 ) -> Response:
-    from service.rest.models import _array_cap, _labelled_json
+    from service.rest.models import read_labelled_batch
 
     settings = settings_of(request)
     model = model_of(request, name)
-    payload = await read_payload(request, max_files=2)
-    if payload.json is not None:
-        x, y = await in_thread(_labelled_json, payload.json, model.num_classes, resize, settings.max_eval_images)
-    else:
-        x, y = await in_thread(inputs.labelled_from_files, payload.files, class_names=model.classes,
-                               split=split, resize=resize, max_images=settings.max_eval_images,
-                               max_array_bytes=_array_cap(settings))
+    x, y = await read_labelled_batch(request, model, resize=resize, split=split)
     try:
         new = await on_model_executor(request, _fit_model, model, x, y, method=method, folds=folds, label=label,
                                       chunk=settings.eval_chunk)

@@ -179,13 +179,7 @@ async def evaluate(
     profile = await calibrations.profile_for(request, model, calibration)
     conformal = _conformal_request(model, coverage, conformal_method, mondrian, profile)
     n_bins = inputs.check_bins(settings.default_bins if bins is None else bins, settings.max_bins)
-    payload = await read_payload(request, max_files=2)
-    if payload.json is not None:
-        x, y = await in_thread(_labelled_json, payload.json, model.num_classes, resize, settings.max_eval_images)
-    else:
-        x, y = await in_thread(inputs.labelled_from_files, payload.files, class_names=model.classes,
-                               split=split, resize=resize, max_images=settings.max_eval_images,
-                               max_array_bytes=_array_cap(settings))
+    x, y = await read_labelled_batch(request, model, resize=resize, split=split)
     report = await on_model_executor(request, dataplane.evaluate, model, x, y, n_bins=n_bins,
                                      fit=fit_temperature, chunk=settings.eval_chunk,
                                      target_accuracy=target_accuracy, conformal=conformal,
@@ -216,6 +210,18 @@ def _conformal_request(model, coverage, methods, mondrian, profile=None) -> data
     return dataplane.ConformalRequest(calibrations.conformal_of(model, profile),
                                       prediction_sets.coverage_levels(coverage),
                                       tuple(dict.fromkeys(methods)) if methods else prediction_sets.METHODS, mondrian)
+
+
+async def read_labelled_batch(request: Request, model, *, resize: bool, split: Optional[str]):
+    """(images, labels) of a labelled batch in any form evaluate takes: JSON instances + labels, an
+    .npz with x and y, or an archive of <class>/<image> folders (also the profile fits' input)."""
+    settings = settings_of(request)
+    payload = await read_payload(request, max_files=2)
+    if payload.json is not None:
+        return await in_thread(_labelled_json, payload.json, model.num_classes, resize, settings.max_eval_images)
+    return await in_thread(inputs.labelled_from_files, payload.files, class_names=model.classes,
+                           split=split, resize=resize, max_images=settings.max_eval_images,
+                           max_array_bytes=_array_cap(settings))
 
 
 def _labelled_json(payload: dict, num_classes: int, resize: bool, max_images: int):
