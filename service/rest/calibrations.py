@@ -43,6 +43,11 @@ NOT_FOUND = {404: _documented("`unknown_calibration`: no profile has this id; `u
 CONFLICT = {409: _documented("`calibration_model_mismatch`: the profile belongs to another model (or to none); "
                              "`calibration_model_changed`: it was fitted for another version (sha256) of this "
                              "model; `calibration_limit_reached`: CALIB_MAX_CALIBRATIONS profiles are stored")}
+# what `calibration=<id>` adds to predict, evaluate and compare
+USE_ERRORS = {409: _documented("`calibration_model_mismatch` / `calibration_model_changed`: the profile of "
+                               "calibration=<id> belongs to another model or another version of this one; "
+                               "`conformal_unavailable`: prediction sets asked of a model or profile without a "
+                               "conformal calibration")}
 STORAGE = {503: _documented("`storage_unavailable`: the calibration database cannot be reached (predictions "
                             "without a profile still work; /health/ready says which part is down), with "
                             "`Retry-After`; or `not_ready`")}
@@ -293,7 +298,7 @@ def _fit_logits(z, y, *, stop, **kwargs):
 
 
 @router.post("/calibrations/{profile_id}/apply", response_model=CalibrationApplied, openapi_extra=LOGITS_BODY,
-             responses={**NOT_FOUND, **BODY_ERRORS},
+             responses={**NOT_FOUND, **USE_ERRORS, **BODY_ERRORS},
              summary="Calibrated probabilities (and prediction sets with `coverage`) for logits under a profile",
              description="`logits` (or `probabilities`) [N, K] with the profile's K, as JSON or an .npz; no labels.")
 async def apply_calibration(

@@ -62,7 +62,8 @@ async def get_model(request: Request, name: str = ModelName) -> dict:
             "runtime": model.runtime}
 
 
-@router.post("/{name}/predict", response_model=PredictResponse, responses=error_responses(*BODY_ERRORS),
+@router.post("/{name}/predict", response_model=PredictResponse,
+             responses={**error_responses(*BODY_ERRORS), **calibrations.USE_ERRORS},
              openapi_extra=PREDICT_BODY, summary="Calibrated class probabilities with MC-dropout uncertainty")
 async def predict(
     request: Request,
@@ -148,7 +149,7 @@ def _predict_body(model, result: dataplane.Prediction, t: int, return_logits: bo
 @router.post("/{name}/evaluate", response_model=EvaluateResponse, openapi_extra=EVALUATE_BODY,
              summary="ECE and selective-prediction report (JSON), reliability diagram or risk-coverage "
                      "curve (PNG) on a labelled batch",
-             responses={**error_responses(*BODY_ERRORS),
+             responses={**error_responses(*BODY_ERRORS), **calibrations.USE_ERRORS,
                         200: {"content": {"application/json": {}, **PNG_CONTENT},
                               "description": "the report; the reliability diagram with format=png; the "
                                              "risk-coverage curve with format=risk_coverage_png"}})
@@ -242,7 +243,7 @@ def _array_cap(settings) -> int:
                          "means, and the share of each batch the model's OOD flag marks; with `format=png`, "
                          "histograms of the scores of both batches. Admitted like evaluate (one evaluation "
                          "slot, bounded queue).",
-             responses={**error_responses(*BODY_ERRORS),
+             responses={**error_responses(*BODY_ERRORS), **calibrations.USE_ERRORS,
                         200: {"content": {"application/json": {}, **PNG_CONTENT},
                               "description": "the report, or the score histograms with format=png"}})
 async def compare(

@@ -49,9 +49,12 @@ BINARY_HEADER = "inference-header-content-length"
 ERRORS_V2 = {
     400: "the request is not a valid inference request for this model (shape, datatype, data, "
          "parameters, outputs, JSON)",
-    404: "no loaded model has this name, or the model has no such version",
+    404: "no loaded model has this name, or the model has no such version, or no calibration profile has "
+         "the id of `parameters.calibration`",
+    409: "`parameters.calibration` names a profile of another model, or of another version of this one",
     413: "the body is over CALIB_MAX_BODY_BYTES",
-    503: "no model is loaded yet, or the server is overloaded (retry after `Retry-After` seconds)",
+    503: "no model is loaded yet, or the server is overloaded (retry after `Retry-After` seconds), or the "
+         "calibration database is down (with `parameters.calibration`)",
 }
 
 
@@ -143,7 +146,7 @@ _EXAMPLE = {"id": "example-1", "parameters": {"mc_samples": 30, "seed": 7},
             "outputs": [{"name": "probabilities"}, {"name": "mutual_information"}]}
 INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": inlined_schema(InferenceRequest), "example": _EXAMPLE}}}}
-INFER_ERRORS = _errors(400, 404, 413)
+INFER_ERRORS = _errors(400, 404, 409, 413)
 
 
 @router.post("/models/{name}/infer", response_model=InferenceResponse, responses=INFER_ERRORS,
