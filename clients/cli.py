@@ -248,8 +248,12 @@ def format_report(report: EvaluationReport) -> str:
     columns = [("before T", report.before), (f"T={report.temperature:.4f}", report.after)]
     if report.after_fitted is not None:
         columns.append((f"fitted T={report.fitted_temperature:.4f}", report.after_fitted))
-    lines = [f"model {report.model}  N={report.n}  bins={report.n_bins}",
-             f"{'metric':<16}" + "".join(f"{title:>20}" for title, _ in columns)]
+    return metrics_table(f"model {report.model}  N={report.n}  bins={report.n_bins}", columns)
+
+
+def metrics_table(heading: str, columns: list) -> str:
+    """One row per metric, one column per (title, CalibrationMetrics)."""
+    lines = [heading, f"{'metric':<16}" + "".join(f"{title:>20}" for title, _ in columns)]
     for metric in METRICS:
         lines.append(f"{metric:<16}" + "".join(f"{getattr(m, metric):>20.4f}" for _, m in columns))
     return "\n".join(lines)
@@ -328,11 +332,7 @@ def _calibrate_evaluate(client: CalibClient, args) -> int:
     columns = [("uploaded", report.uploaded)]
     if report.after_fitted is not None:
         columns.append((f"fitted T={report.fitted_temperature:.4f}", report.after_fitted))
-    lines = [f"{report.kind}  N={report.n}  K={report.num_classes}  bins={report.n_bins}",
-             f"{'metric':<16}" + "".join(f"{title:>20}" for title, _ in columns)]
-    for metric in METRICS:
-        lines.append(f"{metric:<16}" + "".join(f"{getattr(m, metric):>20.4f}" for _, m in columns))
-    print("\n".join(lines))
+    print(metrics_table(f"{report.kind}  N={report.n}  K={report.num_classes}  bins={report.n_bins}", columns))
     if report.conformal:
         print(f"split conformal: seed {report.split['seed']}, {report.split['calibration_n']} rows set the "
               f"thresholds, {report.split['test_n']} are measured")

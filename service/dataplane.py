@@ -35,7 +35,7 @@ from models.calibration.ood import (
 from models.calibration.ood_diagram import score_histograms_png
 from models.calibration.uncertainty import MCSummary, chunked_mc_summary
 from service.inputs import InputError
-from service.prediction_sets import evaluate_block
+from service.prediction_sets import CARD_SOURCE, evaluate_block
 from service.registry import LoadedModel
 
 _SEED_MOD = 2**31 - 1
@@ -96,6 +96,8 @@ class ConformalRequest:
     coverages: tuple[float, ...]
     methods: tuple[str, ...]
     mondrian: bool = False
+    source: str = CARD_SOURCE  # named in the block (a profile names itself)
+    calibrator: object = None  # a models.calibration.recalibration.Calibrator; None: the card's temperature
 
 
 def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
@@ -167,11 +169,10 @@ def evaluate(model: LoadedModel, x: np.ndarray, y: np.ndarray, *, n_bins: int, f
             calibrator.log_probabilities(logits), y, n_bins=n_bins))
     if conformal is None:
         return evaluation
-    probabilities = softmax(logits, model.temperature) if calibrator is None else calibrator.probabilities(logits)
+    probabilities = (softmax(logits, model.temperature) if conformal.calibrator is None
+                     else conformal.calibrator.probabilities(logits))
     block = evaluate_block(conformal.calibration, probabilities, y, conformal.coverages,
-                           conformal.methods, conformal.mondrian)
-    if calibrator is not None:
-        block["calibration"] = {"source": "profile", "n": conformal.calibration.n}
+                           conformal.methods, conformal.mondrian, conformal.source)
     return dataclasses.replace(evaluation, conformal=block)
 
 
@@ -179,15 +180,19 @@ def evaluate_logits(logits: np.ndarray, y: np.ndarray, *, temperature: float, n_
                     fit: bool, target_accuracy: float | None = None) -> Evaluation:
     before = compute_metrics(logits, y, temperature=1.0, n_bins=n_bins)
     after = compute_metrics(logits, y, temperature=temperature, n_bins=n_bins)
-    fitted = after_fitted = None
-    if fit:
-        try:
-            fitted = fit_temperature(logits, y)
-        except TemperatureFitError as exc:
-            raise InputError("temperature_fit_failed", f"cannot fit a temperature on this batch: {exc}") from None
-        after_fitted = compute_metrics(logits, y, temperature=fitted, n_bins=n_bins)
+    fitted, after_fitted = batch_temperature(logits, y, n_bins) if fit else (None, None)
     return Evaluation(len(y), n_bins, temperature, before, after, fitted, after_fitted,
                       selective_evaluation(logits, y, temperature=temperature, target_accuracy=target_accuracy))
+
+
+def batch_temperature(logits: np.ndarray, y: np.ndarray, n_bins: int) -> tuple[float, CalibrationMetrics]:
+    """The temperature fitted on this batch and the metrics at it (in-sample); 422
+    `temperature_fit_failed` when the batch cannot determine one."""
+    try:
+        fitted = fit_temperature(logits, y)
+    except TemperatureFitError as exc:
+        raise InputError("temperature_fit_failed", f"cannot fit a temperature on this batch: {exc}") from None
+    return fitted, compute_metrics(logits, y, temperature=fitted, n_bins=n_bins)
 
 
 def selective_evaluation(logits: np.ndarray, y: np.ndarray, *, temperature: float,

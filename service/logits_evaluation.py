@@ -17,15 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from models.calibration import (
-    CalibrationMetrics,
-    TemperatureFitError,
-    compute_metrics,
-    fit_temperature,
-    reliability_diagram_png,
-    softmax,
-)
+from models.calibration import CalibrationMetrics, compute_metrics, reliability_diagram_png, softmax
 from models.calibration.conformal import split_conformal_report
+from service.dataplane import batch_temperature
 from service.inputs import InputError
 from service.logits_inputs import ClassifierOutputs
 
@@ -55,13 +49,7 @@ def evaluate_outputs(outputs: ClassifierOutputs, *, n_bins: int, fit: bool, cove
                      methods: Sequence[str] = (), mondrian: bool = False, seed: int = 0) -> OutputsEvaluation:
     z, y = as_logits(outputs), outputs.labels
     uploaded = compute_metrics(z, y, n_bins=n_bins)
-    fitted = after = None
-    if fit:
-        try:
-            fitted = fit_temperature(z, y)
-        except TemperatureFitError as exc:
-            raise InputError("temperature_fit_failed", f"cannot fit a temperature on this batch: {exc}") from None
-        after = compute_metrics(z, y, temperature=fitted, n_bins=n_bins)
+    fitted, after = batch_temperature(z, y, n_bins) if fit else (None, None)
     conformal = None
     if coverages:
         if len(y) < 2:

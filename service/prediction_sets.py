@@ -20,6 +20,7 @@ DEFAULT_METHOD = "lac"
 __all__ = ["METHODS", "SetOptions", "calibration_of", "coverage_levels", "evaluate_block", "set_options",
            "set_rows", "sets"]
 MAX_COVERAGE_LEVELS = 20
+CARD_SOURCE = "card validation split"
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,9 @@ def set_rows(mask: np.ndarray, options: SetOptions, classes: Sequence[str]) -> l
 
 
 def evaluate_block(calibration: ConformalCalibration, probabilities: np.ndarray, labels: np.ndarray,
-                   coverages: Sequence[float], methods: Sequence[str], mondrian: bool) -> dict:
-    """The evaluate report's `conformal` block: the calibration set's size and one result per
-    (coverage, method), measured on the uploaded labelled batch."""
-    return {"calibration": {"source": "card validation split", "n": calibration.n},
+                   coverages: Sequence[float], methods: Sequence[str], mondrian: bool,
+                   source: str = CARD_SOURCE) -> dict:
+    """The evaluate report's `conformal` block: where the calibration set comes from, its size, and
+    one result per (coverage, method), measured on the uploaded labelled batch."""
+    return {"calibration": {"source": source, "n": calibration.n},
             "results": evaluate_sets(calibration, probabilities, labels, coverages, methods, mondrian)}

@@ -13,6 +13,7 @@ from models.calibration.conformal import (
     check_coverage,
     conformal_report,
     conformity_scores,
+    row_uniforms,
     split_conformal_report,
 )
 
@@ -53,7 +54,7 @@ def test_sets_equal_crepes(method, coverage):
     test_scores = conformity_scores(test, method)
     reference = cc.predict_set(test_scores, confidence=coverage, smoothing=False).astype(bool)
     p_values = cc.predict_p(test_scores, smoothing=False)
-    ours = cal.threshold_sets(test, coverage, method)
+    ours = cal.prediction_sets(test, coverage, method)
     np.testing.assert_array_equal(ours, reference)
     np.testing.assert_array_equal(ours, p_values > round(1 - coverage, 12))
 
@@ -66,7 +67,7 @@ def test_mondrian_sets_equal_crepes_per_class(method):
     cal_scores = conformity_scores(p[:700], method)[np.arange(700), y[:700]]
     cc = crepes.ConformalClassifier().fit(cal_scores, bins=y[:700])
     scores = conformity_scores(test, method)
-    ours = cal.threshold_sets(test, 0.9, method, mondrian=True)
+    ours = cal.prediction_sets(test, 0.9, method, mondrian=True)
     for k in range(6):
         # crepes' Mondrian categories are per test object; ask it for candidate class k.
         p_k = cc.predict_p(scores[:, k], bins=np.full(len(test), k), smoothing=False)
@@ -102,29 +103,35 @@ def test_lac_thresholds_and_sets_equal_mapie():
         np.testing.assert_array_equal(cal.prediction_sets(p[600:], c, "lac"), sets[:, :, j])
 
 
-@pytest.mark.parametrize("method", ["aps", "raps"])
-@pytest.mark.parametrize("mondrian", [False, True])
-def test_aps_raps_sets_add_the_crossing_class_and_are_never_empty(method, mondrian):
-    p, y = synthetic(5, 1500, 8, concentration=0.2)  # confident rows: some top classes above q
-    cal = ConformalCalibration(p[:800], y[:800])
-    test = p[800:]
-    inside = cal.threshold_sets(test, 0.8, method, mondrian)
-    served = cal.prediction_sets(test, 0.8, method, mondrian)
-    scores = conformity_scores(test, method)
-    added = served & ~inside
-    assert not np.any(inside & ~served)
-    assert served.sum(axis=1).min() >= 1
-    for i in range(len(test)):
-        outside = scores[i][~inside[i]]
-        if outside.size:  # exactly the class(es) with the smallest score above the threshold
-            np.testing.assert_array_equal(added[i], ~inside[i] & (scores[i] == outside.min()))
-    assert (inside.sum(axis=1) == 0).any()  # the threshold set alone would be empty somewhere
+def test_randomised_scores_are_exact_where_deterministic_ones_are_not():
+    """Peaked probabilities (like a T-scaled CIFAR-10 model): randomised APS/RAPS cover close to c;
+    u = 1 (the non-randomised score) would cover far more, with much larger sets."""
+    p, y = synthetic(7, 6000, 10, concentration=0.05)
+    cal = ConformalCalibration(p[:3000], y[:3000])
+    test, yt = p[3000:], y[3000:]
+    for method in ("aps", "raps"):
+        covered = cal.prediction_sets(test, 0.9, method)[np.arange(3000), yt].mean()
+        assert 0.88 <= covered <= 0.92, (method, covered)
+    ones = np.ones(3000)
+    s_cal = conformity_scores(p[:3000], "aps", ones)[np.arange(3000), y[:3000]]
+    q = np.sort(s_cal)[int(np.ceil(3001 * 0.9)) - 1]
+    deterministic = conformity_scores(test, "aps", ones) <= q
+    randomised = cal.prediction_sets(test, 0.9, "aps")
+    assert deterministic.sum(axis=1).mean() > randomised.sum(axis=1).mean()
 
 
-def test_lac_sets_are_the_threshold_sets():
-    p, y = synthetic(6, 600, 5)
-    cal = ConformalCalibration(p[:300], y[:300])
-    np.testing.assert_array_equal(cal.prediction_sets(p[300:], 0.9, "lac"), cal.threshold_sets(p[300:], 0.9, "lac"))
+def test_row_uniforms_are_uniform_and_a_function_of_the_row():
+    from scipy.stats import kstest
+
+    p, _ = synthetic(8, 20000, 10)
+    u = row_uniforms(p)
+    assert np.all((u > 0) & (u < 1))
+    assert kstest(u, "uniform").pvalue > 1e-4
+    perm = np.random.default_rng(0).permutation(len(p))
+    np.testing.assert_array_equal(row_uniforms(p[perm]), u[perm])  # not tied to the position in the batch
+    cal = ConformalCalibration(p[:500], np.zeros(500, dtype=int))
+    np.testing.assert_array_equal(cal.prediction_sets(p[perm][:50], 0.9, "aps"),
+                                  cal.prediction_sets(p, 0.9, "aps")[perm][:50])
 
 
 # --------------------------------------------------------------------------
@@ -135,10 +142,15 @@ def test_lac_sets_are_the_threshold_sets():
 def test_scores_by_hand():
     p = np.array([[0.5, 0.3, 0.2], [0.4, 0.4, 0.2]])
     np.testing.assert_allclose(conformity_scores(p, "lac"), 1 - p)
-    # APS: mass ranked at or above the class; tied classes share a rank.
-    np.testing.assert_allclose(conformity_scores(p, "aps"), [[0.5, 0.8, 1.0], [0.4, 0.4, 1.0]])
+    # APS with u = 1: mass ranked at or above the class; tied classes share a rank.
+    ones, halves = np.ones(2), np.full(2, 0.5)
+    np.testing.assert_allclose(conformity_scores(p, "aps", ones), [[0.5, 0.8, 1.0], [0.4, 0.4, 1.0]])
+    # u = 0.5: the mass strictly above plus half the class's own.
+    np.testing.assert_allclose(conformity_scores(p, "aps", halves), [[0.25, 0.65, 0.9], [0.2, 0.2, 0.9]])
     # RAPS adds 0.01 * max(0, rank - 1): ranks [1, 2, 3] and [1, 1, 3].
-    np.testing.assert_allclose(conformity_scores(p, "raps"), [[0.5, 0.81, 1.02], [0.4, 0.4, 1.02]])
+    np.testing.assert_allclose(conformity_scores(p, "raps", ones), [[0.5, 0.81, 1.02], [0.4, 0.4, 1.02]])
+    u = row_uniforms(p)
+    np.testing.assert_allclose(conformity_scores(p, "aps"), conformity_scores(p, "aps", u))
 
 
 def test_threshold_is_the_ceil_order_statistic():

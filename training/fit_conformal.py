@@ -12,11 +12,10 @@ computes the logits, checks the card's recorded validation figures against them,
 
 from __future__ import annotations
 
-from training.cli import ArgumentParser, CommandError, command, invoked_as, setup_tensorflow
+from training.cli import CommandError, command, invoked_as, setup_tensorflow
 
 setup_tensorflow()
 
-import json
 import sys
 
 PROG = invoked_as("training.fit_conformal")
@@ -70,19 +69,16 @@ def fit_artifact(artifact_dir: str, data_source: str, *, write: bool = True, str
 
 @command(PROG)
 def main(argv=None) -> int:
-    p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("artifact", help="artifact folder (model.keras + model_card.json)")
-    p.add_argument("--data", required=True, help="the CIFAR-10 source the model was trained on "
-                                                 "(as given to training.train --data)")
+    from training.fit_ood_threshold import artifact_parser, print_block
+
+    p = artifact_parser(PROG, __doc__)
     p.add_argument("--dry-run", action="store_true", help="print the block, write nothing")
     p.add_argument("--no-check", action="store_true",
                    help="store the set even when the card's validation figures do not match")
     args = p.parse_args(argv)
     block = fit_artifact(args.artifact, args.data, write=not args.dry_run, strict=not args.no_check)
-    print(json.dumps({"conformal_set": block}, indent=2))
-    if not args.dry_run:
-        print(f"written to {args.artifact}/calibration_set.npz and its model_card.json", file=sys.stderr)
-    return 0
+    return print_block("conformal_set", block,
+                       None if args.dry_run else f"{args.artifact}/calibration_set.npz and its model_card.json")
 
 
 if __name__ == "__main__":

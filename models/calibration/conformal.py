@@ -1,41 +1,41 @@
 """Split conformal prediction sets for classifiers (NumPy only).
 
-The threshold set at coverage c = 1 - alpha holds every class whose non-conformity score is
-at most a threshold q taken from a calibration set of n images the classifier never fitted on:
+A prediction set at coverage c = 1 - alpha holds every class whose non-conformity score is at
+most a threshold q taken from a calibration set of n images the classifier never fitted on:
 
     q = the m-th smallest calibration score (score of the true label), m = ceil((n + 1) c),
 
 the finite-sample quantile ceil((n + 1)(1 - alpha)) / n of Vovk et al. and Angelopoulos &
 Bates. When m > n the quantile does not exist: q = +inf and the set is every class. On
-exchangeable data this gives P(y in set) >= c. The threshold sets are exactly those of the
-conformal p-values {k : p_k > alpha}, p_k = (#{calibration scores >= s_k} + 1) / (n + 1), as
-crepes computes them (non-smoothed); the threshold is MAPIE's `_compute_classification_quantile`.
+exchangeable data this gives P(y in set) >= c. The sets are exactly those of the conformal
+p-values {k : p_k > alpha}, p_k = (#{calibration scores >= s_k} + 1) / (n + 1), as crepes
+computes them (non-smoothed); the threshold is MAPIE's `_compute_classification_quantile`.
 
-For ``aps`` and ``raps`` the served set also holds the class that crosses the threshold (the
-class, or tied classes, with the smallest score above q), as the RAPS reference code
-(Angelopoulos et al.) and MAPIE (`include_last_label=True`) do: a superset of a valid set, so
-the guarantee stands, and the set is never empty (the inclusive score alone would give an empty
-set to an image whose top class is more confident than q). ``lac`` sets are the threshold sets.
-
-Scores, for calibrated probabilities p (deterministic: no randomisation, so one image always
-gets one set, at the price of coverage slightly above c):
+Scores, for calibrated probabilities p:
 
 * ``lac`` (Sadinle et al. 2019): s_k = 1 - p_k;
-* ``aps`` (Romano et al. 2020, non-randomised: own mass in full): s_k = sum of p_j over the classes
-  ranked at or above k, i.e. sum_{j: p_j > p_k} p_j + p_k (ties share a rank, so the score
-  does not depend on the order of equal probabilities);
-* ``raps`` (Angelopoulos et al. 2021, non-randomised): the APS score plus
+* ``aps`` (Romano et al. 2020, randomised): s_k = sum_{j: p_j > p_k} p_j + u * p_k, the mass of
+  the classes ranked above k plus a uniform share u of k's own (ties share a rank, so the
+  score does not depend on the order of equal probabilities);
+* ``raps`` (Angelopoulos et al. 2021, randomised): the APS score plus
   RAPS_LAMBDA * max(0, rank_k - RAPS_K_REG), rank_k = 1 + #{j: p_j > p_k}.
+
+The randomisation is what makes APS/RAPS coverage exact (close to c, not far above it) when the
+probabilities are peaked; without it (u = 1) a model that gives 0.9999 to most images gets sets
+of half the classes. u is one number per image, the same for all its classes, derived from the
+image's probability row (`row_uniforms`: BLAKE2b of the float64 bytes, scaled to (0, 1)), so
+the same image always gets the same set while u stays uniform and independent of the label.
 
 Class-conditional (Mondrian) sets use one threshold per class, from the calibration images of
 that class only (n_k instead of n): coverage >= c holds within every class.
 
-A LAC set is empty when every probability is below 1 - q; docs/conformal.md explains how to
-read one.
+Any set can be empty: LAC when every probability is below 1 - q, APS/RAPS when even the top
+class's randomised score is above q. docs/conformal.md explains how to read one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import threading
@@ -52,12 +52,13 @@ __all__ = [
     "check_coverage",
     "conformal_report",
     "conformity_scores",
+    "row_uniforms",
     "evaluate_sets",
     "split_conformal_report",
 ]
 
 METHODS = ("lac", "aps", "raps")
-INCLUDES_CROSSING = ("aps", "raps")  # methods whose served sets add the class crossing the threshold
+_U_KEY = b"calibrated-cifar10 conformal u"
 RAPS_LAMBDA = 0.01
 RAPS_K_REG = 1
 _FORMAT_VERSION = 1
@@ -117,14 +118,25 @@ def _rank_above(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mass, rank
 
 
-def conformity_scores(probabilities: ArrayLike, method: str) -> np.ndarray:
-    """Non-conformity score of every class, [N, K] (see the module docstring)."""
+def row_uniforms(probabilities: ArrayLike) -> np.ndarray:
+    """One u in (0, 1) per row, a keyed BLAKE2b hash of the row's float64 bytes: pseudo-random
+    (uniform, independent of the label) yet the same for the same probabilities."""
+    p = np.ascontiguousarray(probabilities, dtype=np.float64)
+    raw = b"".join(hashlib.blake2b(row.tobytes(), digest_size=8, key=_U_KEY).digest() for row in p)
+    words = np.frombuffer(raw, dtype="<u8")
+    return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53 + 2.0**-54  # 53 bits, never 0 or 1
+
+
+def conformity_scores(probabilities: ArrayLike, method: str, u: ArrayLike | None = None) -> np.ndarray:
+    """Non-conformity score of every class, [N, K] (see the module docstring). ``u``: APS/RAPS's
+    uniform per row, [N] (default `row_uniforms`)."""
     _check_method(method)
     p = np.asarray(probabilities, dtype=np.float64)
     if method == "lac":
         return 1.0 - p
+    u = row_uniforms(p) if u is None else np.asarray(u, dtype=np.float64)
     mass, rank = _rank_above(p)
-    s = mass + p
+    s = mass + u[:, None] * p
     if method == "raps":
         s = s + RAPS_LAMBDA * np.maximum(0, rank - RAPS_K_REG)
     return s
@@ -195,7 +207,7 @@ class ConformalCalibration:
             return _quantile(self._scores(method, -1), c)
         return np.array([_quantile(self._scores(method, k), c) for k in range(self.num_classes)])
 
-    def threshold_sets(
+    def prediction_sets(
         self, probabilities: ArrayLike, coverage: float, method: str = "lac", mondrian: bool = False
     ) -> np.ndarray:
         """Boolean mask [N, K]: class k is in image i's set iff s_k(p_i) <= q (or q_k)."""
@@ -203,22 +215,6 @@ class ConformalCalibration:
         if p.shape[1] != self.num_classes:
             raise ValueError(f"probabilities have K = {p.shape[1]}, the calibration set K = {self.num_classes}")
         return conformity_scores(p, method) <= self.threshold(coverage, method, mondrian)
-
-    def prediction_sets(
-        self, probabilities: ArrayLike, coverage: float, method: str = "lac", mondrian: bool = False
-    ) -> np.ndarray:
-        """Boolean mask [N, K] of the served sets: the threshold sets, plus for APS/RAPS the class(es)
-        with the smallest score above the threshold (never empty)."""
-        p = _check_probabilities(probabilities)
-        if p.shape[1] != self.num_classes:
-            raise ValueError(f"probabilities have K = {p.shape[1]}, the calibration set K = {self.num_classes}")
-        s = conformity_scores(p, method)
-        inside = s <= self.threshold(coverage, method, mondrian)
-        if method not in INCLUDES_CROSSING:
-            return inside
-        outside = np.where(inside, np.inf, s)
-        crossing = outside.min(axis=1, keepdims=True)
-        return inside | (outside <= crossing)
 
     def to_bytes(self) -> bytes:
         """A compressed .npz (probabilities float64, labels int64, format version)."""

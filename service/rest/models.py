@@ -210,7 +210,9 @@ def _conformal_request(model, coverage, methods, mondrian, profile=None) -> data
         return None
     return dataplane.ConformalRequest(calibrations.conformal_of(model, profile),
                                       prediction_sets.coverage_levels(coverage),
-                                      tuple(dict.fromkeys(methods)) if methods else prediction_sets.METHODS, mondrian)
+                                      tuple(dict.fromkeys(methods)) if methods else prediction_sets.METHODS, mondrian,
+                                      **({} if profile is None else {"source": "profile",
+                                                                    "calibrator": profile.calibrator}))
 
 
 async def read_labelled_batch(request: Request, model, *, resize: bool, split: Optional[str]):
