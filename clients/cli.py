@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--seed", type=int, help="seed of the MC samples")
     co.add_argument("--resize", action="store_true", help="let the server resize non-32x32 images")
     co.add_argument("--png", type=Path, help="also save the score histograms to this file")
+    co.add_argument("--calibration", metavar="ID", help="score under this recalibration profile")
     co.add_argument("--json", action="store_true", help="print the server's JSON")
 
     def profile_options(sp):
@@ -279,7 +280,7 @@ def format_selective(sel: SelectiveReport) -> str:
 def _compare(client: CalibClient, args) -> int:
     batches = (str(args.in_distribution), str(args.suspect))
     report: ComparisonReport = client.compare(*batches, mc_samples=args.mc_samples, seed=args.seed,
-                                              resize=args.resize)
+                                              resize=args.resize, calibration=args.calibration)
     if args.png is not None:
         args.png.write_bytes(client.ood_histogram(*batches, mc_samples=args.mc_samples, seed=report.seed,
                                                   resize=args.resize))

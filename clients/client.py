@@ -127,10 +127,11 @@ class _Calls:
                       "seed": seed, **(sets or {})},
                      outputs_body(scores, y, probabilities=probabilities), raw=png, parse=OutputsReport.from_dict)
 
-    def _compare_call(self, in_distribution, suspect, model, mc_samples, seed, resize, png) -> _Call:
+    def _compare_call(self, in_distribution, suspect, model, mc_samples, seed, resize, png,
+                      calibration=None) -> _Call:
         return _Call("POST", f"/v1/models/{self._name(model)}/compare",
                      {"mc_samples": mc_samples, "seed": seed, "resize": resize or None,
-                      "format": "png" if png else None},
+                      "format": "png" if png else None, "calibration": calibration},
                      compare_body(in_distribution, suspect), raw=png, parse=ComparisonReport.from_dict)
 
 
@@ -239,11 +240,13 @@ class CalibClient(_Calls):
                                             "risk_coverage_png", target_accuracy))
 
     def compare(self, in_distribution, suspect, *, model: Optional[str] = None, mc_samples: Optional[int] = None,
-                seed: Optional[int] = None, resize: bool = False) -> ComparisonReport:
+                seed: Optional[int] = None, resize: bool = False,
+                calibration: Optional[str] = None) -> ComparisonReport:
         """AUROC/AUPR/FPR@95 of each uncertainty score between two unlabelled batches (each: paths,
-        a folder of images, PNG/JPEG bytes, a NumPy array [N,32,32,3], or nested lists)."""
+        a folder of images, PNG/JPEG bytes, a NumPy array [N,32,32,3], or nested lists).
+        `calibration`: a profile's id, for the scores instead of the card's temperature."""
         return self._do(self._compare_call(in_distribution, suspect, self._resolve(model), mc_samples, seed,
-                                           resize, False))
+                                           resize, False, calibration))
 
     def ood_histogram(self, in_distribution, suspect, *, model: Optional[str] = None,
                       mc_samples: Optional[int] = None, seed: Optional[int] = None, resize: bool = False) -> bytes:
@@ -367,9 +370,10 @@ class AsyncCalibClient(_Calls):
 
     async def compare(self, in_distribution, suspect, *, model: Optional[str] = None,
                       mc_samples: Optional[int] = None, seed: Optional[int] = None,
-                      resize: bool = False) -> ComparisonReport:
+                      resize: bool = False, calibration: Optional[str] = None) -> ComparisonReport:
         name = await self._resolve(model)
-        return await self._do(self._compare_call(in_distribution, suspect, name, mc_samples, seed, resize, False))
+        return await self._do(self._compare_call(in_distribution, suspect, name, mc_samples, seed, resize, False,
+                                                 calibration))
 
     async def ood_histogram(self, in_distribution, suspect, *, model: Optional[str] = None,
                             mc_samples: Optional[int] = None, seed: Optional[int] = None,

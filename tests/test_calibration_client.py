@@ -41,6 +41,8 @@ def test_model_profile_round_trip_and_use(client, sample_data):
     assert result.raw["calibration"]["id"] == profile.id and all(p.prediction_set for p in result.predictions)
     report = client.evaluate(x, y, calibration=profile.id)
     assert report.raw["after_calibration"]["n"] == 300
+    comparison = client.compare(x[:10], x[10:20], calibration=profile.id)
+    assert comparison.raw["calibration"]["id"] == profile.id
     client.delete_calibration(profile.id, model=MODEL)
     with pytest.raises(ServiceError) as err:
         client.calibration(profile.id)
