@@ -73,6 +73,33 @@ def predict_ratio(http, url: str, model: str, profile_id: str, x: np.ndarray, mc
           f"{with_ * 1e3:8.1f} ms   ratio {ratio:.3f}x (median of {pairs} alternating pairs; target <= 1.05x)")
 
 
+def in_process_ratio(model_dir: Path, x: np.ndarray, y: np.ndarray, pairs: int) -> None:
+    """The same comparison without HTTP: `dataplane.predict` with a vector profile's calibrator
+    vs the card's temperature, on one batch, alternating (what the profile itself costs)."""
+    from models.calibration.recalibration import fit_calibrator
+    from service import dataplane
+    from service.dataplane import logits_in_chunks
+    from service.registry import load_registry
+
+    registry = load_registry(model_dir, warmup=True)
+    model = registry.get(registry.names()[0])
+    calibrator = fit_calibrator(logits_in_chunks(model, x, 500), y, "vector")
+    batch = x[:64]
+    print(f"\nIn process (no HTTP), {len(batch)} images, vector profile vs the card's temperature")
+    for mc in (0, 100):
+        plain = lambda: dataplane.predict(model, batch, mc_samples=mc, seed=0)  # noqa: E731
+        profiled = lambda: dataplane.predict(model, batch, mc_samples=mc, seed=0, calibrator=calibrator)  # noqa: E731
+        for _ in range(3):
+            plain(), profiled()
+        runs = []
+        for _ in range(pairs):
+            a = time.perf_counter(); plain(); b = time.perf_counter(); profiled(); c = time.perf_counter()  # noqa: E702
+            runs.append((b - a, c - b))
+        print(f"  MC T={mc:<4} without {statistics.median(a for a, _ in runs) * 1e3:8.1f} ms   with profile "
+              f"{statistics.median(b for _, b in runs) * 1e3:8.1f} ms   ratio "
+              f"{statistics.median(b / a for a, b in runs):.3f}x (median of {pairs} alternating pairs)")
+
+
 @command(PROG)
 def main(argv: list[str] | None = None) -> int:
     setup_tensorflow()
@@ -85,12 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="temperature,vector,auto")
     parser.add_argument("--batch", type=int, default=64, help="images per predict request")
     parser.add_argument("--pairs", type=int, default=15, help="alternating predict pairs per setting")
+    parser.add_argument("--in-process-only", action="store_true", help="only the in-process predict comparison")
     args = parser.parse_args(argv)
     import httpx
 
     x, y, source = labelled(args.data, args.fit_images)
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); model {args.model}; images: {source}")
     model_dir = REPO / "models" / "shipped" / args.model
+    in_process_ratio(model_dir, x[:2000], y[:2000], args.pairs)
+    if args.in_process_only:
+        return 0
     with tempfile.TemporaryDirectory() as data_dir, \
             ServerProcess(model_dir, data_dir=data_dir, max_eval_images=max(args.fit_images, 50_000),
                           max_body_bytes=256 * 1024 * 1024, log_level="warning") as server, \
