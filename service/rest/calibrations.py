@@ -34,27 +34,25 @@ from service.storage import (
 RETRY_AFTER_S = 5  # a database outage: ask again after a few seconds
 
 
-def _documented(description: str) -> dict:
-    return {"model": ErrorResponse, "description": description}
+def _documented(status: int, description: str) -> dict:
+    return {status: {"model": ErrorResponse, "description": description}}
 
 
-NOT_FOUND = {404: _documented("`unknown_calibration`: no profile has this id; `unknown_model`: no loaded model "
-                              "has this name")}
-CONFLICT = {409: _documented("`calibration_model_mismatch`: the profile belongs to another model (or to none); "
-                             "`calibration_model_changed`: it was fitted for another version (sha256) of this "
-                             "model; `calibration_limit_reached`: CALIB_MAX_CALIBRATIONS profiles are stored")}
-# what `calibration=<id>` adds to predict, evaluate and compare
-USE_ERRORS = {409: _documented("`calibration_model_mismatch` / `calibration_model_changed`: the profile of "
-                               "calibration=<id> belongs to another model or another version of this one; "
-                               "`conformal_unavailable`: prediction sets asked of a model or profile without a "
-                               "conformal calibration")}
-STORAGE = {503: _documented("`storage_unavailable`: the calibration database cannot be reached (predictions "
-                            "without a profile still work; /health/ready says which part is down), with "
-                            "`Retry-After`; or `not_ready`")}
-
-TOO_FEW = {422: _documented("bad input; `too_few_images`: fewer labelled images than the method and folds "
-                             "need (`details.minimum`), `non_finite_values`, `length_mismatch`, "
-                             "`label_out_of_range`, `invalid_parameter`, ...")}
+NOT_FOUND = _documented(404, "`unknown_calibration`: no profile has this id; `unknown_model`: no loaded model has "
+                             "this name")
+CONFLICT = _documented(409, "`calibration_model_mismatch`: the profile belongs to another model (or to none); "
+                            "`calibration_model_changed`: it was fitted for another version (sha256) of this model; "
+                            "`calibration_limit_reached`: CALIB_MAX_CALIBRATIONS profiles are stored")
+USE_ERRORS = _documented(409, "what `calibration=<id>` adds: `calibration_model_mismatch` / "
+                              "`calibration_model_changed` (the profile belongs to another model or version); "
+                              "`conformal_unavailable`: prediction sets asked of a model or profile without a "
+                              "conformal calibration")
+STORAGE = _documented(503, "`storage_unavailable`: the calibration database cannot be reached (predictions without "
+                           "a profile still work; /health/ready says which part is down), with `Retry-After`; "
+                           "or `not_ready`")
+TOO_FEW = _documented(422, "bad input; `too_few_images`: fewer labelled images than the method and folds need "
+                           "(`details.minimum`), `non_finite_value`, `length_mismatch`, `label_out_of_range`, "
+                           "`invalid_parameter`, ...")
 BODY_ERRORS = error_responses(400, 413, 415)
 Method = Literal["temperature", "vector", "dirichlet", "auto"]
 assert set(Method.__args__) == {*METHODS, AUTO}  # the math's methods, spelled for OpenAPI
