@@ -149,3 +149,16 @@ def test_settings_check_the_database_url_without_echoing_it(tmp_path):
     url = "postgresql+psycopg://u:pw@db:5432/calib"
     assert Settings(database_url=url).storage_url == url
     assert "pw@" not in repr(Settings(database_url=url))
+
+
+@pytest.mark.parametrize("method,path,gated", [
+    ("POST", "/v1/models/m/calibrations", True), ("POST", "/v1/calibrations", True),
+    ("POST", "/v1/calibrations/", True), ("POST", "/v1/models/m/evaluate", True),
+    ("POST", "/v1/calibrations/5b0f/apply", False), ("GET", "/v1/calibrations", False),
+    ("DELETE", "/v1/models/m/calibrations/5b0f", False), ("POST", "/v1/models/m/predict", False)])
+def test_profile_fits_are_admitted_like_evaluate(method, path, gated):
+    """The admission middleware puts profile fits through the evaluation gate (same slots, queue
+    and 503 + Retry-After); applying, reading and deleting are light and pass."""
+    from service.rest.admission import AdmissionMiddleware
+
+    assert AdmissionMiddleware._gated({"method": method, "path": path}) is gated
