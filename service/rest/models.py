@@ -21,6 +21,7 @@ from service.rest.requests import (
 )
 from service.schemas import (
     COMPARE_BODY,
+    CONFORMAL_UNAVAILABLE,
     EVALUATE_BODY,
     PNG_CONTENT,
     PREDICT_BODY,
@@ -61,7 +62,8 @@ async def get_model(request: Request, name: str = ModelName) -> dict:
             "runtime": model.runtime}
 
 
-@router.post("/{name}/predict", response_model=PredictResponse, responses=error_responses(*BODY_ERRORS),
+@router.post("/{name}/predict", response_model=PredictResponse,
+             responses={**error_responses(*BODY_ERRORS), **CONFORMAL_UNAVAILABLE},
              openapi_extra=PREDICT_BODY, summary="Calibrated class probabilities with MC-dropout uncertainty")
 async def predict(
     request: Request,
@@ -141,7 +143,7 @@ def _predict_body(model, result: dataplane.Prediction, t: int, return_logits: bo
 @router.post("/{name}/evaluate", response_model=EvaluateResponse, openapi_extra=EVALUATE_BODY,
              summary="ECE and selective-prediction report (JSON), reliability diagram or risk-coverage "
                      "curve (PNG) on a labelled batch",
-             responses={**error_responses(*BODY_ERRORS),
+             responses={**error_responses(*BODY_ERRORS), **CONFORMAL_UNAVAILABLE,
                         200: {"content": {"application/json": {}, **PNG_CONTENT},
                               "description": "the report; the reliability diagram with format=png; the "
                                              "risk-coverage curve with format=risk_coverage_png"}})
