@@ -72,8 +72,8 @@ def calibration_of(model, status: int = 409) -> ConformalCalibration:
     calibration = getattr(model, "conformal", None)
     if calibration is None:
         raise InputError("conformal_unavailable",
-                         f"model {model.name!r} has no conformal calibration set (its artifact lacks "
-                         f"calibration_set.npz: run python -m training.fit_conformal), so it cannot "
+                         f"model {model.name!r} has no usable conformal calibration set (its artifact lacks "
+                         f"a current calibration_set.npz: run python -m training.fit_conformal), so it cannot "
                          f"serve prediction sets", status)
     return calibration
 

@@ -247,6 +247,11 @@ class ConformalOut(BaseModel):
     results: list[ConformalResultOut]
 
 
+CONFORMAL_UNAVAILABLE = {409: {"model": ErrorResponse, "description": "`conformal_unavailable`: `coverage` was "
+                                                                   "asked of a model without a conformal "
+                                                                   "calibration set (calibration_set.npz)"}}
+
+
 class EvaluateResponse(BaseModel):
     model: str
     n: int

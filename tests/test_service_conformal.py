@@ -191,3 +191,23 @@ def test_an_altered_set_refuses_the_artifact(tmp_path, tiny_artifact):
     registry = load_registry(tmp_path, warmup=False)
     assert not registry.models
     assert "checksum mismatch" in registry.failures[0].error
+
+
+def test_evaluate_with_another_calibrator_and_calibration_set(split_classifier, tiny_artifact, images):
+    """The data plane's hook for recalibration profiles: their calibrator's probabilities and
+    their own conformal set, named in the block."""
+    from models.calibration.recalibration import fit_profile
+    from service import dataplane
+    from service.registry import LoadedModel
+
+    clf, card = split_classifier
+    model = LoadedModel(MODEL, tiny_artifact, card, clf)
+    x, y = images
+    logits = clf.logits(x)
+    profile = fit_profile(logits, y, "temperature", folds=2)
+    request = dataplane.ConformalRequest(profile.conformal, (0.8,), ("lac", "aps"), calibrator=profile.calibrator,
+                                         source="profile test")
+    report = dataplane.evaluate(model, x, y, n_bins=15, fit=False, conformal=request)
+    assert report.conformal["calibration"] == {"source": "profile test", "n": len(y)}
+    want = evaluate_sets(profile.conformal, profile.calibrator.probabilities(logits), y, [0.8], ["lac", "aps"])
+    assert [r["coverage"] for r in report.conformal["results"]] == [r["coverage"] for r in want]

@@ -23,8 +23,8 @@ Scores, for calibrated probabilities p:
 The randomisation is what makes APS/RAPS coverage exact (close to c, not far above it) when the
 probabilities are peaked; without it (u = 1) a model that gives 0.9999 to most images gets sets
 of half the classes. u is one number per image, the same for all its classes, derived from the
-image's probability row (`row_uniforms`: BLAKE2b of the float64 bytes, scaled to (0, 1)), so
-the same image always gets the same set while u stays uniform and independent of the label.
+image's probability row (`row_uniforms`: BLAKE2b of the row rounded to 6 decimals, scaled to
+(0, 1)), so the same image gets the same set while u stays uniform and independent of the label.
 
 Class-conditional (Mondrian) sets use one threshold per class, from the calibration images of
 that class only (n_k instead of n): coverage >= c holds within every class.
@@ -119,9 +119,10 @@ def _rank_above(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def row_uniforms(probabilities: ArrayLike) -> np.ndarray:
-    """One u in (0, 1) per row, a keyed BLAKE2b hash of the row's float64 bytes: pseudo-random
-    (uniform, independent of the label) yet the same for the same probabilities."""
-    p = np.ascontiguousarray(probabilities, dtype=np.float64)
+    """One u in (0, 1) per row, a keyed BLAKE2b hash of the row rounded to 6 decimals: pseudo-random
+    (uniform, independent of the label) yet the same for the same image, even when its
+    probabilities differ in the last bits (another batch composition in the backbone)."""
+    p = np.ascontiguousarray(np.round(np.asarray(probabilities, dtype=np.float64), 6)) + 0.0  # -0.0 -> 0.0
     raw = b"".join(hashlib.blake2b(row.tobytes(), digest_size=8, key=_U_KEY).digest() for row in p)
     words = np.frombuffer(raw, dtype="<u8")
     return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53 + 2.0**-54  # 53 bits, never 0 or 1

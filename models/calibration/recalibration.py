@@ -49,9 +49,12 @@ AUTO = "auto"
 
 # Regularisation (fixed, not tuned per batch; see docs/conformal.md "Recalibration methods").
 # Penalties are means over the entries they act on, added to the mean NLL.
-VECTOR_L2 = 1e-3  # on (w - w0) and b, w0 = 1/T of the temperature fit
-DIRICHLET_OFFDIAG_L2 = 1e-2  # ODIR lambda: off-diagonal entries of W
-DIRICHLET_BIAS_L2 = 1e-2  # ODIR mu: the bias
+# Chosen on the shipped models' validation logits (fit on 1,000 images, NLL on the other 4,000;
+# docs/conformal.md): weaker penalties overfit (Dirichlet at 1e-2: NLL 0.344 against the
+# temperature's 0.307 on cifar10-augmix), these stay within 0.004 of the temperature in-domain.
+VECTOR_L2 = 0.1  # on (w - w0) and b, w0 = 1/T of the temperature fit
+DIRICHLET_OFFDIAG_L2 = 10.0  # ODIR lambda: off-diagonal entries of W
+DIRICHLET_BIAS_L2 = 10.0  # ODIR mu: the bias
 
 # Images a fit needs in its training part: at least MIN_FIT_IMAGES, and IMAGES_PER_PARAMETER
 # per free parameter for the expressive maps.
@@ -211,13 +214,16 @@ def _to_json(method: str, arrays: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _nll_grad(a: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean NLL of softmax(a) and its gradient with respect to a."""
+    """Mean NLL of softmax(a) and its gradient with respect to a (one exp, one log per row)."""
     n = a.shape[0]
-    logp = log_softmax(a)
     rows = np.arange(n)
-    g = np.exp(logp)
+    shifted = a - a.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    total = e.sum(axis=1, keepdims=True)
+    nll = float(np.mean(np.log(total[:, 0]) - shifted[rows, y]))
+    g = e / total
     g[rows, y] -= 1.0
-    return float(-logp[rows, y].mean()), g / n
+    return nll, g / n
 
 
 def _fit_vector(z: np.ndarray, y: np.ndarray, t0: float) -> dict[str, np.ndarray]:

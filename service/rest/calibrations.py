@@ -22,7 +22,7 @@ from service.profile_schemas import CalibrationApplied, CalibrationProfile, Cali
 from service.registry import LoadedModel
 from service.rest.errors import error_response, error_responses
 from service.rest.requests import in_thread, model_of, on_model_executor, read_payload, settings_of
-from service.schemas import EVALUATE_BODY, ErrorResponse
+from service.schemas import CONFORMAL_UNAVAILABLE, EVALUATE_BODY, ErrorResponse
 from service.storage import (
     CalibrationRepository,
     LimitReached,
@@ -43,10 +43,9 @@ NOT_FOUND = _documented(404, "`unknown_calibration`: no profile has this id; `un
 CONFLICT = _documented(409, "`calibration_model_mismatch`: the profile belongs to another model (or to none); "
                             "`calibration_model_changed`: it was fitted for another version (sha256) of this model; "
                             "`calibration_limit_reached`: CALIB_MAX_CALIBRATIONS profiles are stored")
-USE_ERRORS = _documented(409, "what `calibration=<id>` adds: `calibration_model_mismatch` / "
-                              "`calibration_model_changed` (the profile belongs to another model or version); "
-                              "`conformal_unavailable`: prediction sets asked of a model or profile without a "
-                              "conformal calibration")
+USE_ERRORS = _documented(409, "`calibration_model_mismatch` / `calibration_model_changed` (calibration=<id>): "
+                              "the profile belongs to another model or another version of this one; "
+                              + CONFORMAL_UNAVAILABLE[409]["description"])
 STORAGE = _documented(503, "`storage_unavailable`: the calibration database cannot be reached (predictions without "
                            "a profile still work; /health/ready says which part is down), with `Retry-After`; "
                            "or `not_ready`")
