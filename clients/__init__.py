@@ -5,6 +5,8 @@
         result = c.predict(["cat.png"], mc_samples=100)
         report = c.evaluate("validation.npz", bins=15)
         ood = c.compare("cifar-test.npz", "svhn.npz")   # AUROC etc. per uncertainty score
+        sets = c.predict(["cat.png"], coverage=0.9)      # conformal prediction sets
+        any_model = c.calibrate_evaluate("logits.npz", coverage=0.9)   # any classifier's logits
 
 An API key (when the service has keys) comes from `api_key=...` or the env CALIB_API_KEY.
 
@@ -16,13 +18,18 @@ from clients.types import (
     AccuracyThreshold,
     AuthenticationError,
     CalibrationMetrics,
+    CalibrationProfile,
+    CalibrationUsed,
     ClientError,
     CoveragePoint,
     ComparisonReport,
+    ConformalResult,
     EvaluationReport,
     ModelInfo,
     OODFlag,
+    OutputsReport,
     Prediction,
+    PredictionSet,
     PredictResult,
     ReportWarning,
     SelectiveReport,
@@ -39,14 +46,19 @@ __all__ = [
     "AuthenticationError",
     "CalibClient",
     "CalibrationMetrics",
+    "CalibrationProfile",
+    "CalibrationUsed",
     "ClientError",
     "CoveragePoint",
     "ComparisonReport",
+    "ConformalResult",
     "EvaluationReport",
     "ModelInfo",
     "OODFlag",
+    "OutputsReport",
     "PredictResult",
     "Prediction",
+    "PredictionSet",
     "ReportWarning",
     "SelectiveReport",
     "ScoreSeparation",

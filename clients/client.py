@@ -14,12 +14,14 @@ from typing import Any, Callable, Optional
 
 import httpx
 
-from clients.payloads import Body, compare_body, evaluate_body, predict_body
+from clients.payloads import Body, compare_body, evaluate_body, outputs_body, predict_body, scores_body
 from clients.types import (
     AuthenticationError,
+    CalibrationProfile,
     ComparisonReport,
     EvaluationReport,
     ModelInfo,
+    OutputsReport,
     PredictResult,
     ServiceError,
     TransportError,
@@ -78,6 +80,15 @@ def _decode(call: _Call, response: httpx.Response, sent_key: bool = False) -> An
     return result
 
 
+def _set_params(coverage, conformal_method, mondrian) -> dict:
+    """Query parameters of the conformal prediction sets (lists repeat the parameter)."""
+    return {"coverage": coverage, "conformal_method": conformal_method, "mondrian": mondrian or None}
+
+
+def _profiles(d: dict) -> list[CalibrationProfile]:
+    return [CalibrationProfile.from_dict(p) for p in d["calibrations"]]
+
+
 class _Calls:
     """Request builders shared by both clients."""
 
@@ -94,26 +105,53 @@ class _Calls:
         return _Call("GET", "/v1/models",
                      parse=lambda d: [ModelInfo.from_dict(m) for m in d["models"]])
 
-    def _predict_call(self, images, model, mc_samples, seed, return_logits, resize) -> _Call:
+    def _predict_call(self, images, model, mc_samples, seed, return_logits, resize, sets=None) -> _Call:
         return _Call("POST", f"/v1/models/{self._name(model)}/predict",
                      {"mc_samples": mc_samples, "seed": seed, "return_logits": return_logits or None,
-                      "resize": resize or None},
+                      "resize": resize or None, **(sets or {})},
                      predict_body(images), parse=PredictResult.from_dict)
 
     def _evaluate_call(self, x, y, model, bins, fit_temperature, resize, split, png,
-                       target_accuracy=None) -> _Call:
+                       target_accuracy=None, sets=None) -> _Call:
         """`png`: False (the JSON report), True (reliability diagram) or "risk_coverage_png"."""
         fmt = png if isinstance(png, str) else ("png" if png else None)
         return _Call("POST", f"/v1/models/{self._name(model)}/evaluate",
                      {"bins": bins, "fit_temperature": fit_temperature or None, "resize": resize or None,
-                      "split": split, "format": fmt, "target_accuracy": target_accuracy},
+                      "split": split, "format": fmt, "target_accuracy": target_accuracy, **(sets or {})},
                      evaluate_body(x, y), raw=bool(png), parse=EvaluationReport.from_dict)
 
-    def _compare_call(self, in_distribution, suspect, model, mc_samples, seed, resize, png) -> _Call:
+    @staticmethod
+    def _outputs_call(scores, y, probabilities, bins, fit_temperature, png, sets, seed) -> _Call:
+        return _Call("POST", "/v1/calibration/evaluate",
+                     {"bins": bins, "fit_temperature": fit_temperature or None, "format": "png" if png else None,
+                      "seed": seed, **(sets or {})},
+                     outputs_body(scores, y, probabilities=probabilities), raw=png, parse=OutputsReport.from_dict)
+
+    def _compare_call(self, in_distribution, suspect, model, mc_samples, seed, resize, png,
+                      calibration=None) -> _Call:
         return _Call("POST", f"/v1/models/{self._name(model)}/compare",
                      {"mc_samples": mc_samples, "seed": seed, "resize": resize or None,
-                      "format": "png" if png else None},
+                      "format": "png" if png else None, "calibration": calibration},
                      compare_body(in_distribution, suspect), raw=png, parse=ComparisonReport.from_dict)
+
+
+    # --- recalibration profiles -----------------------------------------------------------
+    def _profile_path(self, model: Optional[str], profile_id: Optional[str] = None) -> str:
+        base = f"/v1/models/{self._name(model)}/calibrations" if model else "/v1/calibrations"
+        return base if profile_id is None else f"{base}/{profile_id}"
+
+    def _create_profile_call(self, x, y, model, method, label, folds, resize=False, split=None) -> _Call:
+        return _Call("POST", self._profile_path(model),
+                     {"method": method, "label": label, "folds": folds, "resize": resize or None, "split": split},
+                     evaluate_body(x, y), parse=CalibrationProfile.from_dict)
+
+    def _create_logits_profile_call(self, scores, y, probabilities, method, label, folds) -> _Call:
+        return _Call("POST", "/v1/calibrations", {"method": method, "label": label, "folds": folds},
+                     outputs_body(scores, y, probabilities=probabilities), parse=CalibrationProfile.from_dict)
+
+    def _apply_call(self, profile_id, scores, probabilities, sets) -> _Call:
+        return _Call("POST", f"/v1/calibrations/{profile_id}/apply", dict(sets or {}),
+                     scores_body(scores, probabilities=probabilities))
 
 
 class CalibClient(_Calls):
@@ -158,15 +196,38 @@ class CalibClient(_Calls):
         return self._name(model)
 
     def predict(self, images, *, model: Optional[str] = None, mc_samples: Optional[int] = None,
-                seed: Optional[int] = None, return_logits: bool = False, resize: bool = False) -> PredictResult:
-        return self._do(self._predict_call(images, self._resolve(model), mc_samples, seed, return_logits, resize))
+                seed: Optional[int] = None, return_logits: bool = False, resize: bool = False,
+                coverage: Optional[float] = None, conformal_method: Optional[str] = None,
+                mondrian: bool = False, calibration: Optional[str] = None) -> PredictResult:
+        """`coverage` in (0, 1): each prediction carries its conformal `prediction_set`. `calibration`: a
+        profile's id, used instead of the card's temperature."""
+        return self._do(self._predict_call(images, self._resolve(model), mc_samples, seed, return_logits, resize,
+                                           {**_set_params(coverage, conformal_method, mondrian),
+                                            "calibration": calibration}))
 
     def evaluate(self, x, y=None, *, model: Optional[str] = None, bins: Optional[int] = None,
                  fit_temperature: bool = False, resize: bool = False, split: Optional[str] = None,
-                 target_accuracy: Optional[float] = None) -> EvaluationReport:
-        """`target_accuracy` in (0, 1]: `report.selective.target` holds the confidence threshold."""
+                 target_accuracy: Optional[float] = None, coverage=None, conformal_method=None,
+                 mondrian: bool = False, calibration: Optional[str] = None) -> EvaluationReport:
+        """`target_accuracy` in (0, 1]: `report.selective.target` holds the confidence threshold.
+        `coverage` (one level or a list): `report.conformal` measures the prediction sets on this batch.
+        `calibration`: a profile's id (`report.raw["after_calibration"]`)."""
         return self._do(self._evaluate_call(x, y, self._resolve(model), bins, fit_temperature, resize, split, False,
-                                            target_accuracy))
+                                            target_accuracy, {**_set_params(coverage, conformal_method, mondrian),
+                                                              "calibration": calibration}))
+
+    def calibrate_evaluate(self, scores, y=None, *, probabilities: bool = False, bins: Optional[int] = None,
+                           fit_temperature: bool = False, coverage=None, conformal_method=None,
+                           mondrian: bool = False, seed: Optional[int] = None) -> OutputsReport:
+        """Calibration report of any classifier's outputs: an .npz path (`logits` or `probs`, and `y`),
+        or arrays / nested lists [N, K] with labels `y`. `coverage`: split conformal on the batch."""
+        return self._do(self._outputs_call(scores, y, probabilities, bins, fit_temperature, False,
+                                           _set_params(coverage, conformal_method, mondrian), seed))
+
+    def calibration_diagram(self, scores, y=None, *, probabilities: bool = False, bins: Optional[int] = None,
+                            fit_temperature: bool = False) -> bytes:
+        """PNG reliability diagram of any classifier's outputs (and at the fitted T, if asked)."""
+        return self._do(self._outputs_call(scores, y, probabilities, bins, fit_temperature, True, None, None))
 
     def reliability_diagram(self, x, y=None, *, model: Optional[str] = None, bins: Optional[int] = None,
                             resize: bool = False, split: Optional[str] = None) -> bytes:
@@ -179,17 +240,47 @@ class CalibClient(_Calls):
                                             "risk_coverage_png", target_accuracy))
 
     def compare(self, in_distribution, suspect, *, model: Optional[str] = None, mc_samples: Optional[int] = None,
-                seed: Optional[int] = None, resize: bool = False) -> ComparisonReport:
+                seed: Optional[int] = None, resize: bool = False,
+                calibration: Optional[str] = None) -> ComparisonReport:
         """AUROC/AUPR/FPR@95 of each uncertainty score between two unlabelled batches (each: paths,
-        a folder of images, PNG/JPEG bytes, a NumPy array [N,32,32,3], or nested lists)."""
+        a folder of images, PNG/JPEG bytes, a NumPy array [N,32,32,3], or nested lists).
+        `calibration`: a profile's id, for the scores instead of the card's temperature."""
         return self._do(self._compare_call(in_distribution, suspect, self._resolve(model), mc_samples, seed,
-                                           resize, False))
+                                           resize, False, calibration))
 
     def ood_histogram(self, in_distribution, suspect, *, model: Optional[str] = None,
                       mc_samples: Optional[int] = None, seed: Optional[int] = None, resize: bool = False) -> bytes:
         """PNG: histograms of the scores of both batches."""
         return self._do(self._compare_call(in_distribution, suspect, self._resolve(model), mc_samples, seed,
                                            resize, True))
+
+    def create_calibration(self, x, y=None, *, model: Optional[str] = None, method: Optional[str] = None,
+                           label: Optional[str] = None, folds: Optional[int] = None, resize: bool = False,
+                           split: Optional[str] = None) -> CalibrationProfile:
+        """Fit and store a recalibration profile of the model on a labelled batch (any form evaluate takes)."""
+        return self._do(self._create_profile_call(x, y, self._resolve(model), method, label, folds, resize, split))
+
+    def create_logits_calibration(self, scores, y=None, *, probabilities: bool = False, method: Optional[str] = None,
+                                  label: Optional[str] = None, folds: Optional[int] = None) -> CalibrationProfile:
+        """A model-independent profile from any classifier's labelled logits (or probabilities)."""
+        return self._do(self._create_logits_profile_call(scores, y, probabilities, method, label, folds))
+
+    def calibrations(self, *, model: Optional[str] = None) -> list[CalibrationProfile]:
+        """A model's profiles, or (model=None) the model-independent ones."""
+        return self._do(_Call("GET", self._profile_path(model), parse=_profiles))
+
+    def calibration(self, profile_id: str, *, model: Optional[str] = None) -> CalibrationProfile:
+        return self._do(_Call("GET", self._profile_path(model, profile_id), parse=CalibrationProfile.from_dict))
+
+    def delete_calibration(self, profile_id: str, *, model: Optional[str] = None) -> None:
+        self._do(_Call("DELETE", self._profile_path(model, profile_id), raw=True))
+
+    def apply_calibration(self, profile_id: str, scores, *, probabilities: bool = False,
+                          coverage: Optional[float] = None, conformal_method: Optional[str] = None,
+                          mondrian: bool = False) -> dict:
+        """Calibrated probabilities (and prediction sets with `coverage`) of logits under a profile."""
+        return self._do(self._apply_call(profile_id, scores, probabilities,
+                                         _set_params(coverage, conformal_method, mondrian)))
 
     def close(self) -> None:
         self._http.close()
@@ -241,17 +332,30 @@ class AsyncCalibClient(_Calls):
     async def card(self, model: Optional[str] = None) -> dict:
         return await self._do(_Call("GET", f"/v1/models/{await self._resolve(model)}"))
 
+    async def calibrate_evaluate(self, scores, y=None, *, probabilities: bool = False, bins: Optional[int] = None,
+                                 fit_temperature: bool = False, coverage=None, conformal_method=None,
+                                 mondrian: bool = False, seed: Optional[int] = None) -> OutputsReport:
+        return await self._do(self._outputs_call(scores, y, probabilities, bins, fit_temperature, False,
+                                                 _set_params(coverage, conformal_method, mondrian), seed))
+
     async def predict(self, images, *, model: Optional[str] = None, mc_samples: Optional[int] = None,
-                      seed: Optional[int] = None, return_logits: bool = False, resize: bool = False) -> PredictResult:
+                      seed: Optional[int] = None, return_logits: bool = False, resize: bool = False,
+                      coverage: Optional[float] = None, conformal_method: Optional[str] = None,
+                      mondrian: bool = False, calibration: Optional[str] = None) -> PredictResult:
         name = await self._resolve(model)
-        return await self._do(self._predict_call(images, name, mc_samples, seed, return_logits, resize))
+        return await self._do(self._predict_call(images, name, mc_samples, seed, return_logits, resize,
+                                                 {**_set_params(coverage, conformal_method, mondrian),
+                                                  "calibration": calibration}))
 
     async def evaluate(self, x, y=None, *, model: Optional[str] = None, bins: Optional[int] = None,
                        fit_temperature: bool = False, resize: bool = False,
-                       split: Optional[str] = None, target_accuracy: Optional[float] = None) -> EvaluationReport:
+                       split: Optional[str] = None, target_accuracy: Optional[float] = None,
+                       coverage=None, conformal_method=None, mondrian: bool = False,
+                       calibration: Optional[str] = None) -> EvaluationReport:
         name = await self._resolve(model)
         return await self._do(self._evaluate_call(x, y, name, bins, fit_temperature, resize, split, False,
-                                                  target_accuracy))
+                                                  target_accuracy, {**_set_params(coverage, conformal_method, mondrian),
+                                                                    "calibration": calibration}))
 
     async def reliability_diagram(self, x, y=None, *, model: Optional[str] = None, bins: Optional[int] = None,
                                   resize: bool = False, split: Optional[str] = None) -> bytes:
@@ -266,15 +370,42 @@ class AsyncCalibClient(_Calls):
 
     async def compare(self, in_distribution, suspect, *, model: Optional[str] = None,
                       mc_samples: Optional[int] = None, seed: Optional[int] = None,
-                      resize: bool = False) -> ComparisonReport:
+                      resize: bool = False, calibration: Optional[str] = None) -> ComparisonReport:
         name = await self._resolve(model)
-        return await self._do(self._compare_call(in_distribution, suspect, name, mc_samples, seed, resize, False))
+        return await self._do(self._compare_call(in_distribution, suspect, name, mc_samples, seed, resize, False,
+                                                 calibration))
 
     async def ood_histogram(self, in_distribution, suspect, *, model: Optional[str] = None,
                             mc_samples: Optional[int] = None, seed: Optional[int] = None,
                             resize: bool = False) -> bytes:
         name = await self._resolve(model)
         return await self._do(self._compare_call(in_distribution, suspect, name, mc_samples, seed, resize, True))
+
+    async def create_calibration(self, x, y=None, *, model: Optional[str] = None, method: Optional[str] = None,
+                                 label: Optional[str] = None, folds: Optional[int] = None, resize: bool = False,
+                                 split: Optional[str] = None) -> CalibrationProfile:
+        name = await self._resolve(model)
+        return await self._do(self._create_profile_call(x, y, name, method, label, folds, resize, split))
+
+    async def create_logits_calibration(self, scores, y=None, *, probabilities: bool = False,
+                                        method: Optional[str] = None, label: Optional[str] = None,
+                                        folds: Optional[int] = None) -> CalibrationProfile:
+        return await self._do(self._create_logits_profile_call(scores, y, probabilities, method, label, folds))
+
+    async def calibrations(self, *, model: Optional[str] = None) -> list[CalibrationProfile]:
+        return await self._do(_Call("GET", self._profile_path(model), parse=_profiles))
+
+    async def calibration(self, profile_id: str, *, model: Optional[str] = None) -> CalibrationProfile:
+        return await self._do(_Call("GET", self._profile_path(model, profile_id), parse=CalibrationProfile.from_dict))
+
+    async def delete_calibration(self, profile_id: str, *, model: Optional[str] = None) -> None:
+        await self._do(_Call("DELETE", self._profile_path(model, profile_id), raw=True))
+
+    async def apply_calibration(self, profile_id: str, scores, *, probabilities: bool = False,
+                                coverage: Optional[float] = None, conformal_method: Optional[str] = None,
+                                mondrian: bool = False) -> dict:
+        return await self._do(self._apply_call(profile_id, scores, probabilities,
+                                               _set_params(coverage, conformal_method, mondrian)))
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -133,3 +133,40 @@ def compare_body(in_distribution: Any, suspect: Any) -> Body:
     if any(b.json is not None for b in bodies.values()):
         raise ValueError("give both batches in the same form: nested lists for both, or files/arrays for both")
     return Body(files=[(name, part) for name, b in bodies.items() for _, part in b.files])
+
+
+def outputs_body(scores: Any, y: Any = None, *, probabilities: bool = False) -> Body:
+    """A classifier's outputs for /v1/calibration/evaluate: an .npz path (`logits` or `probs`, and `y`)
+    as it is; arrays -> one .npz; nested lists -> JSON. `probabilities`: the scores are probabilities."""
+    if isinstance(scores, (str, os.PathLike)):
+        if y is not None:
+            raise ValueError("labels come from the .npz (its y array); do not pass y with a path")
+        path = Path(scores)
+        return Body(files=[("file", (path.name, path.read_bytes(), "application/octet-stream"))])
+    if y is None:
+        raise ValueError("labels y are required with in-memory scores")
+    if _is_array(scores):
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.savez(buf, **{"probs" if probabilities else "logits": np.ascontiguousarray(scores)}, y=np.asarray(y))
+        return Body(files=[("file", ("outputs.npz", buf.getvalue(), "application/octet-stream"))])
+    labels = y.tolist() if _is_array(y) else list(y)
+    return Body(json={"probabilities" if probabilities else "logits": list(scores), "labels": labels})
+
+
+def scores_body(scores: Any, *, probabilities: bool = False) -> Body:
+    """Unlabelled outputs for /v1/calibrations/{id}/apply: an .npz path (`logits` or `probs`) as it is;
+    arrays -> one .npz; nested lists -> JSON."""
+    if isinstance(scores, (str, os.PathLike)):
+        path = Path(scores)
+        return Body(files=[("file", (path.name, path.read_bytes(), "application/octet-stream"))])
+    key = "probs" if probabilities else "logits"
+    if _is_array(scores):
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.savez(buf, **{key: np.ascontiguousarray(scores)})
+        return Body(files=[("file", ("outputs.npz", buf.getvalue(), "application/octet-stream"))])
+    return Body(json={"probabilities" if probabilities else "logits": list(scores)})
+

@@ -54,6 +54,18 @@ class OODFlag:
 
 
 @dataclass(frozen=True)
+class PredictionSet:
+    """A conformal prediction set: holds the true class with probability >= coverage (over exchangeable
+    images). Empty: no class is plausible enough at this coverage (docs/conformal.md)."""
+
+    indices: list[int]
+    labels: list[str]
+    coverage: float
+    method: str
+    mondrian: bool = False
+
+
+@dataclass(frozen=True)
 class Prediction:
     class_index: int
     label: str
@@ -63,14 +75,30 @@ class Prediction:
     logits: Optional[list[float]] = None
     uncalibrated_probabilities: Optional[list[float]] = None
     ood: Optional[OODFlag] = None
+    prediction_set: Optional[PredictionSet] = None  # with coverage=... only
 
     @classmethod
     def from_dict(cls, d: dict) -> "Prediction":
         u = d.get("uncertainty")
         ood = d.get("ood")
+        ps = d.get("prediction_set")
         return cls(d["class_index"], d["label"], d["confidence"], d["probabilities"],
                    Uncertainty(**u) if u else None, d.get("logits"), d.get("uncalibrated_probabilities"),
-                   OODFlag(**{k: ood.get(k) for k in OODFlag.__dataclass_fields__}) if ood else None)
+                   OODFlag(**{k: ood.get(k) for k in OODFlag.__dataclass_fields__}) if ood else None,
+                   PredictionSet(**{k: ps[k] for k in PredictionSet.__dataclass_fields__ if k in ps}) if ps else None)
+
+
+@dataclass(frozen=True)
+class CalibrationUsed:
+    """Which calibration an answer used: a profile (`source` 'profile', its `id`) or the card's."""
+
+    id: Optional[str]
+    method: str
+    source: str
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> Optional["CalibrationUsed"]:
+        return None if not d else cls(d.get("id"), d["method"], d["source"])
 
 
 @dataclass(frozen=True)
@@ -83,11 +111,13 @@ class PredictResult:
     predictions: list[Prediction]
     raw: dict = field(repr=False, compare=False)
     request_id: Optional[str] = field(default=None, compare=False)  # the server's X-Request-ID
+    calibration: Optional[CalibrationUsed] = None   # None from an older server
 
     @classmethod
     def from_dict(cls, d: dict) -> "PredictResult":
         return cls(d["model"], d["temperature"], d["classes"], d["mc_samples"], d.get("seed"),
-                   [Prediction.from_dict(p) for p in d["predictions"]], d)
+                   [Prediction.from_dict(p) for p in d["predictions"]], d,
+                   calibration=CalibrationUsed.from_dict(d.get("calibration")))
 
 
 @dataclass(frozen=True)
@@ -169,6 +199,30 @@ class ReportWarning:
 
 
 @dataclass(frozen=True)
+class ConformalResult:
+    """How the prediction sets at one (coverage, method) did on a labelled batch."""
+
+    coverage_target: float
+    method: str
+    mondrian: bool
+    calibration_n: int
+    threshold: Any  # float, None (+inf: every class), or one per class (mondrian)
+    n: int
+    coverage: float
+    mean_set_size: float
+    singletons: float
+    empty: float
+    coverage_by_set_size: list[dict[str, Any]]
+    worst_class: dict[str, Any]
+
+    @classmethod
+    def list_from(cls, block: Optional[dict]) -> list["ConformalResult"]:
+        if not block:
+            return []
+        return [cls(**{k: r[k] for k in cls.__dataclass_fields__}) for r in block["results"]]
+
+
+@dataclass(frozen=True)
 class EvaluationReport:
     model: str
     n: int
@@ -198,6 +252,45 @@ class EvaluationReport:
     def warnings(self) -> list[ReportWarning]:
         """What limits this report, e.g. a batch without some classes (empty from an older server)."""
         return [ReportWarning(w["code"], w["message"]) for w in self.raw.get("warnings", [])]
+
+    @property
+    def calibration(self) -> Optional[CalibrationUsed]:
+        """The calibration of `after_calibration` and `selective`: a profile's or the card's."""
+        return CalibrationUsed.from_dict(self.raw.get("calibration"))
+
+    @property
+    def after_calibration(self) -> Optional[CalibrationMetrics]:
+        """With `calibration=<id>`: the metrics under that profile (else None)."""
+        return CalibrationMetrics.from_dict(self.raw.get("after_calibration"))
+
+    @property
+    def conformal(self) -> list[ConformalResult]:
+        """One result per (coverage, method) when evaluate was asked for coverage, else empty."""
+        return ConformalResult.list_from(self.raw.get("conformal"))
+
+
+@dataclass(frozen=True)
+class OutputsReport:
+    """POST /v1/calibration/evaluate: calibration of any classifier's logits or probabilities."""
+
+    kind: str
+    n: int
+    num_classes: int
+    n_bins: int
+    uploaded: CalibrationMetrics
+    fitted_temperature: Optional[float]
+    after_fitted: Optional[CalibrationMetrics]
+    conformal: list[ConformalResult]
+    split: Optional[dict[str, int]]  # seed, calibration_n, test_n of the split-conformal halves
+    raw: dict = field(repr=False, compare=False)
+    request_id: Optional[str] = field(default=None, compare=False)  # the server's X-Request-ID
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OutputsReport":
+        block = d.get("conformal")
+        return cls(d["kind"], d["n"], d["num_classes"], d["n_bins"], CalibrationMetrics.from_dict(d["uploaded"]),
+                   d.get("fitted_temperature"), CalibrationMetrics.from_dict(d.get("after_fitted_temperature")),
+                   ConformalResult.list_from(block), block["split"] if block else None, d)
 
 
 @dataclass(frozen=True)
@@ -237,15 +330,44 @@ class ComparisonReport:
     flagged: Optional[dict[str, float]]   # threshold, in_distribution, suspect; None without a threshold
     raw: dict = field(repr=False, compare=False)
     request_id: Optional[str] = field(default=None, compare=False)  # the server's X-Request-ID
+    calibration: Optional[CalibrationUsed] = None   # None from an older server
 
     @classmethod
     def from_dict(cls, d: dict) -> "ComparisonReport":
         scores = [ScoreSeparation(**{k: s[k] for k in ScoreSeparation.__dataclass_fields__}) for s in d["scores"]]
         return cls(d["model"], d["temperature"], d["mc_samples"], d.get("seed"), d["n_in_distribution"],
-                   d["n_suspect"], scores, d.get("flagged"), d)
+                   d["n_suspect"], scores, d.get("flagged"), d,
+                   calibration=CalibrationUsed.from_dict(d.get("calibration")))
 
     def score(self, name: str) -> ScoreSeparation:
         for s in self.scores:
             if s.score == name:
                 return s
         raise KeyError(f"no score {name!r} in this report (mutual_information needs mc_samples >= 2)")
+
+
+@dataclass(frozen=True)
+class CalibrationProfile:
+    """A stored recalibration profile (immutable): `model` is None for a model-independent one;
+    `report` holds the cross-fitted before/after figures, `conformal` its calibration set's size."""
+
+    id: str
+    model: Optional[str]
+    model_sha256: Optional[str]
+    method: str
+    parameters: dict
+    label: Optional[str]
+    n: int
+    created_at: str
+    report: dict
+    conformal_n: Optional[int]
+    raw: dict = field(repr=False, default_factory=dict)
+    request_id: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CalibrationProfile":
+        model = d.get("model") or {}
+        return cls(id=d["id"], model=model.get("name"), model_sha256=model.get("sha256"), method=d["method"],
+                   parameters=d["parameters"], label=d.get("label"), n=d["n"], created_at=d["created_at"],
+                   report=d["report"], conformal_n=(d.get("conformal") or {}).get("n"), raw=d)
+

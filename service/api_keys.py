@@ -40,10 +40,10 @@ def check_keys(keys: Iterable[SecretStr], where: str) -> list[SecretStr]:
     return keys
 
 
-def read_key_file(path: Path) -> list[SecretStr]:
+def read_key_file(path: Path, setting: str = "CALIB_API_KEYS_FILE") -> list[SecretStr]:
     """One key a line; blank lines and #comments ignored. Unreadable or empty -> ApiKeyConfigError
     (a secrets file that yields no key would otherwise silently leave the service open)."""
-    where = f"CALIB_API_KEYS_FILE={path}"
+    where = f"{setting}={path}"
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -53,6 +53,14 @@ def read_key_file(path: Path) -> list[SecretStr]:
     if not keys:
         raise ApiKeyConfigError(f"{where}: the file holds no API key (only blank lines or #comments)")
     return check_keys(keys, where)
+
+
+def load_keys(keys: Iterable[SecretStr], key_file: Path | None, setting: str) -> list[SecretStr]:
+    """The keys of setting `setting` (e.g. CALIB_API_KEYS) plus those of its `_FILE` companion."""
+    loaded = check_keys(keys, setting)
+    if key_file is not None:
+        loaded += read_key_file(key_file, f"{setting}_FILE")
+    return loaded
 
 
 def _digest(key: str | bytes) -> bytes:

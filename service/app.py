@@ -17,12 +17,13 @@ from service.api_keys import KeyRing
 from service.batching import BatchedPredictor
 from service.http_metrics import MetricsMiddleware, ServiceMetrics
 from service.registry import load_registry
-from service.rest import auth, errors, health, models, v2
+from service.rest import auth, calibration, calibrations, errors, health, models, v2
 from service.rest.admission_middleware import AdmissionMiddleware
 from service.rest.limits import BodyLimitMiddleware
 from service.rest.request_id import ServiceApp
 from service.rest.served_by import ServedByMiddleware
 from service.settings import Settings
+from service.storage import SqlCalibrationRepository, StorageUnavailable
 from service.version import package_version
 
 logger = logging.getLogger("service")
@@ -72,9 +73,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                      if metrics.multiprocess_dir is not None else None)
         logger.info("serving %d model(s) from %s: %s", len(registry.models), settings.model_dir,
                     ", ".join(registry.names()) or "none")
+        # migrations in the background: a database that is down delays nothing (the profile routes
+        # retry them on first use and answer 503 storage_unavailable meanwhile)
+        migrating = asyncio.create_task(asyncio.to_thread(_prepare_storage, app.state.calibrations))
         try:
             yield
         finally:
+            if not migrating.done():
+                migrating.cancel()
             for stop in app.state.model_work:  # long model work still running gives up at its next chunk
                 stop.set()
             if publisher is not None:
@@ -85,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(app.state.executor.shutdown, wait=True, cancel_futures=True)
             if settings.gc_freeze:
                 gc.unfreeze()  # collectable again once the app is gone (tests build many apps)
+            app.state.calibrations.close()
 
     # redirect_slashes=False: no redirect (which would echo the Host header) for a trailing slash;
     # /v1/models/ is a 404 like any unknown path
@@ -96,14 +103,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.predictor = None
     app.state.model_work = set()  # stop events of the evaluate/compare calls in the executor
     app.state.predict_work = PredictWorkBound(settings.max_queued_predict_work)
+    app.state.calibrations = SqlCalibrationRepository(settings.storage_url, max_profiles=settings.max_calibrations,
+                                                      timeout_s=settings.database_timeout_s)
     errors.install(app)
-    keys = KeyRing(settings.all_api_keys)
-    auth.install(app, keys)
+    calibrations.install(app)
+    # any key (read or admin) turns authentication on; admin keys may also create/delete profiles
+    keys = KeyRing(settings.all_api_keys + settings.all_admin_api_keys)
+    auth.install(app, keys, KeyRing(settings.all_admin_api_keys))
     if settings.docs_require_key:
         auth.protect_docs(app, keys)
     app.include_router(health.router)
     app.include_router(health.metrics_router, **(auth.protect(keys) if settings.metrics_require_key else {}))
     app.include_router(models.router, **auth.protect(keys))  # every data-plane router: auth.protect(keys)
+    app.include_router(calibrations.router, **auth.protect(keys))
+    app.include_router(calibrations.admin_router, **auth.protect_admin(keys))
+    app.include_router(calibration.router, **auth.protect(keys))
     app.include_router(v2.health_router)  # the Open Inference Protocol (/v2): its health stays open too
     app.include_router(v2.router, **v2.protect(keys))
     v2.document_400_not_422(app)
@@ -116,3 +130,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(ServedByMiddleware)
     # (ServiceApp puts its RequestIdMiddleware outside all of these and Starlette's error handler)
     return app
+
+
+def _prepare_storage(repository: SqlCalibrationRepository) -> None:
+    try:
+        repository.ensure_schema()
+    except StorageUnavailable:
+        logger.warning("calibration storage unavailable at start-up (%s): serving without it, retrying on "
+                       "first use", repository.backend)

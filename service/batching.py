@@ -253,7 +253,7 @@ class BatchedPredictor:
         await asyncio.gather(*(b.aclose() for b in self._batchers.values()))
 
     async def predict(self, model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
-                      mc_chunk_rows: int, stop=None) -> dataplane.Prediction:
+                      mc_chunk_rows: int, stop=None, calibrator=None) -> dataplane.Prediction:
         """`dataplane.predict`, with the backbone pass shared with concurrent requests when the
         request is small enough; the head and MC sampling always run per request. `stop` (a
         threading.Event, set when the client goes away): WorkCancelled at the next chunk."""
@@ -265,7 +265,7 @@ class BatchedPredictor:
         started = loop.time()
         result = await loop.run_in_executor(self._executor, functools.partial(
             dataplane.predict, model, x, mc_samples=mc_samples, seed=seed, mc_chunk_rows=mc_chunk_rows,
-            features=features, logits=logits, stop=stop))
+            features=features, logits=logits, stop=stop, calibrator=calibrator))
         if self._stage_observer is not None:
             self._stage_observer(model.name, "unbatched" if features is None else "head_mc",
                                  loop.time() - started)

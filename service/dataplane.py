@@ -8,6 +8,7 @@ The backbone may also have run earlier, on several requests' images at once (`se
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from models.calibration.ood import (
 from models.calibration.ood_diagram import score_histograms_png
 from models.calibration.uncertainty import MCSummary, chunked_mc_summary
 from service.inputs import InputError
+from service.prediction_sets import CARD_SOURCE, evaluate_block
 from service.registry import LoadedModel
 
 _SEED_MOD = 2**31 - 1
@@ -116,17 +118,33 @@ class Evaluation:
     after_fitted: CalibrationMetrics | None
     selective: SelectiveEvaluation | None = None
     warnings: tuple[ReportWarning, ...] = ()
+    after_profile: CalibrationMetrics | None = None  # under a recalibration profile (calibration=<id>)
+    conformal: dict | None = None  # service.prediction_sets.evaluate_block, with a ConformalRequest
+
+
+@dataclass(frozen=True)
+class ConformalRequest:
+    """Evaluate's conformal block: the calibration set (the card's, or a profile's) and what to report."""
+
+    calibration: object  # models.calibration.conformal.ConformalCalibration
+    coverages: tuple[float, ...]
+    methods: tuple[str, ...]
+    mondrian: bool = False
+    source: str = CARD_SOURCE  # named in the block (a profile names itself)
+    calibrator: object = None  # a models.calibration.recalibration.Calibrator; None: the card's temperature
 
 
 def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
             mc_chunk_rows: int = 65_536, batch_size: int = 500,
             features: np.ndarray | None = None, logits: np.ndarray | None = None,
-            stop: threading.Event | None = None) -> Prediction:
+            stop: threading.Event | None = None, calibrator=None) -> Prediction:
     """`features` (and `logits`, the deterministic head on them): the backbone's output for `x`
     when already computed (the micro-batcher, `service.batching`, runs both for several requests
     at once); the MC sampling depends only on the features and the seed, never on which other
     images shared the pass. `stop` set (the client went away): WorkCancelled before the backbone
-    and before each MC chunk, the same chunks and seeds as without it."""
+    and before each MC chunk, the same chunks and seeds as without it. `calibrator` (a recalibration
+    profile's `Calibrator`) replaces the card's temperature: the probabilities and every MC sample
+    are calibrated by it."""
     _check(stop)
     clf = model.classifier
     t = model.temperature
@@ -142,6 +160,12 @@ def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | N
     elif len(logits) != len(x):
         raise ValueError(f"{len(logits)} logit rows for {len(x)} images")
     summary = None
+    if calibrator is not None:
+        if mc_samples > 0:
+            seed = 0 if seed is None else int(seed)
+            summary = chunked_mc_summary(_calibrated_samples(clf, calibrator), features, mc_samples, seed,
+                                         1.0, mc_chunk_rows)
+        return Prediction(logits, calibrator.probabilities(logits), softmax(logits, 1.0), summary, seed)
     if mc_samples > 0:
         seed = 0 if seed is None else int(seed)
         if stop is None:
@@ -150,6 +174,18 @@ def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | N
             summary = chunked_mc_summary(_stoppable(clf.mc_logits_from_features, stop), features, mc_samples,
                                          seed, t, mc_chunk_rows)
     return Prediction(logits, softmax(logits, t), softmax(logits, 1.0), summary, seed)
+
+
+def _calibrated_samples(clf, calibrator):
+    """MC head samples [T, B, K] mapped to the profile's calibrated log-probabilities: their
+    softmax at temperature 1 is the calibrated softmax of each sample, so the MC summary (mean,
+    variance, entropies) is over per-sample calibrated probabilities, with the same seeds and
+    chunking as the card's path."""
+    def sample(features: np.ndarray, n_samples: int, seed: int) -> np.ndarray:
+        z = clf.mc_logits_from_features(features, n_samples, seed)
+        t, b, k = z.shape
+        return calibrator.log_probabilities(z.reshape(t * b, k)).reshape(t, b, k)
+    return sample
 
 
 def logits_in_chunks(model: LoadedModel, x: np.ndarray, chunk: int,
@@ -165,10 +201,23 @@ def logits_in_chunks(model: LoadedModel, x: np.ndarray, chunk: int,
 
 def evaluate(model: LoadedModel, x: np.ndarray, y: np.ndarray, *, n_bins: int, fit: bool,
              chunk: int = 500, target_accuracy: float | None = None,
-             stop: threading.Event | None = None) -> Evaluation:
+             stop: threading.Event | None = None, conformal: ConformalRequest | None = None,
+             calibrator=None) -> Evaluation:
+    """`calibrator`: a recalibration profile's; its metrics go to `after_profile`, and the
+    conformal block (with `conformal`, then the profile's own calibration set) uses its probabilities."""
     logits = logits_in_chunks(model, x, chunk, stop)
-    return evaluate_logits(logits, y, temperature=model.temperature, n_bins=n_bins, fit=fit,
-                           target_accuracy=target_accuracy, class_names=model.classes)
+    evaluation = evaluate_logits(logits, y, temperature=model.temperature, n_bins=n_bins, fit=fit,
+                                 target_accuracy=target_accuracy, class_names=model.classes)
+    if calibrator is not None:
+        evaluation = dataclasses.replace(evaluation, after_profile=compute_metrics(
+            calibrator.log_probabilities(logits), y, n_bins=n_bins))
+    if conformal is None:
+        return evaluation
+    probabilities = (softmax(logits, model.temperature) if conformal.calibrator is None
+                     else conformal.calibrator.probabilities(logits))
+    block = evaluate_block(conformal.calibration, probabilities, y, conformal.coverages,
+                           conformal.methods, conformal.mondrian, conformal.source)
+    return dataclasses.replace(evaluation, conformal=block)
 
 
 def evaluate_logits(logits: np.ndarray, y: np.ndarray, *, temperature: float, n_bins: int,
@@ -176,13 +225,7 @@ def evaluate_logits(logits: np.ndarray, y: np.ndarray, *, temperature: float, n_
                     class_names: list[str] | None = None) -> Evaluation:
     before = compute_metrics(logits, y, temperature=1.0, n_bins=n_bins)
     after = compute_metrics(logits, y, temperature=temperature, n_bins=n_bins)
-    fitted = after_fitted = None
-    if fit:
-        try:
-            fitted = fit_temperature(logits, y)
-        except TemperatureFitError as exc:
-            raise InputError("temperature_fit_failed", f"cannot fit a temperature on this batch: {exc}") from None
-        after_fitted = compute_metrics(logits, y, temperature=fitted, n_bins=n_bins)
+    fitted, after_fitted = batch_temperature(logits, y, n_bins) if fit else (None, None)
     return Evaluation(len(y), n_bins, temperature, before, after, fitted, after_fitted,
                       selective_evaluation(logits, y, temperature=temperature, target_accuracy=target_accuracy),
                       batch_warnings(y, logits.shape[1], class_names))
@@ -202,6 +245,16 @@ def batch_warnings(y: np.ndarray, num_classes: int, class_names: list[str] | Non
                           f"the batch holds {present} of the model's {num_classes} classes (missing: {shown}); "
                           "its figures describe those classes only. Evaluate a sample of every class, e.g. "
                           "a stratified one"),)
+
+
+def batch_temperature(logits: np.ndarray, y: np.ndarray, n_bins: int) -> tuple[float, CalibrationMetrics]:
+    """The temperature fitted on this batch and the metrics at it (in-sample); 422
+    `temperature_fit_failed` when the batch cannot determine one."""
+    try:
+        fitted = fit_temperature(logits, y)
+    except TemperatureFitError as exc:
+        raise InputError("temperature_fit_failed", f"cannot fit a temperature on this batch: {exc}") from None
+    return fitted, compute_metrics(logits, y, temperature=fitted, n_bins=n_bins)
 
 
 def selective_evaluation(logits: np.ndarray, y: np.ndarray, *, temperature: float,
@@ -274,28 +327,36 @@ class Comparison:
 
 def batch_scores(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
                  chunk: int = 500, mc_chunk_rows: int = 65_536,
-                 stop: threading.Event | None = None) -> dict[str, np.ndarray]:
+                 stop: threading.Event | None = None, calibrator=None) -> dict[str, np.ndarray]:
     """1 - max probability and predictive entropy of the deterministic calibrated probabilities;
     with `mc_samples` >= 2 also the MC mutual information. `chunk` images per forward pass, so
-    features and activations stay bounded for any batch."""
+    features and activations stay bounded for any batch. `calibrator`: a profile's, instead of
+    the card's temperature."""
     clf, t = model.classifier, model.temperature
     probs, mi = [], []
     for c, start in enumerate(range(0, len(x), chunk)):
         _check(stop)
         features = clf.features(x[start:start + chunk], chunk)
-        probs.append(softmax(clf.head_logits(features), t))
+        logits = clf.head_logits(features)
+        probs.append(softmax(logits, t) if calibrator is None else calibrator.probabilities(logits))
         if mc_samples >= 2:
             chunk_seed = (int(seed or 0) + 7_919 * c) % _SEED_MOD
-            mi.append(clf.mc_summary_from_features(features, mc_samples, chunk_seed, t, mc_chunk_rows).mutual_information)
+            if calibrator is None:
+                summary = clf.mc_summary_from_features(features, mc_samples, chunk_seed, t, mc_chunk_rows)
+            else:
+                summary = chunked_mc_summary(_calibrated_samples(clf, calibrator), features, mc_samples,
+                                             chunk_seed, 1.0, mc_chunk_rows)
+            mi.append(summary.mutual_information)
     return uncertainty_scores(np.concatenate(probs), np.concatenate(mi) if mi else None)
 
 
 def compare(model: LoadedModel, x_in: np.ndarray, x_suspect: np.ndarray, *, mc_samples: int,
             seed: int | None, chunk: int = 500, mc_chunk_rows: int = 65_536,
-            stop: threading.Event | None = None) -> Comparison:
+            stop: threading.Event | None = None, calibrator=None) -> Comparison:
     """AUROC / AUPR-Out / FPR@95%TPR per score, the suspect batch as the positive class
     (`models.calibration.ood`). Both batches use the same seed: their MC masks are drawn alike."""
-    kw = {"mc_samples": mc_samples, "seed": seed, "chunk": chunk, "mc_chunk_rows": mc_chunk_rows, "stop": stop}
+    kw = {"mc_samples": mc_samples, "seed": seed, "chunk": chunk, "mc_chunk_rows": mc_chunk_rows, "stop": stop,
+          "calibrator": calibrator}
     s_in, s_out = batch_scores(model, x_in, **kw), batch_scores(model, x_suspect, **kw)
     detections = [detection(name, s_in[name], s_out[name]) for name in OOD_SCORES if name in s_in]
     block = ood_threshold(model)

@@ -253,6 +253,11 @@ def _arrays(load, *args) -> dict[str, np.ndarray] | np.ndarray:
         raise from_data_source_error(exc, "invalid_array_file") from None
 
 
+def npz_arrays(data: bytes, name: str, keys: Sequence[str], limits: UploadLimits) -> dict[str, np.ndarray]:
+    """The members `keys` of an .npz that are present, read header-first within `limits`."""
+    return _arrays(load_npz, data, name, tuple(keys), limits.arrays())
+
+
 def read_npy(data: bytes, name: str, limits: UploadLimits) -> np.ndarray:
     return _arrays(load_npy, data, name, limits.arrays())
 

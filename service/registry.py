@@ -35,6 +35,9 @@ class LoadedModel:
     path: Path
     card: dict
     classifier: object  # models.inference.SplitClassifier or models.litert_classifier.LiteRTClassifier
+    # The card's conformal calibration set (validation split) at the card's temperature; None when
+    # the artifact has none (or a stale one): predict then serves no prediction sets.
+    conformal: object = None  # models.calibration.conformal.ConformalCalibration | None
 
     @property
     def runtime(self) -> str:
@@ -147,6 +150,7 @@ def load_registry(model_dir: str | Path, *, warmup: bool = True, default: str | 
     for folder in candidate_dirs(registry.model_dir):
         try:
             loaded = load(folder)
+            loaded.conformal = _conformal_calibration(loaded)
             if warmup:
                 _warm_up(loaded)
             registry.add(loaded)
@@ -163,6 +167,31 @@ def load_registry(model_dir: str | Path, *, warmup: bool = True, default: str | 
     if not registry.models:
         logger.error("no model could be loaded from %s", registry.model_dir)
     return registry
+
+
+def _conformal_calibration(model: LoadedModel):
+    """The card's conformal calibration set, checksum verified (ArtifactError when altered or
+    missing: the artifact is refused like a tampered model); None, with a warning, when stale."""
+    import numpy as np
+
+    from models.calibration import softmax
+    from models.calibration.conformal import ConformalCalibration
+    from models.conformal_set import load_calibration_set, stale_reason
+
+    stored = load_calibration_set(model.path, model.card)
+    if stored is None:
+        return None
+    problem = stale_reason(model.card)
+    if problem:
+        logger.warning("model %r: ignoring its conformal calibration set (%s); no prediction sets",
+                       model.name, problem)
+        return None
+    logits, labels = stored
+    if logits.shape[1] != model.num_classes:
+        logger.warning("model %r: its conformal calibration set has K = %d, the model %d; no prediction sets",
+                       model.name, logits.shape[1], model.num_classes)
+        return None
+    return ConformalCalibration(softmax(logits.astype(np.float64), model.temperature), labels)
 
 
 def _warn_if_unusable_ood_threshold(model: LoadedModel) -> None:

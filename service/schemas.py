@@ -10,6 +10,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.profile_schemas import CalibrationUsed
+
 
 class ErrorBody(BaseModel):
     code: str = Field(description="stable machine-readable error code, e.g. 'invalid_shape'")
@@ -29,10 +31,18 @@ class LoadFailureOut(BaseModel):
     error: str
 
 
+class StorageStatus(BaseModel):
+    status: str = Field(description="'ready' or 'unavailable': the calibration profiles' database")
+    backend: str = Field(description="sqlite or postgresql")
+    message: Optional[str] = None
+
+
 class Readiness(BaseModel):
     status: str = Field(description="'ready'")
     models: list[str]
     failed: list[LoadFailureOut]
+    storage: Optional[StorageStatus] = Field(None, description="the calibration database; when it is down only "
+                                                               "the calibration-profile routes answer 503")
 
 
 class Liveness(BaseModel):
@@ -110,6 +120,17 @@ class OODFlag(BaseModel):
                                              "null: no threshold, the flag is unavailable")
 
 
+class PredictionSetOut(BaseModel):
+    """A split-conformal prediction set (docs/conformal.md): contains the true class with probability
+    >= coverage over exchangeable images. An empty set says no class is plausible enough at this coverage."""
+
+    indices: list[int] = Field(description="class indices in the set, ascending")
+    labels: list[str]
+    coverage: float = Field(description="the requested coverage 1 - alpha")
+    method: str = Field(description="'lac', 'aps' or 'raps': the non-conformity score")
+    mondrian: bool = Field(False, description="class-conditional thresholds (coverage holds within each class)")
+
+
 class PredictionOut(BaseModel):
     class_index: int
     label: str
@@ -120,6 +141,7 @@ class PredictionOut(BaseModel):
     uncalibrated_probabilities: Optional[list[float]] = Field(
         None, description="softmax(logits) (return_logits=true)")
     ood: Optional[OODFlag] = Field(None, description="out-of-distribution score and flag")
+    prediction_set: Optional[PredictionSetOut] = Field(None, description="with `coverage` only")
 
 
 class PredictResponse(BaseModel):
@@ -128,6 +150,8 @@ class PredictResponse(BaseModel):
     classes: list[str]
     mc_samples: int
     seed: Optional[int] = Field(None, description="seed of the MC samples; send it back to reproduce them")
+    calibration: Optional[CalibrationUsed] = Field(None, description="the calibration used: a profile "
+                                                                     "(calibration=<id>) or the card's temperature")
     predictions: list[PredictionOut]
 
 
@@ -191,6 +215,48 @@ class ReportWarningOut(BaseModel):
     message: str = Field(description="what it means for this report, for humans")
 
 
+class SetSizeCoverageOut(BaseModel):
+    size: int
+    n: int
+    coverage: float
+
+
+class ClassCoverageOut(BaseModel):
+    class_: int = Field(alias="class", description="class index")
+    n: int
+    coverage: float
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class ConformalResultOut(BaseModel):
+    """How one (coverage, method) pair's prediction sets did on the labelled batch."""
+
+    coverage_target: float
+    method: str
+    mondrian: bool
+    calibration_n: int = Field(description="images whose scores set the threshold")
+    threshold: Any = Field(description="the score threshold q (null: +inf, every class); a list per class "
+                                       "when mondrian")
+    n: int = Field(description="images the sets were measured on")
+    coverage: float = Field(description="share of images whose set holds the true class")
+    mean_set_size: float
+    singletons: float = Field(description="share of sets with exactly one class")
+    empty: float = Field(description="share of empty sets")
+    coverage_by_set_size: list[SetSizeCoverageOut]
+    worst_class: ClassCoverageOut = Field(description="the class whose images are covered least often")
+
+
+class ConformalOut(BaseModel):
+    calibration: dict[str, Any] = Field(description="where the thresholds come from and how many images")
+    results: list[ConformalResultOut]
+
+
+CONFORMAL_UNAVAILABLE = {409: {"model": ErrorResponse, "description": "`conformal_unavailable`: `coverage` was "
+                                                                   "asked of a model without a conformal "
+                                                                   "calibration set (calibration_set.npz)"}}
+
+
 class EvaluateResponse(BaseModel):
     model: str
     n: int
@@ -205,6 +271,30 @@ class EvaluateResponse(BaseModel):
     warnings: list[ReportWarningOut] = Field(
         default_factory=list, description="what limits this report, e.g. 'missing_classes' when the batch "
                                           "holds fewer than all the model's classes; empty when nothing does")
+    calibration: Optional[CalibrationUsed] = Field(None, description="the calibration of `after_calibration` and "
+                                                                     "`selective`: a profile or the card's")
+    after_calibration: Optional[MetricsOut] = Field(None, description="with calibration=<id>: the metrics under "
+                                                                      "that profile")
+    conformal: Optional[ConformalOut] = Field(None, description="with `coverage`: the card's conformal "
+                                                                "prediction sets measured on this batch")
+
+
+class SplitConformalOut(BaseModel):
+    split: dict[str, int] = Field(description="seed, calibration_n (the half that sets the thresholds) and "
+                                              "test_n (the half measured)")
+    results: list[ConformalResultOut]
+
+
+class LogitsEvaluateResponse(BaseModel):
+    kind: Literal["logits", "probabilities"] = Field(description="what was uploaded")
+    n: int
+    num_classes: int
+    n_bins: int
+    uploaded: MetricsOut = Field(description="the uploaded outputs as they are (probabilities as log p)")
+    fitted_temperature: Optional[float] = Field(None, description="T fitted on this batch (fit_temperature=true)")
+    after_fitted_temperature: Optional[MetricsOut] = Field(None, description="in-sample: at the fitted T")
+    conformal: Optional[SplitConformalOut] = Field(None, description="with `coverage`: split conformal on this "
+                                                                     "batch (docs/conformal.md)")
 
 
 class ScoreSeparation(BaseModel):
@@ -232,6 +322,8 @@ class CompareResponse(BaseModel):
     temperature: float
     mc_samples: int = Field(description="MC dropout samples drawn for the mutual information (0: none)")
     seed: Optional[int] = Field(None, description="seed of the MC samples (null without them)")
+    calibration: Optional[CalibrationUsed] = Field(None, description="the calibration the scores used: a "
+                                                                     "profile (calibration=<id>) or the card's")
     n_in_distribution: int
     n_suspect: int
     scores: list[ScoreSeparation]
@@ -293,4 +385,21 @@ COMPARE_BODY = {"requestBody": {"required": True, "content": {
                          "example": {"in_distribution": _EXAMPLE_IMAGES[:1], "suspect": _EXAMPLE_IMAGES[1:]}},
     "multipart/form-data": {"schema": {"type": "object", "required": ["in_distribution", "suspect"],
                                        "properties": {"in_distribution": _BATCH_FILES, "suspect": _BATCH_FILES}}},
+}}}
+
+_SCORES = {"type": "array", "items": {"type": "array", "items": {"type": "number"}},
+           "description": "[N, K], K from 2 to 1,000, finite"}
+LOGITS_EVALUATE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["labels"],
+                                    "properties": {"logits": _SCORES,
+                                                   "probabilities": {**_SCORES, "description":
+                                                                     "[N, K], rows summing to 1 (instead of logits)"},
+                                                   "labels": {"type": "array", "items": {"type": "integer",
+                                                                                         "minimum": 0}}}},
+                         "example": {"logits": [[2.0, 0.5, -1.0], [0.1, 1.2, 0.3], [0.0, 0.2, 2.5],
+                                                [1.5, 1.4, -0.5]],
+                                     "labels": [0, 1, 2, 1]}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
+        "type": "string", "format": "binary",
+        "description": ".npz with `logits` (or `probs`) float [N, K] and `y` int [N]"}}}},
 }}}

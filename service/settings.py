@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.api_keys import check_keys, read_key_file, split_keys
+from service.api_keys import load_keys, split_keys
 
 # `models/shipped` sits next to this package both in the repo and in site-packages.
 DEFAULT_MODEL = "cifar10-augmix"   # AugMix + shift-aware temperature: calibrated under corruption
@@ -51,25 +51,74 @@ class Settings(BaseSettings):
     metrics_require_key: bool = Field(False, description="/metrics needs an API key too")
     _all_api_keys: tuple[SecretStr, ...] = PrivateAttr(())
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _split_api_keys(cls, value):
         return split_keys(value)
 
     @model_validator(mode="after")
     def _load_api_keys(self):
-        keys = check_keys(self.api_keys, "CALIB_API_KEYS")
-        if self.api_keys_file is not None:
-            keys += read_key_file(self.api_keys_file)
-        if self.metrics_require_key and not keys:
-            raise ValueError("CALIB_METRICS_REQUIRE_KEY=true needs CALIB_API_KEYS or CALIB_API_KEYS_FILE")
+        keys = load_keys(self.api_keys, self.api_keys_file, "CALIB_API_KEYS")
+        self._all_admin_api_keys = tuple(load_keys(self.admin_api_keys, self.admin_api_keys_file,
+                                                   "CALIB_ADMIN_API_KEYS"))
+        if self.metrics_require_key and not keys and not self._all_admin_api_keys:
+            raise ValueError("CALIB_METRICS_REQUIRE_KEY=true needs CALIB_API_KEYS or CALIB_API_KEYS_FILE "
+                             "(or admin keys)")
         self._all_api_keys = tuple(keys)
         return self
 
     @property
     def all_api_keys(self) -> tuple[SecretStr, ...]:
-        """The keys of CALIB_API_KEYS and CALIB_API_KEYS_FILE together (empty: authentication off)."""
+        """The keys of CALIB_API_KEYS and CALIB_API_KEYS_FILE together (the read scope)."""
         return self._all_api_keys
+
+    # --- admin scope: creating and deleting calibration profiles ------------------------------
+    admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated admin API keys: they may create and delete "
+                                          "calibration profiles, and do everything a CALIB_API_KEYS key may. "
+                                          "Any key configured (read or admin) turns authentication on; then "
+                                          "a read key on an admin route gets 403 forbidden")
+    admin_api_keys_file: Optional[Path] = Field(
+        None, description="file with one admin API key a line (as CALIB_API_KEYS_FILE)")
+    _all_admin_api_keys: tuple[SecretStr, ...] = PrivateAttr(())
+
+    @property
+    def all_admin_api_keys(self) -> tuple[SecretStr, ...]:
+        """The keys of CALIB_ADMIN_API_KEYS and CALIB_ADMIN_API_KEYS_FILE together."""
+        return self._all_admin_api_keys
+
+    # --- calibration profiles: storage (service.storage) --------------------------------------
+    data_dir: Path = Field(
+        Path("data"), description="where the default SQLite database (calibrations.db) lives, relative to the "
+                                  "working directory unless absolute; created if missing")
+    database_url: Optional[SecretStr] = Field(
+        None, description="the calibration profiles' database: postgresql+psycopg://user:password@host:5432/db "
+                          "(several replicas share it) or sqlite:///path; default: SQLite (WAL mode) in "
+                          "CALIB_DATA_DIR/calibrations.db")
+    database_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="connecting to the database, or waiting for SQLite's write lock, gives "
+                                       "up after this long (then 503 storage_unavailable)")
+    max_calibrations: int = Field(
+        1000, ge=1, description="calibration profiles the service keeps (all models together); creating one "
+                                "more gets 409 calibration_limit_reached")
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value):
+        if value is not None:
+            from service.storage.engine import backend_of
+
+            backend_of(value.get_secret_value())  # ValueError naming the problem, never the URL
+        return value
+
+    @property
+    def storage_url(self) -> str:
+        """CALIB_DATABASE_URL, or the default SQLite file under CALIB_DATA_DIR."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        from service.storage.engine import default_url
+
+        return default_url(self.data_dir)
 
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="larger bodies get 413")
     max_instances: int = Field(512, ge=1, description="images per predict request")

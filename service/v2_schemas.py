@@ -37,7 +37,7 @@ class RequestInput(_Strict):
 # The outputs a request may name (service.v2_tensors.OUTPUT_NAMES, which a test keeps equal): the
 # document lists them; the server's own check answers an unknown one (400, naming the outputs).
 REQUESTABLE_OUTPUTS = ["probabilities", "mc_mean", "mc_variance", "predictive_entropy", "expected_entropy",
-                       "mutual_information"]
+                       "mutual_information", "prediction_set"]
 
 
 class RequestOutput(_Strict):
@@ -54,7 +54,9 @@ class InferenceRequest(_Strict):
         None, description="`mc_samples` (int 2..CALIB_MAX_MC_SAMPLES: also return the MC-dropout outputs), "
                           "`seed` (int, the dropout masks' seed; random if omitted, returned in the "
                           "response parameters), `resize` (bool: resize BYTES images that are not 32x32 "
-                          "RGB); other parameters are ignored")
+                          "RGB), `coverage` (0 < c < 1: also return `prediction_set`, the conformal sets as a "
+                          "BOOL mask [N, K]) with `conformal_method` (lac, aps, raps) and `mondrian` (bool); "
+                          "other parameters are ignored")
     inputs: list[RequestInput] = Field(description="exactly one input tensor, `images`")
     outputs: Optional[list[RequestOutput]] = Field(
         None, description="the outputs to return (default: `probabilities`, plus the MC outputs when "
@@ -66,7 +68,7 @@ class ResponseOutput(BaseModel):
     shape: list[int]
     datatype: str
     parameters: Optional[Parameters] = None
-    data: list[float] = Field(description="row-major, flat")
+    data: list[Union[float, bool]] = Field(description="row-major, flat (booleans for BOOL tensors)")
 
 
 class InferenceResponse(BaseModel):
@@ -75,7 +77,8 @@ class InferenceResponse(BaseModel):
     id: Optional[str] = Field(None, description="the request's `id`, if it had one")
     parameters: Optional[Parameters] = Field(
         None, description="`temperature`; with MC dropout also `mc_samples` and `seed` (send it back to "
-                          "reproduce the MC outputs)")
+                          "reproduce the MC outputs); with coverage also `coverage`, `conformal_method`, "
+                          "`mondrian`")
     outputs: list[ResponseOutput]
 
 

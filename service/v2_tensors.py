@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service import dataplane, inputs
+from service import dataplane, inputs, prediction_sets
 from service.inputs import IMAGE_SHAPE, InputError
 from service.v2_schemas import InferenceRequest, RequestInput
 
@@ -34,7 +34,9 @@ MC_OUTPUTS = {"mc_mean": ("mean", True), "mc_variance": ("variance", True),
               "predictive_entropy": ("predictive_entropy", False),
               "expected_entropy": ("expected_entropy", False),
               "mutual_information": ("mutual_information", False)}
-OUTPUT_NAMES = (PROBABILITIES, *MC_OUTPUTS)
+# With parameters.coverage: the conformal prediction sets as a BOOL mask [N, K] (docs/conformal.md).
+PREDICTION_SET = "prediction_set"
+OUTPUT_NAMES = (PROBABILITIES, *MC_OUTPUTS, PREDICTION_SET)
 MIN_MC_SAMPLES = 2  # one sample has no variance and no mutual information
 
 
@@ -50,6 +52,7 @@ class InferOptions:
     seed: int | None
     resize: bool
     outputs: tuple[str, ...]
+    sets: prediction_sets.SetOptions | None = None  # parameters.coverage (+ conformal_method, mondrian)
 
 
 def options(request: InferenceRequest, max_mc_samples: int) -> InferOptions:
@@ -69,7 +72,15 @@ def options(request: InferenceRequest, max_mc_samples: int) -> InferOptions:
     resize = params.get("resize", False)
     if not isinstance(resize, bool):
         raise bad("invalid_parameter", f"parameters.resize must be a boolean, got {resize!r}")
-    return InferOptions(mc_samples, seed, resize, _requested_outputs(request, mc_samples))
+    mondrian = params.get("mondrian", False)
+    if not isinstance(mondrian, bool):
+        raise bad("invalid_parameter", f"parameters.mondrian must be a boolean, got {mondrian!r}")
+    coverage = params.get("coverage")
+    if isinstance(coverage, bool) or not (coverage is None or isinstance(coverage, (int, float))):
+        raise bad("invalid_coverage", f"parameters.coverage must be a number in (0, 1), got {coverage!r}")
+    sets = prediction_sets.set_options(coverage, params.get("conformal_method"), mondrian, status=400,
+                                       prefix="parameters.")
+    return InferOptions(mc_samples, seed, resize, _requested_outputs(request, mc_samples, sets is not None), sets)
 
 
 def _int_param(params: dict, name: str) -> int:
@@ -79,9 +90,9 @@ def _int_param(params: dict, name: str) -> int:
     return value
 
 
-def _requested_outputs(request: InferenceRequest, mc_samples: int) -> tuple[str, ...]:
+def _requested_outputs(request: InferenceRequest, mc_samples: int, sets: bool = False) -> tuple[str, ...]:
     if request.outputs is None:
-        return (PROBABILITIES, *MC_OUTPUTS) if mc_samples else (PROBABILITIES,)
+        return ((PROBABILITIES, *MC_OUTPUTS) if mc_samples else (PROBABILITIES,)) + ((PREDICTION_SET,) if sets else ())
     names = [o.name for o in request.outputs]
     if not names:
         raise bad("invalid_request", "'outputs' is empty: omit it for the default outputs")
@@ -91,6 +102,8 @@ def _requested_outputs(request: InferenceRequest, mc_samples: int) -> tuple[str,
         if name in MC_OUTPUTS and not mc_samples:
             raise bad("invalid_parameter", f"output {name!r} needs MC dropout: set parameters.mc_samples "
                                            f"({MIN_MC_SAMPLES} or more)")
+        if name == PREDICTION_SET and not sets:
+            raise bad("invalid_parameter", f"output {name!r} needs parameters.coverage")
     if len(set(names)) != len(names):
         raise bad("invalid_request", f"an output is requested twice: {names}")
     return tuple(names)
@@ -189,10 +202,15 @@ def _encoded_images(tensor: RequestInput, resize: bool, max_instances: int) -> n
 
 
 # --- output -----------------------------------------------------------------------------------
-def output_tensors(prediction: dataplane.Prediction, names: tuple[str, ...]) -> list[dict]:
-    """The requested outputs as protocol tensors: FP32, flat row-major data."""
+def output_tensors(prediction: dataplane.Prediction, names: tuple[str, ...],
+                   set_mask: np.ndarray | None = None) -> list[dict]:
+    """The requested outputs as protocol tensors: FP32 (the prediction set: BOOL), flat row-major data."""
     tensors = []
     for name in names:
+        if name == PREDICTION_SET:
+            tensors.append({"name": name, "shape": list(set_mask.shape), "datatype": "BOOL",
+                            "data": set_mask.reshape(-1).tolist()})
+            continue
         if name == PROBABILITIES:
             values = prediction.probabilities
         else:
@@ -204,8 +222,8 @@ def output_tensors(prediction: dataplane.Prediction, names: tuple[str, ...]) -> 
 
 
 def output_metadata(num_classes: int) -> list[dict]:
-    return [{"name": name, "datatype": "FP32",
-             "shape": [-1, num_classes] if name == PROBABILITIES or MC_OUTPUTS[name][1] else [-1]}
+    return [{"name": name, "datatype": "BOOL" if name == PREDICTION_SET else "FP32",
+             "shape": [-1, num_classes] if name in (PROBABILITIES, PREDICTION_SET) or MC_OUTPUTS[name][1] else [-1]}
             for name in OUTPUT_NAMES]
 
 

@@ -49,3 +49,16 @@ def error_of(response, status: int, code: str) -> str:
     assert err["status"] == status
     assert isinstance(err["message"], str) and err["message"], err
     return err["message"]
+
+
+def forward_to(test_client):
+    """An httpx MockTransport that hands every request to an in-process app's TestClient (how the
+    client and CLI tests reach the app without a server)."""
+    import httpx
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        r = test_client.request(request.method, request.url.raw_path.decode(), content=request.content,
+                                headers={k: v for k, v in request.headers.items() if k.lower() != "host"})
+        return httpx.Response(r.status_code, headers=r.headers, content=r.content)
+
+    return httpx.MockTransport(handler)

@@ -23,8 +23,9 @@ from service.settings import ENV_PREFIX, Settings
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "kubernetes"
-CORE_MANIFESTS = [K8S / name for name in ("configmap.yaml", "deployment.yaml", "service.yaml", "hpa.yaml",
-                                          "pdb.yaml", "secret.example.yaml")] + [DEPLOY / "training" / "pvc.yaml"]
+CORE_MANIFESTS = ([K8S / name for name in ("configmap.yaml", "deployment.yaml", "service.yaml", "hpa.yaml",
+                                          "pdb.yaml", "secret.example.yaml", "database-secret.example.yaml")]
+                  + [DEPLOY / "training" / "pvc.yaml"])
 # The oldest Kubernetes minor still in common support, and the newest schema kubernetes-validate bundles
 # (pinned, not latest_version(): a package upgrade must not silently change what is checked).
 K8S_VERSIONS = ("1.30", "1.37")
@@ -240,11 +241,25 @@ def test_hpa_pdb_and_service_select_the_deployment(deployment):
     assert service["spec"]["selector"].items() <= labels.items()
 
 
+def test_database_url_comes_from_the_example_database_secret(container, isvc):
+    """Both pod specs read CALIB_DATABASE_URL from the Secret that database-secret.example.yaml
+    describes, and its placeholder is a PostgreSQL URL the settings accept."""
+    from service.storage.engine import backend_of
+
+    example = load(K8S / "database-secret.example.yaml")
+    for c in (container, isvc["spec"]["predictor"]["containers"][0]):
+        ref = env_of(c)["CALIB_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == example["metadata"]["name"] and ref["key"] in example["stringData"]
+    assert backend_of(example["stringData"]["url"]) == "postgresql"
+    Settings(database_url=example["stringData"]["url"])
+
+
 def test_kustomization_lists_the_manifests_but_not_the_example_secret(container):
     kustomization = load(K8S / "kustomization.yaml")
     assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
     listed = set(kustomization["resources"])
-    assert listed == {p.name for p in CORE_MANIFESTS if p.parent == K8S} - {"secret.example.yaml"}
+    assert listed == {p.name for p in CORE_MANIFESTS if p.parent == K8S} - {"secret.example.yaml",
+                                                                            "database-secret.example.yaml"}
     (image,) = kustomization["images"]
     assert image["name"] == container["image"]
 

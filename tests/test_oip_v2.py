@@ -322,7 +322,8 @@ def test_request_id_echo_and_defaults(app_client, images):
     body = pixels_request(images[:3], id="my-request", parameters={"binary_data_output": True, "other": "x"})
     answer = app_client.post(f"/v2/models/{MODEL}/infer", json=body).json()
     assert answer["id"] == "my-request" and answer["model_name"] == MODEL
-    assert answer["parameters"] == {"temperature": pytest.approx(answer["parameters"]["temperature"])}
+    assert answer["parameters"] == {"temperature": pytest.approx(answer["parameters"]["temperature"]),
+                                    "calibration": "card", "calibration_method": "temperature"}
     (probs,) = answer["outputs"]
     assert probs["name"] == "probabilities" and probs["datatype"] == "FP32" and probs["shape"] == [3, 10]
     np.testing.assert_allclose(np.asarray(probs["data"]).reshape(3, 10).sum(axis=1), 1.0, atol=1e-5)

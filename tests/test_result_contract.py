@@ -62,6 +62,7 @@ def evaluation():
     (schemas.ScoreSeparation, client.ScoreSeparation),
     (schemas.CompareResponse, client.ComparisonReport),
     (schemas.ReportWarningOut, client.ReportWarning),
+    (schemas.CalibrationUsed, client.CalibrationUsed),
 ])
 def test_client_types_have_the_schema_fields(schema, client_type):
     assert client_fields(client_type) == schema_fields(schema)
@@ -105,7 +106,9 @@ def test_an_evaluation_survives_schema_and_client_unchanged(evaluation):
             "fitted_temperature": evaluation.fitted_temperature,
             "after_fitted_temperature": evaluation.after_fitted.to_dict(),
             "selective": evaluation.selective.report.to_dict(),
-            "warnings": [w.to_dict() for w in evaluation.warnings]}
+            "warnings": [w.to_dict() for w in evaluation.warnings],
+            "calibration": {"id": None, "method": "temperature", "source": "card"},
+            "after_calibration": evaluation.after.to_dict(), "conformal": None}
     assert set(body) == schema_fields(schemas.EvaluateResponse)
     wire = schemas.EvaluateResponse.model_validate(body).model_dump(mode="json")
     assert wire == body
@@ -118,6 +121,8 @@ def test_an_evaluation_survives_schema_and_client_unchanged(evaluation):
     assert sel.target == client.AccuracyThreshold(**core.target.to_dict())
     assert [dataclasses.asdict(p) for p in sel.risk_coverage_curve] == [p.to_dict() for p in core.curve]
     assert [(w.code, w.message) for w in report.warnings] == [(w.code, w.message) for w in evaluation.warnings]
+    assert report.calibration == client.CalibrationUsed(None, "temperature", "card")
+    assert report.after_calibration == report.after and report.conformal == []
 
 
 def test_a_batch_of_every_class_has_no_warning():

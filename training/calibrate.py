@@ -121,7 +121,12 @@ def calibrate(artifact_dir: str, data_source: str, *, method: str, images_per_se
         "seconds": round(time.time() - started, 1),
     }
     target = Path(output) if output else artifact.path
+    card.pop("conformal_set", None)   # its file is not carried over by save_artifact: rewritten below
     save_artifact(artifact.model, card, target, overwrite=True)
+    from models.conformal_set import save_calibration_set   # same validation logits, new model sha256
+
+    save_calibration_set(target, val_logits, y_val, {"data": "validation split",
+                                                     "split_seed": card["data"]["split_seed"]})
     return {"path": str(target), "temperature": float(temperature), "previous": float(previous),
             "test": after, "ood_threshold": card["ood_threshold"], "sets": len(sets)}
 

@@ -69,10 +69,7 @@ def fit_artifact(artifact_dir: str, data_source: str, *, tpr: float = 0.95, writ
 
 @command(PROG)
 def main(argv=None) -> int:
-    p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("artifact", help="artifact folder (model.keras + model_card.json)")
-    p.add_argument("--data", required=True, help="the CIFAR-10 source the model was trained on "
-                                                 "(as given to training.train --data)")
+    p = artifact_parser(PROG, __doc__)
     p.add_argument("--tpr", type=float, default=0.95, help="share of clean validation images that pass "
                                                            "(default 0.95)")
     p.add_argument("--dry-run", action="store_true", help="print the block, do not write the card")
@@ -80,9 +77,23 @@ def main(argv=None) -> int:
     if not 0.0 < args.tpr <= 1.0:
         p.error(f"--tpr must be in (0, 1], got {args.tpr}")
     block = fit_artifact(args.artifact, args.data, tpr=args.tpr, write=not args.dry_run)
-    print(json.dumps({"ood_threshold": block}, indent=2))
-    if not args.dry_run:
-        print(f"written to {args.artifact}/model_card.json", file=sys.stderr)
+    return print_block("ood_threshold", block, None if args.dry_run else f"{args.artifact}/model_card.json")
+
+
+def artifact_parser(prog: str, doc: str) -> ArgumentParser:
+    """The arguments every post-hoc command on an artifact's validation split takes."""
+    p = ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    p.add_argument("artifact", help="artifact folder (model.keras + model_card.json)")
+    p.add_argument("--data", required=True, help="the CIFAR-10 source the model was trained on "
+                                                 "(as given to training.train --data)")
+    return p
+
+
+def print_block(key: str, block: dict, written: str | None) -> int:
+    """Print the card block a post-hoc command computed (and, on stderr, where it was written)."""
+    print(json.dumps({key: block}, indent=2))
+    if written:
+        print(f"written to {written}", file=sys.stderr)
     return 0
 
 

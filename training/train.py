@@ -326,6 +326,11 @@ def write_artifact(config, splits: Splits, fitted: Fitted, calibrated: Calibrate
     with target_context as target:
         save_artifact(calibrated.model, card, target, overwrite=config.overwrite)
     print(f"artifact written to {out}" if chief else "not the chief: no artifact written", flush=True)
+    if chief and len(splits.y_val):   # the conformal calibration set: prediction sets over these logits
+        from models.conformal_set import save_calibration_set
+
+        save_calibration_set(out, val_logits, splits.y_val, {"data": "validation split",
+                                                             "split_seed": card["data"]["split_seed"]})
     return out
 
 

@@ -1,5 +1,6 @@
 """Calibration math shared by training, the service and the lab (NumPy only, no TensorFlow)."""
 
+from .conformal import ConformalCalibration, conformal_report, evaluate_sets, split_conformal_report
 from .bootstrap import Interval, bootstrap_intervals
 from .diagram import reliability_diagram_png
 from .metrics import (
@@ -13,9 +14,20 @@ from .metrics import (
     softmax,
 )
 from .ood import SCORES as OOD_SCORES, Detection, aupr, auroc, detection, fpr_at_tpr, threshold_at_tpr, uncertainty_scores
+from .recalibration import Calibrator, ProfileFit, TooFewImagesError, fit_calibrator, fit_profile, minimum_images
 from .temperature import TemperatureFitError, fit_temperature, nll_at_temperature
 
 __all__ = [
+    "Calibrator",
+    "ConformalCalibration",
+    "ProfileFit",
+    "TooFewImagesError",
+    "conformal_report",
+    "evaluate_sets",
+    "fit_calibrator",
+    "fit_profile",
+    "minimum_images",
+    "split_conformal_report",
     "OOD_SCORES",
     "Detection",
     "aupr",

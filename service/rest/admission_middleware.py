@@ -31,7 +31,10 @@ from service.rest.errors import error_response
 BODY_ROUTES = [(re.compile(r"^/v1/models/(?P<name>[^/]+)/evaluate/?$"), "/v1/models/{name}/evaluate", True),
                (re.compile(r"^/v1/models/(?P<name>[^/]+)/predict/?$"), "/v1/models/{name}/predict", False),
                # compare runs the model over two whole batches: as heavy as evaluate, so gated like it
-               (re.compile(r"^/v1/models/(?P<name>[^/]+)/compare/?$"), "/v1/models/{name}/compare", True)]
+               (re.compile(r"^/v1/models/(?P<name>[^/]+)/compare/?$"), "/v1/models/{name}/compare", True),
+               # fitting a calibration profile: a model pass over the batch plus k-fold fits
+               (re.compile(r"^/v1/models/(?P<name>[^/]+)/calibrations/?$"), "/v1/models/{name}/calibrations", True),
+               (re.compile(r"^/v1/calibrations/?$"), "/v1/calibrations", True)]
 # /v2 infer parses its body as JSON whatever the Content-Type (tritonclient sends none): charged as JSON.
 V2_INFER = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer/?$")
 

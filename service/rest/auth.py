@@ -10,6 +10,10 @@ secret, and clients are generated from it).
 
 A missing or wrong key is 401 `unauthorized` with `WWW-Authenticate: Bearer`; the key is never
 echoed, logged or put in a metric label. Matching is in `service.api_keys.KeyRing`.
+
+Two scopes: the keys of CALIB_API_KEYS read and use calibration profiles (and everything else);
+those of CALIB_ADMIN_API_KEYS may also create and delete them (`protect_admin` on those routes).
+A valid read key on an admin route is 403 `forbidden`.
 """
 
 from __future__ import annotations
@@ -61,6 +65,40 @@ async def require_api_key(
         raise Unauthorized("invalid API key")
 
 
+class Forbidden(Exception):
+    """A valid key without the scope the route needs."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+FORBIDDEN_RESPONSE = {403: {"model": ErrorResponse,
+                            "description": "`forbidden`: the API key may read and use calibration profiles "
+                                           "but not create or delete them (CALIB_ADMIN_API_KEYS)"}}
+
+
+async def require_admin_key(request: Request) -> None:
+    """After `require_api_key`: the key must also be an admin key."""
+    admin: KeyRing = request.app.state.admin_keys
+    if not any([admin.matches(k) for k in presented_keys(dict(request.scope["headers"]))]):
+        raise Forbidden("this API key may read and use calibration profiles, not create or delete them "
+                        "(an admin key of CALIB_ADMIN_API_KEYS may)")
+
+
+def protect_admin(keys: KeyRing) -> dict:
+    """`include_router(...)` keyword arguments for a router of admin routes: a valid key (401
+    otherwise) that is an admin key (403 otherwise); none when the service has no key at all."""
+    if not keys:
+        return {}
+    return {"dependencies": [Security(require_api_key), Security(require_admin_key)],
+            "responses": {**UNAUTHORIZED_RESPONSE, **FORBIDDEN_RESPONSE}}
+
+
+async def _forbidden(request: Request, exc: Forbidden) -> JSONResponse:
+    return error_response(403, "forbidden", exc.message, request=request)
+
+
 async def _unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
     response = error_response(401, "unauthorized", exc.message, request=request)
     response.headers["WWW-Authenticate"] = "Bearer"
@@ -92,9 +130,13 @@ def protect(keys: KeyRing) -> dict:
     return {"dependencies": [Security(require_api_key)], "responses": UNAUTHORIZED_RESPONSE}
 
 
-def install(app: FastAPI, keys: KeyRing) -> None:
+def install(app: FastAPI, keys: KeyRing, admin_keys: KeyRing | None = None) -> None:
+    """`keys`: every key the service accepts (read and admin); `admin_keys`: those that may also
+    create and delete calibration profiles."""
     app.state.api_keys = keys
+    app.state.admin_keys = admin_keys if admin_keys is not None else KeyRing(())
     app.add_exception_handler(Unauthorized, _unauthorized)
+    app.add_exception_handler(Forbidden, _forbidden)
 
 
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 
 from service.rest.errors import error_response, error_responses
 from service.schemas import Liveness, Readiness
 
+STORAGE_CHECK_TIMEOUT_S = 1.5  # under the readiness probe's 3 s timeout (deploy/kubernetes)
 router = APIRouter(tags=["health"])
 metrics_router = APIRouter(tags=["health"])  # apart: CALIB_METRICS_REQUIRE_KEY puts it behind the API key
 
@@ -24,15 +27,36 @@ async def live_head() -> Response:
 
 
 @router.get("/health/ready", response_model=Readiness, summary="At least one model is loaded",
+            description="200 once a model is loaded; `storage` says whether the calibration database answers "
+                        "(when it does not, predictions without a profile are still served, so the answer "
+                        "stays 200 with `storage.status` `unavailable`)",
             responses=error_responses(503))
 async def ready(request: Request):
     registry = getattr(request.app.state, "registry", None)
     failed = [] if registry is None else [{"path": f.path, "error": f.error} for f in registry.failures]
+    storage = await storage_status(request.app)
     if registry is None or not registry.ready:
         return error_response(503, "not_ready", "no model is loaded"
                               + (f"; {len(failed)} artifact(s) failed to load" if failed else ""),
-                              {"failed": failed}, request=request)
-    return {"status": "ready", "models": registry.names(), "failed": failed}
+                              {"failed": failed, "storage": storage}, request=request)
+    return {"status": "ready", "models": registry.names(), "failed": failed, "storage": storage}
+
+
+async def storage_status(app) -> dict | None:
+    """{"status": "ready" | "unavailable", "backend", "message"?} of the calibration database."""
+    from service.storage import StorageUnavailable
+
+    repository = getattr(app.state, "calibrations", None)
+    if repository is None:
+        return None
+    try:
+        await asyncio.wait_for(asyncio.to_thread(repository.check), STORAGE_CHECK_TIMEOUT_S)
+    except StorageUnavailable as exc:
+        return {"status": "unavailable", "backend": repository.backend, "message": exc.message}
+    except asyncio.TimeoutError:
+        return {"status": "unavailable", "backend": repository.backend,
+                "message": f"the calibration database did not answer within {STORAGE_CHECK_TIMEOUT_S:g} s"}
+    return {"status": "ready", "backend": repository.backend}
 
 
 @metrics_router.get("/metrics", summary="Prometheus metrics", response_class=Response,

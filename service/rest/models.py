@@ -8,7 +8,8 @@ from typing import Literal, Optional
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from service import dataplane, inputs
+from service import dataplane, inputs, prediction_sets
+from service.rest import calibrations
 from service.rest.errors import error_responses
 from service.rest.requests import (
     charge_uncompressed,
@@ -63,7 +64,8 @@ async def get_model(request: Request, name: str = ModelName) -> dict:
             "runtime": model.runtime}
 
 
-@router.post("/{name}/predict", response_model=PredictResponse, responses=error_responses(*BODY_ERRORS),
+@router.post("/{name}/predict", response_model=PredictResponse,
+             responses={**error_responses(*BODY_ERRORS), **calibrations.USE_ERRORS},
              openapi_extra=PREDICT_BODY, summary="Calibrated class probabilities with MC-dropout uncertainty")
 async def predict(
     request: Request,
@@ -72,9 +74,20 @@ async def predict(
     seed: Optional[int] = Query(None, description="seed of the dropout masks (random if omitted)"),
     return_logits: bool = Query(False, description="also return raw logits and uncalibrated probabilities"),
     resize: bool = Query(False, description="resize encoded images that are not 32x32 RGB"),
+    coverage: Optional[float] = Query(None, description="conformal prediction sets at this coverage, 0 < c < 1 "
+                                                        "(docs/conformal.md)"),
+    conformal_method: Optional[Literal["lac", "aps", "raps"]] = Query(
+        None, description="the sets' non-conformity score (default lac); needs coverage"),
+    mondrian: bool = Query(False, description="class-conditional (Mondrian) sets; needs coverage"),
+    calibration: Optional[str] = Query(None, description="a calibration profile's id: use it instead of the "
+                                                         "card's temperature (probabilities, MC samples, OOD "
+                                                         "entropy, and the sets from its own conformal calibration)"),
 ) -> dict:
     settings = settings_of(request)
     model = model_of(request, name)
+    profile = await calibrations.profile_for(request, model, calibration)
+    set_options = prediction_sets.set_options(coverage, conformal_method, mondrian)
+    conformal_set = None if set_options is None else calibrations.conformal_of(model, profile)
     t = inputs.check_mc_samples(settings.default_mc_samples if mc_samples is None else mc_samples,
                                 settings.max_mc_samples)
     seed = inputs.check_seed(seed)
@@ -92,11 +105,17 @@ async def predict(
         x = await in_thread(inputs.images_from_files, payload.files, resize=resize,
                             limits=upload_limits(settings, settings.max_instances))
     decoded = time.perf_counter()
-    result = await run_predict(request, model, x, mc_samples=t, seed=seed)
+    result = await run_predict(request, model, x, mc_samples=t, seed=seed,
+                               calibrator=None if profile is None else profile.calibrator)
     metrics.images.labels(model.name, "predict").inc(len(x))
     metrics.mc_samples.labels(model.name).inc(t * len(x))
     predicted = time.perf_counter()
     body = _predict_body(model, result, t, return_logits)
+    body["calibration"] = calibrations.used(model, profile)
+    if set_options is not None:
+        mask = prediction_sets.sets(conformal_set, result.probabilities, set_options)
+        for row, prediction_set in zip(body["predictions"], prediction_sets.set_rows(mask, set_options, model.classes)):
+            row["prediction_set"] = prediction_set
     for stage, seconds in (("read_body", read - started), ("decode", decoded - read),
                            ("respond", time.perf_counter() - predicted)):
         metrics.observe_stage(model.name, stage, seconds)
@@ -132,7 +151,7 @@ def _predict_body(model, result: dataplane.Prediction, t: int, return_logits: bo
 @router.post("/{name}/evaluate", response_model=EvaluateResponse, openapi_extra=EVALUATE_BODY,
              summary="ECE and selective-prediction report (JSON), reliability diagram or risk-coverage "
                      "curve (PNG) on a labelled batch",
-             responses={**error_responses(*BODY_ERRORS),
+             responses={**error_responses(*BODY_ERRORS), **calibrations.USE_ERRORS,
                         200: {"content": {"application/json": {}, **PNG_CONTENT},
                               "description": "the report; the reliability diagram with format=png; the "
                                              "risk-coverage curve with format=risk_coverage_png"}})
@@ -148,20 +167,26 @@ async def evaluate(
                                       "reach this accuracy, and its coverage (selective.target)"),
     resize: bool = Query(False, description="resize archive images that are not 32x32 RGB"),
     split: Optional[str] = Query(None, description="archive sub-folder holding the class folders, e.g. test"),
+    coverage: Optional[list[float]] = Query(None, description="report the conformal prediction sets (the card's, "
+                                                              "or the profile's with calibration=<id>) at these "
+                                                              "coverages (repeat the parameter), 0 < c < 1"),
+    conformal_method: Optional[list[Literal["lac", "aps", "raps"]]] = Query(
+        None, description="the scores to report (repeatable; default all three); needs coverage"),
+    mondrian: bool = Query(False, description="class-conditional (Mondrian) sets; needs coverage"),
+    calibration: Optional[str] = Query(None, description="a calibration profile's id: also report the metrics "
+                                                         "under it (after_calibration); the conformal block then "
+                                                         "uses it"),
 ):
     settings = settings_of(request)
     model = model_of(request, name)
+    profile = await calibrations.profile_for(request, model, calibration)
+    conformal = _conformal_request(model, coverage, conformal_method, mondrian, profile)
     n_bins = inputs.check_bins(settings.default_bins if bins is None else bins, settings.max_bins)
-    payload = await read_payload(request, max_files=2)
-    if payload.json is not None:
-        x, y = await in_thread(_labelled_json, payload.json, model.num_classes, resize, settings.max_eval_images)
-    else:
-        await charge_uncompressed(request, payload.files)
-        x, y = await in_thread(inputs.labelled_from_files, payload.files, class_names=model.classes,
-                               split=split, resize=resize, limits=upload_limits(settings, settings.max_eval_images))
+    x, y = await read_labelled_batch(request, model, resize=resize, split=split)
     report = await on_model_executor(request, dataplane.evaluate, model, x, y, n_bins=n_bins,
                                      fit=fit_temperature, chunk=settings.eval_chunk,
-                                     target_accuracy=target_accuracy)
+                                     target_accuracy=target_accuracy, conformal=conformal,
+                                     calibrator=None if profile is None else profile.calibrator)
     request.app.state.metrics.images.labels(model.name, "evaluate").inc(len(x))
     if format == "png":
         png = await in_thread(dataplane.diagram_png, report, model.name)
@@ -175,8 +200,34 @@ async def evaluate(
             "before_temperature": report.before.to_dict(), "after_temperature": report.after.to_dict(),
             "fitted_temperature": report.fitted_temperature,
             "after_fitted_temperature": None if report.after_fitted is None else report.after_fitted.to_dict(),
-            "selective": report.selective.report.to_dict(),
-            "warnings": [w.to_dict() for w in report.warnings]}
+            "selective": report.selective.report.to_dict(), "conformal": report.conformal,
+            "warnings": [w.to_dict() for w in report.warnings],
+            "calibration": calibrations.used(model, profile),
+            "after_calibration": None if report.after_profile is None else report.after_profile.to_dict()}
+
+
+def _conformal_request(model, coverage, methods, mondrian, profile=None) -> dataplane.ConformalRequest | None:
+    if not coverage:
+        if methods or mondrian:
+            raise inputs.InputError("invalid_parameter", "conformal_method and mondrian need coverage")
+        return None
+    return dataplane.ConformalRequest(calibrations.conformal_of(model, profile),
+                                      prediction_sets.coverage_levels(coverage),
+                                      tuple(dict.fromkeys(methods)) if methods else prediction_sets.METHODS, mondrian,
+                                      **({} if profile is None else {"source": "profile",
+                                                                    "calibrator": profile.calibrator}))
+
+
+async def read_labelled_batch(request: Request, model, *, resize: bool, split: Optional[str]):
+    """(images, labels) of a labelled batch in any form evaluate takes: JSON instances + labels, an
+    .npz with x and y, or an archive of <class>/<image> folders (also the profile fits' input)."""
+    settings = settings_of(request)
+    payload = await read_payload(request, max_files=2)
+    if payload.json is not None:
+        return await in_thread(_labelled_json, payload.json, model.num_classes, resize, settings.max_eval_images)
+    await charge_uncompressed(request, payload.files)
+    return await in_thread(inputs.labelled_from_files, payload.files, class_names=model.classes,
+                           split=split, resize=resize, limits=upload_limits(settings, settings.max_eval_images))
 
 
 def _labelled_json(payload: dict, num_classes: int, resize: bool, max_images: int):
@@ -192,7 +243,7 @@ def _labelled_json(payload: dict, num_classes: int, resize: bool, max_images: in
                          "means, and the share of each batch the model's OOD flag marks; with `format=png`, "
                          "histograms of the scores of both batches. Admitted like evaluate (one evaluation "
                          "slot, bounded queue).",
-             responses={**error_responses(*BODY_ERRORS),
+             responses={**error_responses(*BODY_ERRORS), **calibrations.USE_ERRORS,
                         200: {"content": {"application/json": {}, **PNG_CONTENT},
                               "description": "the report, or the score histograms with format=png"}})
 async def compare(
@@ -203,9 +254,12 @@ async def compare(
     seed: Optional[int] = Query(None, description="seed of the dropout masks (random if omitted)"),
     format: Literal["json", "png"] = Query("json", description="png: histograms of the scores of both batches"),
     resize: bool = Query(False, description="resize encoded images that are not 32x32 RGB"),
+    calibration: Optional[str] = Query(None, description="a calibration profile's id: the scores use it instead "
+                                                         "of the card's temperature"),
 ):
     settings = settings_of(request)
     model = model_of(request, name)
+    profile = await calibrations.profile_for(request, model, calibration)
     t = inputs.check_compare_mc_samples(mc_samples, settings.max_mc_samples)
     seed = inputs.check_seed(seed)
     if t >= 2 and seed is None:
@@ -219,7 +273,8 @@ async def compare(
         x_in, x_out = await in_thread(inputs.batches_from_files, payload.files, payload.fields, resize=resize,
                                       limits=upload_limits(settings, settings.max_eval_images))
     result = await on_model_executor(request, dataplane.compare, model, x_in, x_out, mc_samples=t, seed=seed,
-                                     chunk=settings.eval_chunk, mc_chunk_rows=settings.mc_chunk_rows)
+                                     chunk=settings.eval_chunk, mc_chunk_rows=settings.mc_chunk_rows,
+                                     calibrator=None if profile is None else profile.calibrator)
     metrics = request.app.state.metrics
     metrics.images.labels(model.name, "compare").inc(len(x_in) + len(x_out))
     metrics.mc_samples.labels(model.name).inc(t * (len(x_in) + len(x_out)))
@@ -232,7 +287,7 @@ async def compare(
         flagged = {"threshold": result.threshold, "in_distribution": result.flagged_in,
                    "suspect": result.flagged_suspect}
     return {"model": model.name, "temperature": model.temperature, "mc_samples": t, "seed": result.seed,
-            "n_in_distribution": result.n_in, "n_suspect": result.n_suspect, "flagged": flagged,
+            "calibration": calibrations.used(model, profile), "n_in_distribution": result.n_in, "n_suspect": result.n_suspect, "flagged": flagged,
             "scores": [{"score": d.score, "auroc": d.auroc, "aupr": d.aupr, "fpr_at_95_tpr": d.fpr_at_95_tpr,
                         "mean_in_distribution": d.mean_in, "mean_suspect": d.mean_out}
                        for d in result.detections]}

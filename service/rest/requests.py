@@ -107,16 +107,19 @@ async def stop_on_disconnect(request: Request, stop: threading.Event) -> AsyncIt
         await asyncio.gather(watcher, return_exceptions=True)
 
 
-async def run_predict(request: Request, model: LoadedModel, x, *, mc_samples: int, seed: int | None):
+async def run_predict(request: Request, model: LoadedModel, x, *, mc_samples: int, seed: int | None,
+                      calibrator=None):
     """`BatchedPredictor.predict` within the predict work bound (503 overloaded beyond it), given up
-    at its next chunk when the client disconnects (ClientDisconnect: counted as 499)."""
+    at its next chunk when the client disconnects (ClientDisconnect: counted as 499). `calibrator`:
+    a recalibration profile's, instead of the card's temperature."""
     settings = settings_of(request)
     stop = threading.Event()
     with request.app.state.predict_work.hold(len(x) * max(1, mc_samples)):
         async with stop_on_disconnect(request, stop) as gone:
             try:
                 return await predictor_of(request).predict(model, x, mc_samples=mc_samples, seed=seed,
-                                                           mc_chunk_rows=settings.mc_chunk_rows, stop=stop)
+                                                           mc_chunk_rows=settings.mc_chunk_rows, stop=stop,
+                                                           calibrator=calibrator)
             except WorkCancelled:
                 if gone():
                     raise ClientDisconnect() from None

@@ -19,11 +19,11 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from service import v2_tensors
+from service import prediction_sets, v2_tensors
 from service.api_keys import KeyRing
 from service.inputs import InputError, parse_json_object
 from service.registry import LoadedModel
-from service.rest import auth
+from service.rest import auth, calibrations
 from service.rest.errors import shown
 from service.rest.requests import in_thread, model_of, registry_of, run_predict, settings_of
 from service.schemas import _EXAMPLE_IMAGES
@@ -50,9 +50,12 @@ BINARY_HEADER = "inference-header-content-length"
 ERRORS_V2 = {
     400: "the request is not a valid inference request for this model (shape, datatype, data, "
          "parameters, outputs, JSON)",
-    404: "no loaded model has this name, or the model has no such version",
+    404: "no loaded model has this name, or the model has no such version, or no calibration profile has "
+         "the id of `parameters.calibration`",
+    409: "`parameters.calibration` names a profile of another model, or of another version of this one",
     413: "the body is over CALIB_MAX_BODY_BYTES",
-    503: "no model is loaded yet, or the server is overloaded (retry after `Retry-After` seconds)",
+    503: "no model is loaded yet, or the server is overloaded (retry after `Retry-After` seconds), or the "
+         "calibration database is down (with `parameters.calibration`)",
 }
 
 
@@ -144,7 +147,7 @@ _EXAMPLE = {"id": "example-1", "parameters": {"mc_samples": 30, "seed": 7},
             "outputs": [{"name": "probabilities"}, {"name": "mutual_information"}]}
 INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": inlined_schema(InferenceRequest), "example": _EXAMPLE}}}}
-INFER_ERRORS = _errors(400, 404, 413)
+INFER_ERRORS = _errors(400, 404, 409, 413)
 
 
 @router.post("/models/{name}/infer", response_model=InferenceResponse, responses=INFER_ERRORS,
@@ -171,23 +174,43 @@ async def _infer(request: Request, name: str, version: str | None) -> dict:
     body = await request.body()
     infer_request = await in_thread(_parse, body)
     opts = v2_tensors.options(infer_request, settings.max_mc_samples)
+    profile = await calibrations.profile_for(request, model, _calibration_id(infer_request))
+    calibration = None
+    if opts.sets is not None:
+        calibration = (prediction_sets.calibration_of(model, status=400) if profile is None
+                       else calibrations.conformal_of(model, profile))
     x = await in_thread(v2_tensors.images, infer_request, resize=opts.resize,
                         max_instances=settings.max_instances)
     seed = opts.seed
     if seed is None and opts.mc_samples:
         seed = secrets.randbelow(2**31 - 1)
-    result = await run_predict(request, model, x, mc_samples=opts.mc_samples, seed=seed)
+    result = await run_predict(request, model, x, mc_samples=opts.mc_samples, seed=seed,
+                               calibrator=None if profile is None else profile.calibrator)
     metrics = request.app.state.metrics
     metrics.images.labels(model.name, "infer_v2").inc(len(x))
     metrics.mc_samples.labels(model.name).inc(opts.mc_samples * len(x))
-    parameters = {"temperature": model.temperature}
+    parameters = {"temperature": model.temperature, "calibration": profile.id if profile is not None else "card",
+                  "calibration_method": "temperature" if profile is None else profile.record.method}
     if opts.mc_samples:
         parameters.update(mc_samples=opts.mc_samples, seed=result.seed)
+    mask = None
+    if opts.sets is not None:
+        mask = prediction_sets.sets(calibration, result.probabilities, opts.sets)
+        parameters.update(coverage=opts.sets.coverage, conformal_method=opts.sets.method, mondrian=opts.sets.mondrian)
     response = {"model_name": model.name, "model_version": version_of(model), "parameters": parameters,
-                "outputs": await in_thread(v2_tensors.output_tensors, result, opts.outputs)}
+                "outputs": await in_thread(v2_tensors.output_tensors, result, opts.outputs, mask)}
     if infer_request.id is not None:
         response["id"] = infer_request.id
     return response
+
+
+def _calibration_id(infer_request: InferenceRequest) -> str | None:
+    """`"parameters": {"calibration": "<profile id>"}`: use that profile (None: the card's temperature)."""
+    value = (infer_request.parameters or {}).get("calibration")
+    if value is not None and not isinstance(value, str):
+        raise InputError("invalid_parameter", f"parameters.calibration must be a profile id (a string), "
+                                              f"got {value!r}", 400)
+    return value
 
 
 def _parse(body: bytes) -> InferenceRequest:
