@@ -28,15 +28,19 @@ class RequestInput(_Strict):
         description="[N, 32, 32, 3] for UINT8 / FP32 pixels, [N] for BYTES (encoded images)")
     datatype: str = Field(description="UINT8 or FP32 (pixel values 0..255, RGB, HWC) or BYTES "
                                       "(base64 strings of PNG/JPEG files)")
-    parameters: Optional[Parameters] = None
-    data: list[Any] = Field(description="the tensor's elements in row-major order, flat or nested")
+    parameters: Optional[Parameters] = Field(
+        None, description="`binary_data_size`: the tensor is sent as that many raw bytes after the JSON "
+                          "(binary tensor data extension; no `data` then)")
+    data: Optional[list[Any]] = Field(
+        None, description="the tensor's elements in row-major order, flat or nested (required unless "
+                          "parameters.binary_data_size is given)")
 
 
 class RequestOutput(_Strict):
     name: str = Field(description="an output named in the model metadata")
     parameters: Optional[Parameters] = Field(
-        None, description="accepted and ignored (outputs are always returned as JSON: `binary_data` "
-                          "is not supported)")
+        None, description="`binary_data` (bool): return this output as raw bytes after the JSON (binary "
+                          "tensor data extension); other parameters are ignored")
 
 
 class InferenceRequest(_Strict):
@@ -45,7 +49,8 @@ class InferenceRequest(_Strict):
         None, description="`mc_samples` (int 2..CALIB_MAX_MC_SAMPLES: also return the MC-dropout outputs), "
                           "`seed` (int, the dropout masks' seed; random if omitted, returned in the "
                           "response parameters), `resize` (bool: resize BYTES images that are not 32x32 "
-                          "RGB); other parameters are ignored")
+                          "RGB), `binary_data_output` (bool: outputs that do not say otherwise are returned "
+                          "as raw bytes); other parameters are ignored")
     inputs: list[RequestInput] = Field(description="exactly one input tensor, `images`")
     outputs: Optional[list[RequestOutput]] = Field(
         None, description="the outputs to return (default: `probabilities`, plus the MC outputs when "
@@ -56,8 +61,9 @@ class ResponseOutput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    parameters: Optional[Parameters] = None
-    data: list[float] = Field(description="row-major, flat")
+    parameters: Optional[Parameters] = Field(
+        None, description="`binary_data_size`: the output's raw bytes follow the JSON (no `data` then)")
+    data: Optional[list[float]] = Field(None, description="row-major, flat")
 
 
 class InferenceResponse(BaseModel):
