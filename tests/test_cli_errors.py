@@ -185,7 +185,7 @@ def test_lab_bad_artifact(truncated_artifact, tmp_path):
     assert_one_line_error(out, 1, "python -m training.lab", "checksum mismatch")
 
 
-# --- service and service.benchmark ----------------------------------------------------------------
+# --- service and benchmarks.mc_and_http_cost ------------------------------------------------------
 
 def test_service_bad_setting_names_the_variable():
     out = run("service", env=clean_env(CALIB_PORT="99999", CALIB_LOG_LEVEL="loud"))
@@ -199,8 +199,8 @@ def test_service_missing_model_dir(tmp_path):
 
 
 def test_service_benchmark_missing_model_dir(tmp_path):
-    out = run("service.benchmark", "--model-dir", tmp_path / "nonexistent")
-    assert_one_line_error(out, 1, "python -m service.benchmark", "does not exist")
+    out = run("benchmarks.mc_and_http_cost", "--model-dir", tmp_path / "nonexistent")
+    assert_one_line_error(out, 1, "python -m benchmarks.mc_and_http_cost", "does not exist")
 
 
 # --- the client -----------------------------------------------------------------------------------

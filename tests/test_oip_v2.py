@@ -69,7 +69,7 @@ def version(service_model_dir) -> str:
 # --- tritonclient over a real socket --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(service_model_dir, tmp_path_factory):
-    from service.server_process import ServerError, ServerProcess
+    from benchmarks.server_process import ServerError, ServerProcess
 
     log = tmp_path_factory.mktemp("server-v2") / "server.log"
     try:

@@ -1,4 +1,4 @@
-"""`python -m service.benchmark_throughput`: many concurrent one-image clients against the
+"""`python -m benchmarks.concurrent_throughput`: many concurrent one-image clients against the
 in-process batch capacity (issue 16: >= 0.8x), and where a request's time goes.
 
 First the in-process capacity: MC predict (T=100, the server's default) on one batch of
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from service.benchmark_workers import cpu_seconds, load, own_cpu_seconds
-from service.server_process import ServerError, ServerProcess
+from benchmarks.worker_scaling import cpu_seconds, load, own_cpu_seconds
+from benchmarks.server_process import ServerError, ServerProcess
 from training.cli import ArgumentParser, CommandError, UsageError, command, invoked_as, setup_tensorflow
 
-PROG = invoked_as("service.benchmark_throughput")
+PROG = invoked_as("benchmarks.concurrent_throughput")
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "cifar10-fixture"
 PREDICT_ENDPOINT = "/v1/models/{name}/predict"
@@ -41,7 +41,7 @@ def in_process_capacity(model_dir: Path, name: str | None, batch: int, mc_sample
     """(model name, images/s of MC predict on one batch, one real image as a nested list)."""
     setup_tensorflow()
     from service import dataplane
-    from service.benchmark import load_images
+    from benchmarks.mc_and_http_cost import load_images
     from service.registry import load_registry
 
     registry = load_registry(model_dir, runtime=runtime)

@@ -1,4 +1,4 @@
-"""`python -m service.benchmark_throughput` end to end on the tiny artifact: a real server per
+"""`python -m benchmarks.concurrent_throughput` end to end on the tiny artifact: a real server per
 runtime, a handful of clients; the figures it prints are there and consistent."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["keras", "litert"])
 def test_benchmark_prints_capacity_ratio_profile_and_cpu(runtime, tiny_artifact, tmp_path, capsys):
-    from service.benchmark_throughput import main
+    from benchmarks.concurrent_throughput import main
 
     model_dir = tmp_path / "models"
     shutil.copytree(tiny_artifact, model_dir / "tiny")

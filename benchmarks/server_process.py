@@ -1,6 +1,6 @@
 """`python -m service` as a child process on a free loopback port.
 
-The service benchmark, the soak test and the real-server tests all start the shipped serve
+The benchmarks, the load test and the real-server tests all start the shipped serve
 command (`SERVE_COMMAND`, the Dockerfile's CMD) this one way, so what they measure and test is
 what ships, and start-up, readiness and shutdown are handled alike.
 """
