@@ -88,11 +88,8 @@ def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | N
             mc_chunk_rows: int = 65_536, batch_size: int = 500,
             features: np.ndarray | None = None, logits: np.ndarray | None = None) -> Prediction:
     """`features` (and `logits`, the deterministic head on them): the backbone's output for `x`
-    when already computed (the micro-batcher, `service.batching`, runs both for several requests
-    at once); the MC sampling depends only on the features and the seed, never on which other
-    images shared the pass."""
+    when already computed; the MC sampling depends only on the features and the seed."""
     clf = model.classifier
-    t = model.temperature
     if features is None:
         features = clf.features(x, batch_size)
     elif len(features) != len(x):
@@ -101,11 +98,47 @@ def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | N
         logits = clf.head_logits(features)
     elif len(logits) != len(x):
         raise ValueError(f"{len(logits)} logit rows for {len(x)} images")
-    summary = None
-    if mc_samples > 0:
-        seed = 0 if seed is None else int(seed)
-        summary = clf.mc_summary_from_features(features, mc_samples, seed, t, mc_chunk_rows)
-    return Prediction(logits, softmax(logits, t), softmax(logits, 1.0), summary, seed)
+    return predict_many(model, features, logits, [PredictRequest(0, len(x), mc_samples, seed)], mc_chunk_rows)[0]
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """One request's rows [start, stop) of a micro-batch, its T (0: no MC dropout) and seed."""
+
+    start: int
+    stop: int
+    mc_samples: int
+    seed: int | None
+
+
+def predict_many(model: LoadedModel, features: np.ndarray, logits: np.ndarray, requests: list[PredictRequest],
+                 mc_chunk_rows: int = 65_536) -> list[Prediction]:
+    """The predictions of several requests whose backbone features and deterministic logits were
+    computed together (the micro-batcher, `service.batching`). MC dropout is drawn for all of
+    them at once where the runtime can (`mc_summaries_from_features`: each request's own seed and
+    T, the same numbers as its own call, bit for bit), else request by request; either way a
+    request's answer never depends on which other requests shared its batch."""
+    clf = model.classifier
+    t = model.temperature
+    seeds = [None if r.mc_samples <= 0 else (0 if r.seed is None else int(r.seed)) for r in requests]
+    sampled = [i for i, r in enumerate(requests) if r.mc_samples > 0]
+    summaries: dict[int, MCSummary] = {}
+    batched = getattr(clf, "mc_summaries_from_features", None)
+    if batched is not None and len(sampled) > 1:
+        found = batched(features, [(requests[i].start, requests[i].stop, requests[i].mc_samples, seeds[i])
+                                   for i in sampled], t, mc_chunk_rows)
+        summaries = dict(zip(sampled, found))
+    else:
+        for i in sampled:
+            r = requests[i]
+            summaries[i] = clf.mc_summary_from_features(features[r.start:r.stop], r.mc_samples, seeds[i], t,
+                                                        mc_chunk_rows)
+    out = []
+    for i, r in enumerate(requests):
+        z = logits[r.start:r.stop]
+        out.append(Prediction(z, softmax(z, t), softmax(z, 1.0), summaries.get(i),
+                              seeds[i] if r.mc_samples > 0 else r.seed))
+    return out
 
 
 def logits_in_chunks(model: LoadedModel, x: np.ndarray, chunk: int,
