@@ -10,14 +10,18 @@ import pytest
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("runtime", ["keras", "litert"])
-def test_benchmark_prints_capacity_ratio_profile_and_cpu(runtime, tiny_artifact, tmp_path, capsys):
+@pytest.mark.parametrize("runtime,generator", [("keras", "httpx"), ("litert", "wrk")])
+def test_benchmark_prints_capacity_ratio_profile_and_cpu(runtime, generator, tiny_artifact, tmp_path, capsys):
+    from benchmarks import wrk
     from benchmarks.concurrent_throughput import main
 
+    if generator == "wrk" and not wrk.available():
+        pytest.skip("wrk is not installed (apt-get install wrk)")
     model_dir = tmp_path / "models"
     shutil.copytree(tiny_artifact, model_dir / "tiny")
     assert main(["--model-dir", str(model_dir), "--runtime", runtime, "--clients", "4", "--requests", "12",
-                 "--sequential", "3", "--repeats", "1", "--mc-samples", "10"]) == 0
+                 "--sequential", "3", "--duration", "2", "--sequential-duration", "1", "--generator", generator,
+                 "--repeats", "1", "--mc-samples", "10"]) == 0
     out = capsys.readouterr().out
 
     timing = re.search(rf"runtime {runtime}: deterministic ([\d.]+) ms, MC T=10 ([\d.]+) ms \(([\d.]+)x\)", out)
@@ -31,3 +35,8 @@ def test_benchmark_prints_capacity_ratio_profile_and_cpu(runtime, tiny_artifact,
     assert capacity > 0 and req_s > 0 and share == pytest.approx(req_s / capacity, abs=0.01)
     assert p50 <= p99
     assert "load generator" in out and "batch_queue" in out and "backbone" in out
+    one = re.search(r"one client: p50\s+([\d.]+) ms, ([\d.]+) req/s.*CPU server ([\d.]+) cores, load generator "
+                    r"([\d.]+) cores", out)
+    assert one, out
+    assert float(one[1]) > 0 and float(one[2]) > 0 and float(one[3]) > 0 and float(one[4]) >= 0
+    assert f"load generator: {'wrk' if generator == 'wrk' else 'this process (httpx)'}" in out
