@@ -52,6 +52,8 @@ class ServerProcess:
         # a file, not a pipe: a chatty server must never block on a full pipe
         self._log = open(log_path, "w+b") if log_path else tempfile.TemporaryFile()
         self.proc: subprocess.Popen | None = None
+        self.command = serve_command()     # another server (benchmarks.mlserver_comparison) sets its own
+        self.ready_path = "/health/ready"
 
     @property
     def pid(self) -> int:
@@ -64,7 +66,7 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         # its own process group: with CALIB_WORKERS > 1 a hung server's workers are killed with it
-        self.proc = subprocess.Popen(serve_command(), cwd=REPO, env=self.env, stdout=self._log,
+        self.proc = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=os.name == "posix")
         return self
 
@@ -76,7 +78,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise ServerError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
