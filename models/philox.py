@@ -32,9 +32,9 @@ def philox4x32(counter: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     The words live in uint64 arrays (the products need 64 bits), so a round is a few in-place
     NumPy operations with no dtype conversions."""
     c0, c1, c2, c3 = (np.asarray(c, np.uint32).astype(np.uint64) for c in counter)
-    if np.ndim(key[0]) or np.ndim(key[1]):
-        return _philox_keyed(c0, c1, c2, c3, np.asarray(key[0], np.uint64), np.asarray(key[1], np.uint64))
-    k0, k1 = int(key[0]), int(key[1])
+    # uint64 scalars, or arrays for a key per counter; a key word stays below 2**32 (masked each round)
+    k0, k1 = (np.uint64(int(k)) if np.ndim(k) == 0 else np.asarray(k, np.uint64) for k in key)
+    w0, w1 = np.uint64(_W32A), np.uint64(_W32B)
     shift = np.uint64(32)
     p0, p1 = np.empty_like(c0), np.empty_like(c0)
     for r in range(_ROUNDS):
@@ -43,37 +43,13 @@ def philox4x32(counter: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
         # new c0 = hi1 ^ c1 ^ k0; new c1 = lo1; new c2 = hi0 ^ c3 ^ k1; new c3 = lo0
         np.right_shift(p1, shift, out=c0)
         np.bitwise_xor(c0, c1, out=c0)
-        np.bitwise_xor(c0, np.uint64(k0), out=c0)
-        np.right_shift(p0, shift, out=c2)
-        np.bitwise_xor(c2, c3, out=c2)
-        np.bitwise_xor(c2, np.uint64(k1), out=c2)
-        np.bitwise_and(p1, _MASK32, out=c1)
-        np.bitwise_and(p0, _MASK32, out=c3)
-        k0, k1 = (k0 + int(_W32A)) & 0xFFFFFFFF, (k1 + int(_W32B)) & 0xFFFFFFFF   # uint32 wraps, as in C++
-    return [c.astype(np.uint32) for c in (c0, c1, c2, c3)]
-
-
-def _philox_keyed(c0, c1, c2, c3, k0: np.ndarray, k1: np.ndarray) -> list[np.ndarray]:
-    """`philox4x32`'s rounds with a key per counter (uint64 arrays holding uint32 words)."""
-    shift = np.uint64(32)
-    k0, k1 = k0.copy(), k1.copy()
-    p0, p1 = np.empty_like(c0), np.empty_like(c0)
-    for r in range(_ROUNDS):
-        np.multiply(c0, _M4x32A, out=p0)
-        np.multiply(c2, _M4x32B, out=p1)
-        np.right_shift(p1, shift, out=c0)
-        np.bitwise_xor(c0, c1, out=c0)
         np.bitwise_xor(c0, k0, out=c0)
         np.right_shift(p0, shift, out=c2)
         np.bitwise_xor(c2, c3, out=c2)
         np.bitwise_xor(c2, k1, out=c2)
         np.bitwise_and(p1, _MASK32, out=c1)
         np.bitwise_and(p0, _MASK32, out=c3)
-        if r + 1 < _ROUNDS:
-            np.add(k0, np.uint64(_W32A), out=k0)
-            np.bitwise_and(k0, _MASK32, out=k0)
-            np.add(k1, np.uint64(_W32B), out=k1)
-            np.bitwise_and(k1, _MASK32, out=k1)
+        k0, k1 = (k0 + w0) & _MASK32, (k1 + w1) & _MASK32   # uint32 wraps, as in C++
     return [c.astype(np.uint32) for c in (c0, c1, c2, c3)]
 
 
