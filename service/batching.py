@@ -52,7 +52,7 @@ POLICIES = ("window", "continuous")
 
 
 class BatchForwardError(RuntimeError):
-    """The shared backbone pass of a batch failed; the model's exception is the __cause__."""
+    """The shared pass of a batch (backbone, head, MC dropout) failed; the exception is the __cause__."""
 
 
 @dataclass(eq=False)
@@ -249,7 +249,7 @@ class MicroBatcher:
         n = sum(len(e.images) for e in entries)
         for entry in entries:
             if not entry.future.done():
-                err = BatchForwardError(f"backbone pass of model {self.model.name!r} on {n} images "
+                err = BatchForwardError(f"batched pass of model {self.model.name!r} on {n} images "
                                         f"failed: {type(exc).__name__}: {exc}")
                 err.__cause__ = exc
                 entry.future.set_exception(err)
