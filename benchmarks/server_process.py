@@ -47,7 +47,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_timeout = ready_timeout
         self.env = {**os.environ, "CALIB_MODEL_DIR": str(model_dir), "CALIB_PORT": str(self.port),
-                    "CALIB_HOST": "127.0.0.1", "CALIB_LOG_LEVEL": "warning", "PYTHONPATH": str(REPO),
+                    "CALIB_HOST": "127.0.0.1", "CALIB_LOG_LEVEL": "warning",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                     **{f"CALIB_{k.upper()}": str(v) for k, v in settings.items()}}
         # a file, not a pipe: a chatty server must never block on a full pipe
         self._log = open(log_path, "w+b") if log_path else tempfile.TemporaryFile()
