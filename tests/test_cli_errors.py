@@ -203,6 +203,21 @@ def test_service_benchmark_missing_model_dir(tmp_path):
     assert_one_line_error(out, 1, "python -m benchmarks.mc_and_http_cost", "does not exist")
 
 
+def test_mlserver_comparison_without_mlserver_or_model(tmp_path):
+    out = run("benchmarks.mlserver_comparison", "--mlserver-venv", tmp_path / "no-venv")
+    assert_one_line_error(out, 1, "python -m benchmarks.mlserver_comparison", "no MLServer", "--mlserver-venv")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "mlserver").touch()
+    out = run("benchmarks.mlserver_comparison", "--mlserver-venv", venv, "--model-dir", tmp_path, "--model", "nope")
+    assert_one_line_error(out, 1, "python -m benchmarks.mlserver_comparison", "no model 'nope'")
+
+
+def test_v2_binary_savings_missing_model(tmp_path):
+    out = run("benchmarks.v2_binary_savings", "--model-dir", tmp_path, "--model", "nope")
+    assert_one_line_error(out, 1, "python -m benchmarks.v2_binary_savings", "no model 'nope'")
+
+
 # --- the client -----------------------------------------------------------------------------------
 
 def test_client_unreachable_server():
