@@ -173,16 +173,32 @@ def measure(server: ServerProcess, model: str, body: bytes, clients: int, reques
                    _diff(scrape(server.url, model), before), model, len(lat))
 
 
+PATH_KEY = "PYTHONPATH"   # a config's extra import path, e.g. a folder with optional packages to try
+
+
 def parse_config(text: str) -> tuple[str, dict[str, str]]:
-    """`name:CALIB_X=1,CALIB_Y=2` (or just `name`) -> (name, {x: 1, y: 2})."""
+    """`name:CALIB_X=1,CALIB_Y=2` (or just `name`) -> (name, {x: 1, y: 2}); `PYTHONPATH=dir` is
+    kept as the key PYTHONPATH (put in front of the server's import path)."""
     name, _, rest = text.partition(":")
     settings = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
+        if eq and key == PATH_KEY:
+            settings[PATH_KEY] = value
+            continue
         if not eq or not key.startswith("CALIB_"):
-            raise UsageError(f"--config {text!r}: expected name:CALIB_SETTING=value,...")
+            raise UsageError(f"--config {text!r}: expected name:CALIB_SETTING=value,... (or PYTHONPATH=dir)")
         settings[key[len("CALIB_"):].lower()] = value
     return name, settings
+
+
+def start_server(model_dir: Path, settings: dict[str, str]) -> ServerProcess:
+    settings = dict(settings)
+    path = settings.pop(PATH_KEY, None)
+    server = ServerProcess(model_dir, ready_timeout=900, **settings)
+    if path:
+        server.env[PATH_KEY] = os.pathsep.join([path, server.env[PATH_KEY]])
+    return server.start()
 
 
 def print_result(name: str, r: dict) -> None:
@@ -231,11 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     body = json.dumps({"instances": [image]}).encode()
     print(f"model {name}, MC T={args.mc_samples}, {os.cpu_count()} CPUs; in-process capacity, batch of "
           f"{args.batch}, runtime {args.runtime}: {capacity:.1f} images/s (0.8x = {0.8 * capacity:.1f})")
-    servers = [ServerProcess(args.model_dir, ready_timeout=900, **s) for _, s in configs]
+    servers = []
     results = defaultdict(list)
     try:
-        for server in servers:
-            server.start()
+        for _, settings in configs:
+            servers.append(start_server(args.model_dir, settings))
         for server, (_, settings) in zip(servers, configs):
             server.wait_ready()
             if int(settings.get("workers", 1)) > 1:

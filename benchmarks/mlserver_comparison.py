@@ -49,6 +49,7 @@ class MLServerProcess(ServerProcess):
             model.update(max_batch_size=max_batch_size, max_batch_time=max_batch_time_s)
         (root / name / "model-settings.json").write_text(json.dumps(model))
         self.command = [str(venv / "bin" / "mlserver"), "start", str(root)]
+        self.env["PYTHONPATH"] = str(REPO)   # this project's code only: MLServer's venv has its own packages
         self.ready_path = f"/v2/models/{name}/ready"
 
     def stop(self) -> None:
