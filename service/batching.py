@@ -80,7 +80,7 @@ class MicroBatcher:
     def __init__(self, model: LoadedModel, executor: Executor, *, max_images: int, wait_seconds: float,
                  batch_size: int = 500, observer: BatchObserver | None = None,
                  stage_observer: StageObserver | None = None, continuous: bool = False,
-                 mc_chunk_rows: int = 65_536):
+                 mc_chunk_rows: int = 65_536, max_passes: int = 1):
         if max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {max_images}")
         self.model = model
@@ -89,13 +89,16 @@ class MicroBatcher:
         self.continuous = continuous
         self.batch_size = batch_size
         self.mc_chunk_rows = mc_chunk_rows
+        self.max_passes = max(1, int(max_passes))   # batches computed at once (1: one after the other)
         self._executor = executor
         self._observer = observer
         self._stage_observer = stage_observer
         self._queue: asyncio.Queue[_Entry] | None = None
         self._worker: asyncio.Task | None = None
-        self._open: list[_Entry] = []      # the batch being collected or computed
+        self._open: list[_Entry] = []      # the batch being collected
         self._carry: _Entry | None = None  # taken from the queue, did not fit the previous batch
+        self._passes: dict[asyncio.Task, list[_Entry]] = {}   # the batches being computed
+        self._slots: asyncio.Semaphore | None = None
 
     @property
     def running(self) -> bool:
@@ -105,6 +108,7 @@ class MicroBatcher:
         if self.running:
             return
         self._queue = asyncio.Queue()
+        self._slots = asyncio.Semaphore(self.max_passes)
         self._worker = asyncio.get_running_loop().create_task(
             self._run(), name=f"micro-batcher[{self.model.name}]")
 
@@ -116,7 +120,13 @@ class MicroBatcher:
             return
         worker.cancel()
         await asyncio.wait([worker])
+        passes = dict(self._passes)
+        for task in passes:
+            task.cancel()
+        if passes:
+            await asyncio.wait(passes)
         waiting = [*self._open, *([self._carry] if self._carry else [])]
+        waiting += [entry for batch in passes.values() for entry in batch]
         while self._queue is not None and not self._queue.empty():
             waiting.append(self._queue.get_nowait())
         for entry in waiting:
@@ -163,14 +173,35 @@ class MicroBatcher:
 
     # --- the worker ----------------------------------------------------------------------------
     async def _run(self) -> None:
+        """Collect a batch once a pass slot is free, start its pass, collect the next: with
+        `max_passes` > 1 the next batch is computed while the previous one still runs."""
+        loop = asyncio.get_running_loop()
         while True:
+            await self._slots.acquire()
             try:
                 await self._collect()
-                await self._forward()
             except Exception as exc:  # a bug here must neither hang the batch nor stop the worker
                 logger.exception("micro-batcher of model %r failed", self.model.name)
                 self._fail(self._open, exc)
-            self._open = []
+                self._open = []
+                self._slots.release()
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            batch, self._open = self._open, []
+            task = loop.create_task(self._pass_then_release(batch))
+            self._passes[task] = batch
+            task.add_done_callback(self._passes.pop)
+
+    async def _pass_then_release(self, batch: list[_Entry]) -> None:
+        try:
+            await self._forward(batch)
+        except Exception as exc:
+            logger.exception("micro-batcher of model %r failed", self.model.name)
+            self._fail(batch, exc)
+        finally:
+            self._slots.release()
 
     async def _collect(self) -> None:
         """Fill `_open`: the oldest waiting request; alone if nothing else is queued; else, with
@@ -207,8 +238,8 @@ class MicroBatcher:
             self._open.append(entry)
             n += len(entry.images)
 
-    async def _forward(self) -> None:
-        live = [e for e in self._open if not e.future.done()]
+    async def _forward(self, batch: list[_Entry]) -> None:
+        live = [e for e in batch if not e.future.done()]
         if not live:
             return
         x = live[0].images if len(live) == 1 else np.concatenate([e.images for e in live])
@@ -262,7 +293,7 @@ class BatchedPredictor:
     def __init__(self, models: Iterable[LoadedModel], executor: Executor, *, max_images: int, wait_ms: float,
                  batch_size: int = 500, observer: BatchObserver | None = None,
                  stage_observer: StageObserver | None = None, policy: str = "window",
-                 mc_chunk_rows: int = 65_536):
+                 mc_chunk_rows: int = 65_536, max_passes: int = 1):
         if policy not in POLICIES:
             raise ValueError(f"unknown batch policy {policy!r}; expected one of {', '.join(POLICIES)}")
         self.enabled = wait_ms > 0
@@ -275,7 +306,7 @@ class BatchedPredictor:
                                                    batch_size=batch_size, observer=observer,
                                                    stage_observer=stage_observer,
                                                    continuous=policy == "continuous",
-                                                   mc_chunk_rows=mc_chunk_rows)
+                                                   mc_chunk_rows=mc_chunk_rows, max_passes=max_passes)
                               for m in models}
 
     def batcher(self, name: str) -> MicroBatcher | None:

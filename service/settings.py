@@ -100,6 +100,9 @@ class Settings(BaseSettings):
                               "while other requests are queued (a lone request goes at once); "
                               "'continuous' takes what is queued whenever the backbone is free, never waits "
                               "(see docs/workers.md)")
+    batch_passes: int = Field(
+        1, ge=1, le=16, description="predict micro-batching: batches of one model computed at once (each in "
+                                    "its own inference thread); 1: one after the other")
     warmup: bool = Field(True, description="trace the model functions once at startup")
     gc_freeze: bool = Field(
         True, description="after loading the models, exclude every object alive then from the cyclic GC "

@@ -602,3 +602,40 @@ def test_mc_in_a_mixed_micro_batch_is_bit_identical_to_each_request_alone(model,
         assert a.mc.n_samples == b.mc.n_samples == t and len(b.mc.mean) == n
         for attr in ("mean", "variance", "predictive_entropy", "expected_entropy", "mutual_information"):
             np.testing.assert_array_equal(getattr(a.mc, attr), getattr(b.mc, attr))
+
+
+def test_two_passes_at_once_compute_the_next_batch_while_one_runs(model, images, monkeypatch):
+    """CALIB_BATCH_PASSES=2: while a pass is held, the next queued request gets its own pass."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.batching import MicroBatcher
+
+    clf = model.classifier
+    real = clf.features
+    entered, release = threading.Event(), threading.Event()
+
+    def first_pass_waits(x, batch_size=500):
+        if not entered.is_set():
+            entered.set()
+            release.wait(20)
+        return real(x, batch_size)
+
+    async def scenario():
+        with ThreadPoolExecutor(2) as pool:
+            batcher = MicroBatcher(model, pool, max_images=8, wait_seconds=0.01, max_passes=2)
+            batcher.start()
+            try:
+                monkeypatch.setattr(clf, "features", first_pass_waits)
+                held = asyncio.create_task(batcher.features(images[:1]))
+                assert await asyncio.to_thread(entered.wait, 20)
+                second = await asyncio.wait_for(batcher.features(images[1:2]), 20)  # not behind the held pass
+                assert not held.done()
+                release.set()
+                return await held, second
+            finally:
+                release.set()
+                await batcher.aclose()
+
+    held, second = asyncio.run(scenario())
+    assert_features_close(held, real(images[:1]))
+    assert_features_close(second, real(images[1:2]))
