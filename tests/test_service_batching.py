@@ -484,23 +484,33 @@ def test_predict_stage_profile_is_in_the_metrics(service_model_dir, shared_regis
 
 
 # --- dispatch at once, and MC dropout drawn once per micro-batch -----------------------------------
-def test_window_dispatches_a_lone_request_at_once_and_waits_only_when_others_queue(model, images, monkeypatch):
-    """With a 10 s window a lone request still goes at once; requests queued behind a running pass
-    form the next batch (it closes when full, not after the window)."""
+@contextlib.asynccontextmanager
+async def started_batcher(model, **kwargs):
+    """A running MicroBatcher on a 2-thread executor; closed (and the executor shut down) after."""
     from concurrent.futures import ThreadPoolExecutor
 
     from service.batching import MicroBatcher
 
+    with ThreadPoolExecutor(2) as pool:
+        batcher = MicroBatcher(model, pool, **kwargs)
+        batcher.start()
+        try:
+            yield batcher
+        finally:
+            await batcher.aclose()
+
+
+def test_window_dispatches_a_lone_request_at_once_and_waits_only_when_others_queue(model, images, monkeypatch):
+    """With a 10 s window a lone request still goes at once; requests queued behind a running pass
+    form the next batch (it closes when full, not after the window)."""
     clf = model.classifier
     real, gated, entered, release = gated_features(clf)
     sizes = []
 
     async def scenario():
-        with ThreadPoolExecutor(2) as pool:
-            batcher = MicroBatcher(model, pool, max_images=3, wait_seconds=10.0,
-                                   observer=lambda name, n, k: sizes.append((n, k)))
-            batcher.start()
-            try:
+        try:
+            async with started_batcher(model, max_images=3, wait_seconds=10.0,
+                                       observer=lambda name, n, k: sizes.append((n, k))) as batcher:
                 loop = asyncio.get_running_loop()
                 start = loop.time()
                 await batcher.features(images[:1])
@@ -515,9 +525,8 @@ def test_window_dispatches_a_lone_request_at_once_and_waits_only_when_others_que
                 await first
                 await asyncio.gather(*rest)
                 return alone_s, loop.time() - start
-            finally:
-                release.set()
-                await batcher.aclose()
+        finally:
+            release.set()
 
     alone_s, rest_s = asyncio.run(scenario())
     assert alone_s < 5 and rest_s < 5  # neither waited for the 10 s window
@@ -538,10 +547,6 @@ MIXED = [(1, 30, 7), (2, 30, 8), (1, 0, None), (1, 5, 7), (3, 30, 2**31 - 2), (1
 def predict_mixed_batch(model, images, *, concurrent: bool, mc_chunk_rows: int = 1000):
     """MIXED's requests through one batcher: all queued behind a gated pass (one micro-batch), or
     one at a time (each alone)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from service.batching import MicroBatcher
-
     parts, start = [], 0
     for n, t, seed in MIXED:
         parts.append((images[start:start + n], t, seed))
@@ -550,11 +555,9 @@ def predict_mixed_batch(model, images, *, concurrent: bool, mc_chunk_rows: int =
     real, gated, entered, release = gated_features(model.classifier)
 
     async def scenario():
-        with ThreadPoolExecutor(2) as pool:
-            batcher = MicroBatcher(model, pool, max_images=64, wait_seconds=0.2, mc_chunk_rows=mc_chunk_rows,
-                                   observer=lambda name, n, k: sizes.append(k))
-            batcher.start()
-            try:
+        try:
+            async with started_batcher(model, max_images=64, wait_seconds=0.2, mc_chunk_rows=mc_chunk_rows,
+                                       observer=lambda name, n, k: sizes.append(k)) as batcher:
                 if not concurrent:
                     return [await batcher.predict(x, mc_samples=t, seed=s) for x, t, s in parts]
                 model.classifier.features = gated
@@ -565,10 +568,9 @@ def predict_mixed_batch(model, images, *, concurrent: bool, mc_chunk_rows: int =
                 release.set()
                 await blocker
                 return await asyncio.gather(*tasks)
-            finally:
-                release.set()
-                model.classifier.features = real
-                await batcher.aclose()
+        finally:
+            release.set()
+            model.classifier.features = real
 
     results = asyncio.run(scenario())
     assert sizes == ([1, len(MIXED)] if concurrent else [1] * len(MIXED)), sizes
@@ -606,10 +608,6 @@ def test_mc_in_a_mixed_micro_batch_is_bit_identical_to_each_request_alone(model,
 
 def test_two_passes_at_once_compute_the_next_batch_while_one_runs(model, images, monkeypatch):
     """CALIB_BATCH_PASSES=2: while a pass is held, the next queued request gets its own pass."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from service.batching import MicroBatcher
-
     clf = model.classifier
     real = clf.features
     entered, release = threading.Event(), threading.Event()
@@ -621,10 +619,8 @@ def test_two_passes_at_once_compute_the_next_batch_while_one_runs(model, images,
         return real(x, batch_size)
 
     async def scenario():
-        with ThreadPoolExecutor(2) as pool:
-            batcher = MicroBatcher(model, pool, max_images=8, wait_seconds=0.01, max_passes=2)
-            batcher.start()
-            try:
+        try:
+            async with started_batcher(model, max_images=8, wait_seconds=0.01, max_passes=2) as batcher:
                 monkeypatch.setattr(clf, "features", first_pass_waits)
                 held = asyncio.create_task(batcher.features(images[:1]))
                 assert await asyncio.to_thread(entered.wait, 20)
@@ -632,9 +628,8 @@ def test_two_passes_at_once_compute_the_next_batch_while_one_runs(model, images,
                 assert not held.done()
                 release.set()
                 return await held, second
-            finally:
-                release.set()
-                await batcher.aclose()
+        finally:
+            release.set()
 
     held, second = asyncio.run(scenario())
     assert_features_close(held, real(images[:1]))
