@@ -27,7 +27,8 @@ def test_benchmark_prints_capacity_ratio_profile_and_cpu(runtime, generator, tin
     timing = re.search(rf"runtime {runtime}: deterministic ([\d.]+) ms, MC T=10 ([\d.]+) ms \(([\d.]+)x\)", out)
     assert timing, out
     plain, mc, ratio = map(float, timing.groups())
-    assert plain > 0 and mc > 0 and ratio == pytest.approx(mc / plain, abs=0.01)
+    # the times are printed to 0.1 ms: on the tiny model (~5 ms) that rounding moves their ratio by ~2 %
+    assert plain > 0 and mc > 0 and ratio == pytest.approx(mc / plain, rel=0.03, abs=0.01)
     capacity = float(re.search(rf"batch of 64, runtime {runtime}: ([\d.]+) images/s", out).group(1))
     row = re.search(r"default\s+([\d.]+) req/s\s+([\d.]+)x\s+p50\s+(\d+) ms\s+p99\s+(\d+) ms", out)
     assert row, out
