@@ -28,4 +28,4 @@ test-all: $(VENV)/.installed-$(EXTRAS)
 
 benchmark: $(VENV)/.installed-$(EXTRAS)
 	$(PY) -m training.benchmark models/shipped/cifar10-airbench --data $(CIFAR10_DIR) --throughput
-	$(PY) -m service.benchmark
+	$(PY) -m benchmarks.mc_and_http_cost

@@ -19,8 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from models.artifact import ArtifactError, read_card, sha256_file
-from models.calibration.uncertainty import MCSummary, chunked_mc_summary, mc_seed_pair
-from models.philox import stateless_uniform
+from models.calibration.uncertainty import (
+    MCSummary,
+    chunked_mc_summary,
+    concat_summaries,
+    mc_chunks,
+    mc_seed_pair,
+    summarize_mc_samples,
+)
+from models.philox import stateless_uniform, stateless_uniform_many
 
 CARD_KEY = "litert"               # the model card's block describing the exported files
 BACKBONE_FILE = "backbone.tflite"
@@ -164,16 +171,21 @@ class LiteRTClassifier:
         return np.concatenate(chunks).astype(np.float32, copy=False)
 
     # --- head -----------------------------------------------------------------------------
-    def _head(self, x: np.ndarray, seed_pair: tuple[int, int] | None) -> np.ndarray:
+    def _head(self, x: np.ndarray, seed_pair: tuple[int, int] | None,
+              uniforms: dict[int, np.ndarray] | None = None) -> np.ndarray:
         """The head's layers in order, as Keras computes them in float32; dropout draws its mask
         only when `seed_pair` is given (the layer at index i uses seed_pair + i, like
-        `SplitClassifier._head_sampled`), else it is the identity (inference mode)."""
+        `SplitClassifier._head_sampled`), else it is the identity (inference mode). `uniforms`:
+        each dropout layer's uniform numbers, drawn beforehand (`mc_summaries_from_features`);
+        `x` may then have leading dimensions, one per draw (the dense layer is a stacked matmul,
+        one BLAS call per draw, so each draw's numbers equal its own 2-D call's bit for bit)."""
         x = np.asarray(x, np.float32)
         for index, (name, p) in enumerate(self._ops):
             if name == "dropout":
                 rate = float(p["rate"])
-                if seed_pair is not None and rate > 0.0:
-                    u = stateless_uniform(x.shape, (seed_pair[0] + index, seed_pair[1] + index))
+                if (seed_pair is not None or uniforms is not None) and rate > 0.0:
+                    u = (uniforms[index] if uniforms is not None
+                         else stateless_uniform(x.shape, (seed_pair[0] + index, seed_pair[1] + index)))
                     keep = (u >= np.float32(rate)).astype(np.float32)
                     x = x * keep / np.float32(1.0 - rate)
             elif name == "dense":
@@ -201,6 +213,52 @@ class LiteRTClassifier:
     def mc_summary_from_features(self, features: np.ndarray, n_samples: int, seed: int, temperature: float,
                                  chunk_rows: int = 65_536) -> MCSummary:
         return chunked_mc_summary(self.mc_logits_from_features, features, n_samples, seed, temperature, chunk_rows)
+
+    def mc_summaries_from_features(self, features: np.ndarray, requests: list[tuple[int, int, int, int]],
+                                   temperature: float, chunk_rows: int = 65_536) -> list[MCSummary]:
+        """`mc_summary_from_features(features[start:stop], T, seed, ...)` for each request
+        (start, stop, T, seed) of a micro-batch, the same numbers bit for bit, computed together:
+        every request's masks (its own seeds) in a few Philox passes, then the head and the
+        summary once per group of equally shaped chunks, at most `chunk_rows` rows per group."""
+        features = np.asarray(features, np.float32)
+        chunks = [(r, start + a, start + b, t, seed_c)   # (request, rows, T, chunk seed), in request order
+                  for r, (start, stop, t, seed) in enumerate(requests)
+                  for a, b, seed_c in mc_chunks(stop - start, t, seed, chunk_rows)]
+        groups: dict[tuple[int, int], list[list[int]]] = {}   # (T, images) -> chunk indices, bounded groups
+        for i, (_, start, stop, t, _) in enumerate(chunks):
+            bins = groups.setdefault((t, stop - start), [[]])
+            if bins[-1] and (len(bins[-1]) + 1) * t * (stop - start) > chunk_rows:
+                bins.append([])
+            bins[-1].append(i)
+        dropout = self._dropout_widths()
+        parts: list[MCSummary | None] = [None] * len(chunks)
+        for (t, b), bins in groups.items():
+            for members in bins:
+                draws = [((t * b, width), (mc_seed_pair(chunks[i][4])[0] + index, mc_seed_pair(chunks[i][4])[1] + index))
+                         for index, width in dropout for i in members]
+                u = stateless_uniform_many(draws)
+                uniforms = {index: np.stack(u[k * len(members):(k + 1) * len(members)])
+                            for k, (index, _) in enumerate(dropout)}
+                x = np.stack([np.tile(features[chunks[i][1]:chunks[i][2]], (t, 1)) for i in members])
+                z = self._head(x, None, uniforms).reshape(len(members), t, b, -1)   # [R, T, b, K]
+                summary = summarize_mc_samples(z.transpose(1, 0, 2, 3).reshape(t, len(members) * b, -1), temperature)
+                for j, i in enumerate(members):
+                    rows = slice(j * b, (j + 1) * b)
+                    parts[i] = MCSummary(t, summary.mean[rows], summary.variance[rows],
+                                         summary.predictive_entropy[rows], summary.expected_entropy[rows],
+                                         summary.mutual_information[rows])
+        return [concat_summaries([parts[i] for i, chunk in enumerate(chunks) if chunk[0] == r])
+                for r in range(len(requests))]
+
+    def _dropout_widths(self) -> list[tuple[int, int]]:
+        """(layer index, input width) of each head dropout layer with a rate above 0."""
+        out, width = [], self.feature_dim
+        for index, (name, p) in enumerate(self._ops):
+            if name == "dropout" and float(p["rate"]) > 0.0:
+                out.append((index, width))
+            elif name == "dense":
+                width = int(p["kernel"].shape[-1])
+        return out
 
     def mc_logits(self, images: np.ndarray, n_samples: int, seed: int = 0) -> np.ndarray:
         return self.mc_logits_from_features(self.features(images), n_samples, seed)

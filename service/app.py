@@ -65,7 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      max_images=settings.batch_max_images, wait_ms=settings.batch_wait_ms,
                                      observer=app.state.metrics.observe_batch,
                                      stage_observer=app.state.metrics.observe_stage,
-                                     policy=settings.batch_policy)
+                                     policy=settings.batch_policy, mc_chunk_rows=settings.mc_chunk_rows,
+                                     max_passes=settings.batch_passes)
         predictor.start()
         app.state.predictor = predictor
         metrics = app.state.metrics

@@ -176,6 +176,46 @@ def predict(model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | N
     return Prediction(logits, softmax(logits, t), softmax(logits, 1.0), summary, seed)
 
 
+@dataclass(frozen=True)
+class PredictRequest:
+    """One request's rows [start, stop) of a micro-batch, its T (0: no MC dropout) and seed."""
+
+    start: int
+    stop: int
+    mc_samples: int
+    seed: int | None
+
+
+def predict_many(model: LoadedModel, features: np.ndarray, logits: np.ndarray, requests: list[PredictRequest],
+                 mc_chunk_rows: int = 65_536) -> list[Prediction]:
+    """The predictions of several requests whose backbone features and deterministic logits were
+    computed together (the micro-batcher, `service.batching`). MC dropout is drawn for all of
+    them at once where the runtime can (`mc_summaries_from_features`: each request's own seed and
+    T, the same numbers as its own call, bit for bit), else request by request; either way a
+    request's answer never depends on which other requests shared its batch."""
+    clf = model.classifier
+    t = model.temperature
+    seeds = [None if r.mc_samples <= 0 else (0 if r.seed is None else int(r.seed)) for r in requests]
+    sampled = [i for i, r in enumerate(requests) if r.mc_samples > 0]
+    summaries: dict[int, MCSummary] = {}
+    batched = getattr(clf, "mc_summaries_from_features", None)
+    if batched is not None and len(sampled) > 1:
+        found = batched(features, [(requests[i].start, requests[i].stop, requests[i].mc_samples, seeds[i])
+                                   for i in sampled], t, mc_chunk_rows)
+        summaries = dict(zip(sampled, found))
+    else:
+        for i in sampled:
+            r = requests[i]
+            summaries[i] = clf.mc_summary_from_features(features[r.start:r.stop], r.mc_samples, seeds[i], t,
+                                                        mc_chunk_rows)
+    out = []
+    for i, r in enumerate(requests):
+        z = logits[r.start:r.stop]
+        out.append(Prediction(z, softmax(z, t), softmax(z, 1.0), summaries.get(i),
+                              seeds[i] if r.mc_samples > 0 else r.seed))
+    return out
+
+
 def _calibrated_samples(clf, calibrator):
     """MC head samples [T, B, K] mapped to the profile's calibrated log-probabilities: their
     softmax at temperature 1 is the calibrated softmax of each sample, so the MC summary (mean,

@@ -135,7 +135,8 @@ class Settings(BaseSettings):
                               "to one model) share one backbone pass; larger requests bypass the batcher")
     batch_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="predict micro-batching: how long a batch stays open for more "
-                                        "requests after its first one (ms); 0 disables batching")
+                                        "requests after its first one (ms), when others are queued (a lone "
+                                        "request goes at once); 0 disables batching")
     runtime: Literal["auto", "keras", "litert"] = Field(
         "auto", description="what runs the models: keras (TensorFlow), litert (the exported backbone.tflite + "
                             "head.npz, no TensorFlow: the container's), auto = keras when TensorFlow is "
@@ -144,9 +145,13 @@ class Settings(BaseSettings):
         0, ge=0, le=64, description="CALIB_RUNTIME=litert: threads of each LiteRT interpreter (one per "
                                     "inference thread that runs the backbone); 0 = the CPU count")
     batch_policy: Literal["window", "continuous"] = Field(
-        "window", description="predict micro-batching: 'window' keeps a batch open CALIB_BATCH_WAIT_MS; "
+        "window", description="predict micro-batching: 'window' keeps a batch open CALIB_BATCH_WAIT_MS "
+                              "while other requests are queued (a lone request goes at once); "
                               "'continuous' takes what is queued whenever the backbone is free, never waits "
                               "(see docs/workers.md)")
+    batch_passes: int = Field(
+        1, ge=1, le=16, description="predict micro-batching: batches of one model computed at once (each in "
+                                    "its own inference thread); 1: one after the other")
     warmup: bool = Field(True, description="trace the model functions once at startup")
     gc_freeze: bool = Field(
         True, description="after loading the models, exclude every object alive then from the cyclic GC "

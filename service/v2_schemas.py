@@ -30,8 +30,12 @@ class RequestInput(_Strict):
     datatype: str = Field(description="UINT8 or FP32 (pixel values 0..255, RGB, HWC) or BYTES "
                                       "(base64 strings of PNG/JPEG files)",
                           json_schema_extra={"enum": ["UINT8", "FP32", "BYTES"]})
-    parameters: Optional[Parameters] = None
-    data: list[Any] = Field(description="the tensor's elements in row-major order, flat or nested")
+    parameters: Optional[Parameters] = Field(
+        None, description="`binary_data_size`: the tensor is sent as that many raw bytes after the JSON "
+                          "(binary tensor data extension; no `data` then)")
+    data: Optional[list[Any]] = Field(
+        None, description="the tensor's elements in row-major order, flat or nested (required unless "
+                          "parameters.binary_data_size is given)")
 
 
 # The outputs a request may name (service.v2_tensors.OUTPUT_NAMES, which a test keeps equal): the
@@ -44,8 +48,8 @@ class RequestOutput(_Strict):
     name: str = Field(description="an output named in the model metadata (the MC outputs need "
                                   "parameters.mc_samples)", json_schema_extra={"enum": REQUESTABLE_OUTPUTS})
     parameters: Optional[Parameters] = Field(
-        None, description="accepted and ignored (outputs are always returned as JSON: `binary_data` "
-                          "is not supported)")
+        None, description="`binary_data` (bool): return this output as raw bytes after the JSON (binary "
+                          "tensor data extension); other parameters are ignored")
 
 
 class InferenceRequest(_Strict):
@@ -55,8 +59,9 @@ class InferenceRequest(_Strict):
                           "`seed` (int, the dropout masks' seed; random if omitted, returned in the "
                           "response parameters), `resize` (bool: resize BYTES images that are not 32x32 "
                           "RGB), `coverage` (0 < c < 1: also return `prediction_set`, the conformal sets as a "
-                          "BOOL mask [N, K]) with `conformal_method` (lac, aps, raps) and `mondrian` (bool); "
-                          "other parameters are ignored")
+                          "BOOL mask [N, K]) with `conformal_method` (lac, aps, raps) and `mondrian` (bool), "
+                          "`binary_data_output` (bool: outputs that do not say otherwise are returned as raw "
+                          "bytes); other parameters are ignored")
     inputs: list[RequestInput] = Field(description="exactly one input tensor, `images`")
     outputs: Optional[list[RequestOutput]] = Field(
         None, description="the outputs to return (default: `probabilities`, plus the MC outputs when "
@@ -67,8 +72,10 @@ class ResponseOutput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    parameters: Optional[Parameters] = None
-    data: list[Union[float, bool]] = Field(description="row-major, flat (booleans for BOOL tensors)")
+    parameters: Optional[Parameters] = Field(
+        None, description="`binary_data_size`: the output's raw bytes follow the JSON (no `data` then)")
+    data: Optional[list[Union[float, bool]]] = Field(None, description="row-major, flat (booleans for BOOL "
+                                                                      "tensors)")
 
 
 class InferenceResponse(BaseModel):

@@ -3,7 +3,9 @@
 Input: one tensor `images`, either pixels (`UINT8` or `FP32`, whole numbers 0..255, shape
 [N, 32, 32, 3], data flat in row-major order or nested) or encoded images (`BYTES`, shape [N],
 each element the base64 text of a PNG or JPEG file: JSON strings must be text, and base64 is
-what KServe's and Triton's image examples send). Pixels go through the same checks as /v1
+what KServe's and Triton's image examples send). With the binary tensor data extension
+(`service.v2_binary`) the same tensors arrive as raw bytes instead (BYTES elements as the files
+themselves), and outputs can leave as raw little-endian FP32. Pixels go through the same checks as /v1
 (`service.inputs.check_pixels`), images through the same decoder, so both APIs see the same
 uint8 batch for the same images. Output: named FP32 tensors, flat row-major data.
 
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service import dataplane, inputs, prediction_sets
+from service import dataplane, inputs, prediction_sets, v2_binary
 from service.inputs import IMAGE_SHAPE, InputError
 from service.v2_schemas import InferenceRequest, RequestInput
 
@@ -110,18 +112,23 @@ def _requested_outputs(request: InferenceRequest, mc_samples: int, sets: bool = 
 
 
 # --- input ------------------------------------------------------------------------------------
-def images(request: InferenceRequest, *, resize: bool, max_instances: int) -> np.ndarray:
-    """The request's one input tensor -> uint8 [N, 32, 32, 3]."""
+def images(request: InferenceRequest, *, resize: bool, max_instances: int,
+           raw: dict[str, bytes] | None = None) -> np.ndarray:
+    """The request's one input tensor -> uint8 [N, 32, 32, 3]. `raw`: binary inputs' bytes by name
+    (`v2_binary.input_bytes`); an input found there has no JSON `data`."""
     if len(request.inputs) != 1:
         raise bad("invalid_request", f"{len(request.inputs)} input tensors; the model takes exactly one, "
                                      f"{INPUT_NAME!r}")
     tensor = request.inputs[0]
     if tensor.name != INPUT_NAME:
         raise bad("unknown_input", f"input {tensor.name!r}; the model's input is {INPUT_NAME!r}")
+    binary = (raw or {}).get(tensor.name)
+    if binary is None and tensor.data is None:
+        raise bad("invalid_request", f"input {tensor.name!r} has no 'data' (and no binary data)")
     if tensor.datatype in PIXEL_DATATYPES:
-        return _pixels(tensor, max_instances)
+        return _pixels(tensor, max_instances, binary)
     if tensor.datatype == BYTES:
-        return _encoded_images(tensor, resize, max_instances)
+        return _encoded_images(tensor, resize, max_instances, binary)
     raise bad("invalid_dtype", f"datatype {tensor.datatype!r}; expected one of "
                                f"{[*PIXEL_DATATYPES, BYTES]}")
 
@@ -154,8 +161,10 @@ def _array(tensor: RequestInput, n_elements: int) -> np.ndarray:
     return arr.reshape(-1)
 
 
-def _pixels(tensor: RequestInput, max_instances: int) -> np.ndarray:
+def _pixels(tensor: RequestInput, max_instances: int, binary: bytes | None) -> np.ndarray:
     n = _batch_size(tensor, IMAGE_SHAPE, max_instances)
+    if binary is not None:
+        return _binary_pixels(tensor, n, binary)
     arr = _array(tensor, n * math.prod(IMAGE_SHAPE))
     if arr.dtype.kind not in "iuf" or bool in _leaf_types(tensor.data):
         raise bad("invalid_dtype", f"{tensor.name}: {tensor.datatype} data must be numbers 0..255")
@@ -171,6 +180,19 @@ def _pixels(tensor: RequestInput, max_instances: int) -> np.ndarray:
     return pixels
 
 
+def _binary_pixels(tensor: RequestInput, n: int, binary: bytes) -> np.ndarray:
+    dtype = np.dtype(np.uint8 if tensor.datatype == "UINT8" else "<f4")
+    need = n * math.prod(IMAGE_SHAPE) * dtype.itemsize
+    if len(binary) != need:
+        raise bad("length_mismatch", f"{tensor.name}: binary_data_size is {len(binary)} bytes; shape "
+                                     f"{list(tensor.shape)} of {tensor.datatype} needs {need}")
+    arr = np.frombuffer(binary, dtype).reshape(n, *IMAGE_SHAPE)
+    try:
+        return inputs.check_pixels(arr, tensor.name)
+    except InputError as exc:
+        raise bad(exc.code, exc.message) from None
+
+
 def _leaf_types(data: list) -> set[type]:
     """The Python types of the elements of flat or (regularly) nested `data`."""
     level = data
@@ -179,23 +201,33 @@ def _leaf_types(data: list) -> set[type]:
     return set(map(type, level))
 
 
-def _encoded_images(tensor: RequestInput, resize: bool, max_instances: int) -> np.ndarray:
+def _encoded_images(tensor: RequestInput, resize: bool, max_instances: int,
+                    binary: bytes | None) -> np.ndarray:
     n = _batch_size(tensor, (), max_instances)
+    if binary is not None:
+        files = v2_binary.byte_elements(binary, n, tensor.name)
+        return _decoded(files, tensor.name, resize)
     if len(tensor.data) != n:
         raise bad("length_mismatch", f"{tensor.name}: 'data' has {len(tensor.data)} elements; shape "
                                      f"{list(tensor.shape)} needs {n}")
-    out = np.empty((n, *IMAGE_SHAPE), np.uint8)
+    files = []
     for i, element in enumerate(tensor.data):
         where = f"{tensor.name}[{i}]"
         if not isinstance(element, str):
             raise bad("invalid_dtype", f"{where}: BYTES elements must be strings (base64 of a PNG or JPEG "
                                        f"file), got {type(element).__name__}")
         try:
-            encoded = base64.b64decode(element, validate=True)
+            files.append(base64.b64decode(element, validate=True))
         except (binascii.Error, ValueError):
             raise bad("invalid_base64", f"{where}: not valid base64") from None
+    return _decoded(files, tensor.name, resize)
+
+
+def _decoded(files: list[bytes], name: str, resize: bool) -> np.ndarray:
+    out = np.empty((len(files), *IMAGE_SHAPE), np.uint8)
+    for i, encoded in enumerate(files):
         try:
-            out[i] = inputs.decode_upload_image(encoded, where, resize=resize)
+            out[i] = inputs.decode_upload_image(encoded, f"{name}[{i}]", resize=resize)
         except InputError as exc:
             raise bad(exc.code, exc.message) from None
     return out
@@ -203,22 +235,26 @@ def _encoded_images(tensor: RequestInput, resize: bool, max_instances: int) -> n
 
 # --- output -----------------------------------------------------------------------------------
 def output_tensors(prediction: dataplane.Prediction, names: tuple[str, ...],
-                   set_mask: np.ndarray | None = None) -> list[dict]:
-    """The requested outputs as protocol tensors: FP32 (the prediction set: BOOL), flat row-major data."""
-    tensors = []
+                   set_mask: np.ndarray | None = None, binary: frozenset[str] = frozenset(),
+                   ) -> tuple[list[dict], list[bytes]]:
+    """The requested outputs as protocol tensors (FP32; the prediction set BOOL; flat row-major
+    data), and the raw little-endian bytes of those named in `binary` (BOOL: one byte each), whose
+    tensors carry `binary_data_size` instead of `data`, in output order."""
+    tensors, blobs = [], []
     for name in names:
         if name == PREDICTION_SET:
-            tensors.append({"name": name, "shape": list(set_mask.shape), "datatype": "BOOL",
-                            "data": set_mask.reshape(-1).tolist()})
-            continue
-        if name == PROBABILITIES:
-            values = prediction.probabilities
+            values, datatype, wire = np.asarray(set_mask, bool), "BOOL", np.uint8
         else:
-            values = getattr(prediction.mc, MC_OUTPUTS[name][0])
-        values = np.asarray(values, np.float32)
-        tensors.append({"name": name, "shape": list(values.shape), "datatype": "FP32",
-                        "data": values.reshape(-1).tolist()})
-    return tensors
+            values = prediction.probabilities if name == PROBABILITIES else getattr(prediction.mc, MC_OUTPUTS[name][0])
+            values, datatype, wire = np.asarray(values, np.float32), "FP32", "<f4"
+        tensor = {"name": name, "shape": list(values.shape), "datatype": datatype}
+        if name in binary:
+            blobs.append(values.astype(wire).tobytes())
+            tensor["parameters"] = {v2_binary.SIZE: len(blobs[-1])}
+        else:
+            tensor["data"] = values.reshape(-1).tolist()
+        tensors.append(tensor)
+    return tensors, blobs
 
 
 def output_metadata(num_classes: int) -> list[dict]:

@@ -330,7 +330,7 @@ def test_middleware_lets_requests_without_a_valid_key_pass_to_the_401_without_a_
 def strict_server(service_model_dir, tmp_path_factory):
     """One evaluation at a time, no queue, a 6 MB byte budget; one image per forward pass, so that
     an evaluation of 1,000 images holds its slot for seconds."""
-    from service.server_process import ServerError, ServerProcess
+    from benchmarks.server_process import ServerError, ServerProcess
 
     try:
         with ServerProcess(service_model_dir, log_path=tmp_path_factory.mktemp("strict") / "server.log",
@@ -398,7 +398,7 @@ def test_http_overload_gets_503_with_retry_after_and_everything_is_released(stri
 @pytest.mark.slow
 def test_loadtest_end_to_end_report(service_model_dir, tmp_path, monkeypatch):
     """The soak benchmark for a few seconds with 2 clients against the tiny model: its report."""
-    from service import loadtest
+    from benchmarks import loadtest
 
     monkeypatch.setenv("CALIB_MAX_INSTANCES", "64")
     out = tmp_path / "report.json"

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.server_process import ServerProcess
+from benchmarks.server_process import ServerProcess
 from service.storage import SqlCalibrationRepository
 from tests.service_helpers import npz_bytes
 from tests.storage_fixtures import database_url, postgres_server, postgres_url, sqlite_url  # noqa: F401

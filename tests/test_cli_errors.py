@@ -187,7 +187,7 @@ def test_lab_bad_artifact(truncated_artifact, tmp_path):
     assert_one_line_error(out, 1, "python -m training.lab", "checksum mismatch")
 
 
-# --- service and service.benchmark ----------------------------------------------------------------
+# --- service and benchmarks.mc_and_http_cost ------------------------------------------------------
 
 def test_service_bad_setting_names_the_variable():
     out = run("service", env=clean_env(CALIB_PORT="99999", CALIB_LOG_LEVEL="loud"))
@@ -201,8 +201,23 @@ def test_service_missing_model_dir(tmp_path):
 
 
 def test_service_benchmark_missing_model_dir(tmp_path):
-    out = run("service.benchmark", "--model-dir", tmp_path / "nonexistent")
-    assert_one_line_error(out, 1, "python -m service.benchmark", "does not exist")
+    out = run("benchmarks.mc_and_http_cost", "--model-dir", tmp_path / "nonexistent")
+    assert_one_line_error(out, 1, "python -m benchmarks.mc_and_http_cost", "does not exist")
+
+
+def test_mlserver_comparison_without_mlserver_or_model(tmp_path):
+    out = run("benchmarks.mlserver_comparison", "--mlserver-venv", tmp_path / "no-venv")
+    assert_one_line_error(out, 1, "python -m benchmarks.mlserver_comparison", "no MLServer", "--mlserver-venv")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "mlserver").touch()
+    out = run("benchmarks.mlserver_comparison", "--mlserver-venv", venv, "--model-dir", tmp_path, "--model", "nope")
+    assert_one_line_error(out, 1, "python -m benchmarks.mlserver_comparison", "no model 'nope'")
+
+
+def test_v2_binary_savings_missing_model(tmp_path):
+    out = run("benchmarks.v2_binary_savings", "--model-dir", tmp_path, "--model", "nope")
+    assert_one_line_error(out, 1, "python -m benchmarks.v2_binary_savings", "no model 'nope'")
 
 
 # --- the client -----------------------------------------------------------------------------------

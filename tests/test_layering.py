@@ -13,9 +13,6 @@ import pytest
 pytestmark = pytest.mark.slow  # starts a Python subprocess that imports the service
 
 REPO = Path(__file__).resolve().parents[1]
-# Benchmark tooling still in service/ until issue 23 moves it to benchmarks/ (it needs a source
-# checkout and may load CIFAR-10 through training.data); nothing the server imports.
-TOOLING = {"benchmark.py", "benchmark_throughput.py", "benchmark_workers.py", "loadtest.py", "server_process.py"}
 
 
 def _imports(path: Path) -> list[str]:
@@ -31,8 +28,6 @@ def _imports(path: Path) -> list[str]:
 def test_no_service_module_imports_training():
     offenders = []
     for path in sorted((REPO / "service").rglob("*.py")):
-        if path.parent == REPO / "service" and path.name in TOOLING:
-            continue
         offenders += [f"{path.relative_to(REPO)}: {name}" for name in _imports(path)
                       if name == "training" or name.startswith("training.")]
     assert offenders == []

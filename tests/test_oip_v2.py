@@ -60,7 +60,7 @@ def version(service_model_dir) -> str:
 # --- tritonclient over a real socket --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(service_model_dir, tmp_path_factory):
-    from service.server_process import ServerError, ServerProcess
+    from benchmarks.server_process import ServerError, ServerProcess
 
     log = tmp_path_factory.mktemp("server-v2") / "server.log"
     try:
@@ -112,7 +112,7 @@ def test_tritonclient_health_and_metadata(triton, version):
 
     server_meta = triton.get_server_metadata()
     assert server_meta["name"] == "calibrated-cifar10" and server_meta["version"]
-    assert server_meta["extensions"] == ["calibrated_uncertainty"]
+    assert server_meta["extensions"] == ["binary_tensor_data", "calibrated_uncertainty"]
 
     meta = triton.get_model_metadata(MODEL)
     assert meta == triton.get_model_metadata(MODEL, version)
@@ -195,10 +195,128 @@ def test_tritonclient_errors_are_exceptions_with_the_message(triton, images):
         triton.infer(MODEL, [_pixels_input(images, "UINT8")], parameters={"mc_samples": 0})
     assert exc.value.status() == "400" and "mc_samples" in exc.value.message()
     tensor = httpclient.InferInput("images", list(images.shape), "UINT8")
-    tensor.set_data_from_numpy(images)  # the binary extension (tritonclient's default): refused clearly
+    tensor.set_data_from_numpy(images).set_shape([len(images) + 1, *SHAPE])  # binary, one image short
     with pytest.raises(InferenceServerException) as exc:
         triton.infer(MODEL, [tensor])
-    assert exc.value.status() == "400" and "binary_data=False" in exc.value.message()
+    assert exc.value.status() == "400" and "binary_data_size" in exc.value.message()
+
+
+# --- the binary tensor data extension, with tritonclient's defaults --------------------------------
+def _binary_input(images: np.ndarray, datatype: str, binary: bool):
+    import tritonclient.http as httpclient
+
+    if datatype == "BYTES":  # binary BYTES elements are the files themselves, JSON ones base64 text
+        files = [png_bytes(img) for img in images]
+        x = np.array(files if binary else [base64.b64encode(f) for f in files], dtype=np.object_)
+    else:
+        x = images.astype(np.uint8 if datatype == "UINT8" else np.float32)
+    tensor = httpclient.InferInput("images", list(x.shape), datatype)
+    return tensor.set_data_from_numpy(x) if binary else tensor.set_data_from_numpy(x, binary_data=False)
+
+
+@pytest.mark.parametrize("datatype", ["UINT8", "FP32", "BYTES"])
+def test_tritonclient_binary_defaults_give_the_json_answers(triton, images, datatype):
+    """`set_data_from_numpy(x)` and `InferRequestedOutput(name)` (binary by default) against the same
+    request in JSON: the same arrays, bit for bit."""
+    import tritonclient.http as httpclient
+
+    names = ["probabilities", "mc_mean", "mutual_information"]
+    params = {"mc_samples": 20, "seed": 11}
+    binary = triton.infer(MODEL, [_binary_input(images, datatype, True)], parameters=params,
+                          outputs=[httpclient.InferRequestedOutput(n) for n in names])
+    as_json = triton.infer(MODEL, [_binary_input(images, datatype, False)], parameters=params,
+                           outputs=[httpclient.InferRequestedOutput(n, binary_data=False) for n in names])
+    sent = {o["name"]: o for o in binary.get_response()["outputs"]}
+    assert sent["probabilities"]["parameters"] == {"binary_data_size": len(images) * 10 * 4}
+    assert "data" not in sent["mc_mean"] and "data" in as_json.get_response()["outputs"][0]
+    for name in names:
+        np.testing.assert_array_equal(binary.as_numpy(name), as_json.as_numpy(name))
+    # no outputs named: tritonclient asks for all in binary (binary_data_output), the default outputs
+    default = triton.infer(MODEL, [_binary_input(images, datatype, True)])
+    assert [o["name"] for o in default.get_response()["outputs"]] == ["probabilities"]
+    assert default.get_response()["outputs"][0]["parameters"]["binary_data_size"] == len(images) * 40
+    np.testing.assert_array_equal(default.as_numpy("probabilities"), as_json.as_numpy("probabilities"))
+
+
+def _binary_body(header: dict, *tensors: bytes, header_length: int | None = None) -> tuple[bytes, dict]:
+    text = json.dumps(header).encode()
+    length = len(text) if header_length is None else header_length
+    return text + b"".join(tensors), {"Inference-Header-Content-Length": str(length)}
+
+
+def test_binary_requests_and_mixed_outputs_in_process(app_client, images):
+    x = images[:2]
+    raw = x.tobytes()
+    body, headers = _binary_body({"inputs": [{"name": "images", "shape": [2, *SHAPE], "datatype": "UINT8",
+                                              "parameters": {"binary_data_size": len(raw)}}],
+                                  "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}]},
+                                 raw)
+    as_json = app_client.post(f"/v2/models/{MODEL}/infer", content=body, headers=headers)
+    assert as_json.status_code == 200 and "inference-header-content-length" not in as_json.headers
+    expected = outputs_of(as_json.json())["probabilities"]
+    reference = app_client.post(f"/v2/models/{MODEL}/infer", json=pixels_request(x)).json()
+    np.testing.assert_array_equal(expected, outputs_of(reference)["probabilities"])
+
+    answer = app_client.post(f"/v2/models/{MODEL}/infer", json=pixels_request(
+        x, parameters={"binary_data_output": True, "mc_samples": 5, "seed": 3},
+        outputs=[{"name": "probabilities"}, {"name": "mutual_information", "parameters": {"binary_data": False}},
+                 {"name": "mc_mean"}]))
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/octet-stream"
+    n = int(answer.headers["inference-header-content-length"])
+    header = json.loads(answer.content[:n])
+    probs, mi, mean = header["outputs"]
+    assert probs["parameters"] == {"binary_data_size": 80} and "data" not in probs
+    assert len(mi["data"]) == 2 and mean["parameters"] == {"binary_data_size": 80}
+    assert len(answer.content) == n + 160
+    np.testing.assert_array_equal(np.frombuffer(answer.content[n:n + 80], "<f4").reshape(2, 10), expected)
+
+
+def _malformed_binary(images: np.ndarray) -> dict[str, tuple[bytes, dict]]:
+    raw = images[:1].tobytes()
+    one = {"name": "images", "shape": [1, *SHAPE], "datatype": "UINT8", "parameters": {"binary_data_size": len(raw)}}
+    png = png_bytes(images[0])
+    bytes_in = {"name": "images", "shape": [1], "datatype": "BYTES"}
+    ok_header = json.dumps({"inputs": [one]}).encode()
+    return {
+        "header length not a number": (ok_header + raw, {"Inference-Header-Content-Length": "abc"}),
+        "header length zero": _binary_body({"inputs": [one]}, raw, header_length=0),
+        "header length past the body": _binary_body({"inputs": [one]}, raw, header_length=len(ok_header) + len(raw) + 1),
+        "header length cuts the JSON": _binary_body({"inputs": [one]}, raw, header_length=len(ok_header) - 1),
+        "size larger than the tail": _binary_body({"inputs": [one]}, raw[:-1]),
+        "bytes left over": _binary_body({"inputs": [one]}, raw + b"\0"),
+        "tail without any binary input": _binary_body(pixels_request(images[:1]), raw),
+        "size without the header": (json.dumps({"inputs": [one]}).encode(), {}),
+        "negative size": _binary_body({"inputs": [{**one, "parameters": {"binary_data_size": -1}}]}),
+        "size not an integer": _binary_body({"inputs": [{**one, "parameters": {"binary_data_size": "3072"}}]}, raw),
+        "data and size": _binary_body({"inputs": [{**one, "data": [0] * 3072}]}, raw),
+        "no data and no size": _binary_body({"inputs": [{k: v for k, v in one.items() if k != "parameters"}]}),
+        "size does not fit the shape": _binary_body(
+            {"inputs": [{**one, "shape": [2, *SHAPE]}]}, raw),
+        "FP32 size of UINT8 bytes": _binary_body({"inputs": [{**one, "datatype": "FP32"}]}, raw),
+        "FP32 NaN": _binary_body({"inputs": [{**one, "datatype": "FP32", "parameters": {"binary_data_size": 4 * 3072}}]},
+                                 np.full(3072, np.nan, "<f4").tobytes()),
+        "BYTES length cut off": _binary_body({"inputs": [{**bytes_in, "parameters": {"binary_data_size": 2}}]},
+                                             b"\1\0"),
+        "BYTES length past the end": _binary_body(
+            {"inputs": [{**bytes_in, "parameters": {"binary_data_size": 4 + 10}}]},
+            len(png).to_bytes(4, "little") + png[:10]),
+        "BYTES count off": _binary_body(
+            {"inputs": [{**bytes_in, "parameters": {"binary_data_size": 2 * (4 + len(png))}}]},
+            *[len(png).to_bytes(4, "little") + png] * 2),
+        "BYTES not an image": _binary_body(
+            {"inputs": [{**bytes_in, "parameters": {"binary_data_size": 8}}]}, b"\4\0\0\0abcd"),
+        "binary_data not a boolean": _binary_body(
+            {"inputs": [one], "outputs": [{"name": "probabilities", "parameters": {"binary_data": 1}}]}, raw),
+        "binary_data_output not a boolean": _binary_body(
+            {"inputs": [one], "parameters": {"binary_data_output": "yes"}}, raw),
+    }
+
+
+def test_malformed_binary_requests_are_400_with_the_protocols_error(app_client, images):
+    for case, (body, headers) in _malformed_binary(images).items():
+        response = app_client.post(f"/v2/models/{MODEL}/infer", content=body, headers=headers)
+        assert response.status_code == 400, (case, response.status_code, response.text[:300])
+        assert "Traceback" not in v2_error(response, 400), case
 
 
 # --- in-process: the protocol's shapes and every error ---------------------------------------------
@@ -319,7 +437,7 @@ def test_malformed_bodies_and_size_limits(app_client, images):
 
 
 def test_request_id_echo_and_defaults(app_client, images):
-    body = pixels_request(images[:3], id="my-request", parameters={"binary_data_output": True, "other": "x"})
+    body = pixels_request(images[:3], id="my-request", parameters={"binary_data_output": False, "other": "x"})
     answer = app_client.post(f"/v2/models/{MODEL}/infer", json=body).json()
     assert answer["id"] == "my-request" and answer["model_name"] == MODEL
     assert answer["parameters"] == {"temperature": pytest.approx(answer["parameters"]["temperature"]),

@@ -88,6 +88,7 @@ def test_500_carries_the_id_in_header_body_and_traceback_log(app_client, monkeyp
         raise RuntimeError("kaboom")
 
     monkeypatch.setattr(dataplane, "predict", boom)
+    monkeypatch.setattr(dataplane, "predict_many", boom)  # the micro-batcher's path: its pass fails
     caplog.set_level(logging.INFO)
     r = app_client.post(PREDICT, json=GOOD, headers={"X-Request-ID": "crash-42"})
     assert _id_of_error(r, 500, "internal_error") == "crash-42"

@@ -493,8 +493,9 @@ def test_internal_errors_are_json_500(app_client, monkeypatch):
         raise RuntimeError("kaboom")
 
     monkeypatch.setattr(dataplane, "predict", boom)
+    monkeypatch.setattr(dataplane, "predict_many", boom)  # the micro-batcher's path: its pass fails
     msg = error_of(app_client.post(PREDICT, json=GOOD), 500, "internal_error")
-    assert "RuntimeError" in msg and "kaboom" not in msg
+    assert "BatchForwardError" in msg and "kaboom" not in msg
 
 
 # --- concurrency and metrics ---------------------------------------------------------------------------

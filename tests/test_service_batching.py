@@ -473,3 +473,156 @@ def test_predict_stage_profile_is_in_the_metrics(service_model_dir, shared_regis
     assert ("calib_predict_stage_seconds_count", "unbatched") not in samples
     total = samples[("calib_http_request_duration_seconds_sum", None)]
     assert 0 < sum(samples[("calib_predict_stage_seconds_sum", s)] for s in stages) <= total
+
+
+# --- dispatch at once, and MC dropout drawn once per micro-batch -----------------------------------
+@contextlib.asynccontextmanager
+async def started_batcher(model, **kwargs):
+    """A running MicroBatcher on a 2-thread executor; closed (and the executor shut down) after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.batching import MicroBatcher
+
+    with ThreadPoolExecutor(2) as pool:
+        batcher = MicroBatcher(model, pool, **kwargs)
+        batcher.start()
+        try:
+            yield batcher
+        finally:
+            await batcher.aclose()
+
+
+def test_window_dispatches_a_lone_request_at_once_and_waits_only_when_others_queue(model, images, monkeypatch):
+    """With a 10 s window a lone request still goes at once; requests queued behind a running pass
+    form the next batch (it closes when full, not after the window)."""
+    clf = model.classifier
+    real, gated, entered, release = gated_features(clf)
+    sizes = []
+
+    async def scenario():
+        try:
+            async with started_batcher(model, max_images=3, wait_seconds=10.0,
+                                       observer=lambda name, n, k: sizes.append((n, k))) as batcher:
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                await batcher.features(images[:1])
+                alone_s = loop.time() - start
+                monkeypatch.setattr(clf, "features", gated)
+                first = asyncio.create_task(batcher.features(images[1:2]))
+                assert await asyncio.to_thread(entered.wait, 20)
+                rest = [asyncio.create_task(batcher.features(images[i:i + 1])) for i in range(2, 5)]
+                await asyncio.sleep(0.05)
+                release.set()
+                start = loop.time()
+                await first
+                await asyncio.gather(*rest)
+                return alone_s, loop.time() - start
+        finally:
+            release.set()
+
+    alone_s, rest_s = asyncio.run(scenario())
+    assert alone_s < 5 and rest_s < 5  # neither waited for the 10 s window
+    assert sizes == [(1, 1), (1, 1), (3, 3)]
+
+
+def row_by_row(clf, monkeypatch):
+    """Make the backbone compute each image on its own, so an image's features are the same bit for
+    bit alone and in any batch: what is left to compare is the MC step."""
+    real = clf.features
+    monkeypatch.setattr(clf, "features", lambda x, batch_size=500: np.concatenate(
+        [real(x[i:i + 1], batch_size) for i in range(len(x))]))
+
+
+MIXED = [(1, 30, 7), (2, 30, 8), (1, 0, None), (1, 5, 7), (3, 30, 2**31 - 2), (1, 30, 9)]  # (images, T, seed)
+
+
+def predict_mixed_batch(model, images, *, concurrent: bool, mc_chunk_rows: int = 1000):
+    """MIXED's requests through one batcher: all queued behind a gated pass (one micro-batch), or
+    one at a time (each alone)."""
+    parts, start = [], 0
+    for n, t, seed in MIXED:
+        parts.append((images[start:start + n], t, seed))
+        start += n
+    sizes = []
+    real, gated, entered, release = gated_features(model.classifier)
+
+    async def scenario():
+        try:
+            async with started_batcher(model, max_images=64, wait_seconds=0.2, mc_chunk_rows=mc_chunk_rows,
+                                       observer=lambda name, n, k: sizes.append(k)) as batcher:
+                if not concurrent:
+                    return [await batcher.predict(x, mc_samples=t, seed=s) for x, t, s in parts]
+                model.classifier.features = gated
+                blocker = asyncio.create_task(batcher.features(images[-1:]))   # holds the backbone ...
+                assert await asyncio.to_thread(entered.wait, 20)
+                tasks = [asyncio.create_task(batcher.predict(x, mc_samples=t, seed=s)) for x, t, s in parts]
+                await asyncio.sleep(0.05)                                       # ... while MIXED queues
+                release.set()
+                await blocker
+                return await asyncio.gather(*tasks)
+        finally:
+            release.set()
+            model.classifier.features = real
+
+    results = asyncio.run(scenario())
+    assert sizes == ([1, len(MIXED)] if concurrent else [1] * len(MIXED)), sizes
+    return results
+
+
+@pytest.mark.parametrize("runtime", ["keras", "litert"])
+def test_mc_in_a_mixed_micro_batch_is_bit_identical_to_each_request_alone(model, images, tiny_litert_artifact,
+                                                                          monkeypatch, runtime):
+    """The same seed alone and inside a micro-batch of requests with other seeds, T and sizes: the
+    same MC arrays, bit for bit (LiteRT draws the whole batch's MC at once; Keras per request, in
+    the batch's one executor call). The deterministic head is one matmul over the batch, whose
+    float32 rounding may depend on the batch's size (as before this change)."""
+    if runtime == "litert":
+        import dataclasses
+
+        from models.litert_classifier import LiteRTClassifier
+
+        model = dataclasses.replace(model, classifier=LiteRTClassifier.from_artifact(tiny_litert_artifact)[1])
+        assert model.runtime == "litert"
+    row_by_row(model.classifier, monkeypatch)
+    alone = predict_mixed_batch(model, images, concurrent=False)
+    together = predict_mixed_batch(model, images, concurrent=True)
+    for (n, t, seed), a, b in zip(MIXED, alone, together):
+        assert a.seed == b.seed == (seed if t else None)
+        for attr in ("logits", "probabilities", "uncalibrated"):  # the deterministic head runs on the whole
+            np.testing.assert_allclose(getattr(a, attr), getattr(b, attr), rtol=0, atol=1e-6)  # batch: rounding
+        if not t:
+            assert a.mc is None and b.mc is None
+            continue
+        assert a.mc.n_samples == b.mc.n_samples == t and len(b.mc.mean) == n
+        for attr in ("mean", "variance", "predictive_entropy", "expected_entropy", "mutual_information"):
+            np.testing.assert_array_equal(getattr(a.mc, attr), getattr(b.mc, attr))
+
+
+def test_two_passes_at_once_compute_the_next_batch_while_one_runs(model, images, monkeypatch):
+    """CALIB_BATCH_PASSES=2: while a pass is held, the next queued request gets its own pass."""
+    clf = model.classifier
+    real = clf.features
+    entered, release = threading.Event(), threading.Event()
+
+    def first_pass_waits(x, batch_size=500):
+        if not entered.is_set():
+            entered.set()
+            release.wait(20)
+        return real(x, batch_size)
+
+    async def scenario():
+        try:
+            async with started_batcher(model, max_images=8, wait_seconds=0.01, max_passes=2) as batcher:
+                monkeypatch.setattr(clf, "features", first_pass_waits)
+                held = asyncio.create_task(batcher.features(images[:1]))
+                assert await asyncio.to_thread(entered.wait, 20)
+                second = await asyncio.wait_for(batcher.features(images[1:2]), 20)  # not behind the held pass
+                assert not held.done()
+                release.set()
+                return await held, second
+        finally:
+            release.set()
+
+    held, second = asyncio.run(scenario())
+    assert_features_close(held, real(images[:1]))
+    assert_features_close(second, real(images[1:2]))

@@ -35,7 +35,7 @@ MB = 1024 * 1024
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("ai_edge_litert")
-    from service.server_process import ServerError, ServerProcess
+    from benchmarks.server_process import ServerError, ServerProcess
 
     model_dir = tmp_path_factory.mktemp("hardening-models")
     shutil.copytree(REPO / "models" / "shipped" / MODEL, model_dir / MODEL)

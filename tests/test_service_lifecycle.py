@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.server_process import REPO, ServerProcess, serve_command
+from benchmarks.server_process import REPO, ServerProcess, serve_command
 
 pytestmark = pytest.mark.server
 

@@ -385,7 +385,7 @@ def test_compare_bad_bodies_and_parameters(client):
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 @pytest.mark.server
 def test_curl_script_compares_two_batches(ood_model_dir, batches, tmp_path, split_classifier):
-    from service.server_process import ServerError, ServerProcess
+    from benchmarks.server_process import ServerError, ServerProcess
 
     x_in, x_out = batches
     data, suspect = tmp_path / "in.npz", tmp_path / "suspect.npy"

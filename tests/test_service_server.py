@@ -26,7 +26,7 @@ pytestmark = pytest.mark.server
 @pytest.fixture(scope="module")
 def server(service_model_dir, tmp_path_factory):
     """The shipped serve command (SERVE_COMMAND, the Dockerfile's CMD) on a free loopback port."""
-    from service.server_process import ServerError, ServerProcess
+    from benchmarks.server_process import ServerError, ServerProcess
 
     assert SERVE_COMMAND[0] == "python"
     log = tmp_path_factory.mktemp("server") / "server.log"

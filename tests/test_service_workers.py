@@ -94,7 +94,7 @@ def _models_loaded(text: str) -> dict[str, float]:
 
 
 def test_two_workers_share_the_port_and_the_metrics(tiny_artifact, tmp_path):
-    from service.server_process import ServerError, ServerProcess
+    from benchmarks.server_process import ServerError, ServerProcess
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()

@@ -60,17 +60,27 @@ def mc_seed_pair(seed: int) -> tuple[int, int]:
     return int(seed) % MC_SEED_MOD, MC_SEED_SALT
 
 
+def mc_chunks(n_images: int, n_samples: int, seed: int, chunk_rows: int = 65_536) -> list[tuple[int, int, int]]:
+    """(start, stop, seed) of each chunk of at most `chunk_rows` (T x images) rows: chunk c of a
+    batch draws its masks with seed + CHUNK_SEED_STRIDE * c."""
+    per_chunk = max(1, chunk_rows // n_samples)
+    return [(start, min(start + per_chunk, n_images), (seed + CHUNK_SEED_STRIDE * c) % MC_SEED_MOD)
+            for c, start in enumerate(range(0, n_images, per_chunk))]
+
+
+def concat_summaries(parts: list[MCSummary]) -> MCSummary:
+    """One summary of consecutive image chunks (the same T)."""
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda attr: np.concatenate([getattr(p, attr) for p in parts])  # noqa: E731
+    return MCSummary(parts[0].n_samples, cat("mean"), cat("variance"), cat("predictive_entropy"),
+                     cat("expected_entropy"), cat("mutual_information"))
+
+
 def chunked_mc_summary(mc_logits_from_features, features: np.ndarray, n_samples: int, seed: int,
                        temperature: float, chunk_rows: int = 65_536) -> MCSummary:
     """`summarize_mc_samples` of `mc_logits_from_features(features_chunk, n_samples, seed_c)` ([T, B, K])
     with at most `chunk_rows` (T x images) rows per call, so memory stays bounded for any batch."""
-    per_chunk = max(1, chunk_rows // n_samples)
-    parts = [summarize_mc_samples(mc_logits_from_features(features[start:start + per_chunk], n_samples,
-                                                          (seed + CHUNK_SEED_STRIDE * c) % MC_SEED_MOD),
-                                  temperature)
-             for c, start in enumerate(range(0, len(features), per_chunk))]
-    if len(parts) == 1:
-        return parts[0]
-    cat = lambda attr: np.concatenate([getattr(p, attr) for p in parts])  # noqa: E731
-    return MCSummary(n_samples, cat("mean"), cat("variance"), cat("predictive_entropy"),
-                     cat("expected_entropy"), cat("mutual_information"))
+    return concat_summaries([summarize_mc_samples(mc_logits_from_features(features[start:stop], n_samples, seed_c),
+                                                  temperature)
+                             for start, stop, seed_c in mc_chunks(len(features), n_samples, seed, chunk_rows)])

@@ -16,10 +16,10 @@ import json
 import secrets
 
 from fastapi import APIRouter, Path, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from service import prediction_sets, v2_tensors
+from service import prediction_sets, v2_binary, v2_tensors
 from service.api_keys import KeyRing
 from service.inputs import InputError, parse_json_object
 from service.registry import LoadedModel
@@ -41,11 +41,10 @@ from service.v2_schemas import (
 
 SERVER_NAME = "calibrated-cifar10"
 PLATFORMS = {"keras": "tensorflow_keras", "litert": "tensorflow_lite"}   # by LoadedModel.runtime
-# Our own protocol extension: the `mc_samples` / `seed` / `resize` request parameters and the
-# MC-dropout outputs (docs/open-inference-protocol.md).
-EXTENSIONS = ["calibrated_uncertainty"]
+# Triton's binary tensor data extension (service.v2_binary), and our own: the `mc_samples` / `seed` /
+# `resize` request parameters and the MC-dropout outputs (docs/open-inference-protocol.md).
+EXTENSIONS = [v2_binary.EXTENSION, "calibrated_uncertainty"]
 VERSION_DIGITS = 12
-BINARY_HEADER = "inference-header-content-length"
 
 ERRORS_V2 = {
     400: "the request is not a valid inference request for this model (shape, datatype, data, "
@@ -147,7 +146,10 @@ _EXAMPLE = {"id": "example-1", "parameters": {"mc_samples": 30, "seed": 7},
             "outputs": [{"name": "probabilities"}, {"name": "mutual_information"}]}
 INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": inlined_schema(InferenceRequest), "example": _EXAMPLE}}}}
-INFER_ERRORS = _errors(400, 404, 409, 413)
+INFER_ERRORS = {**_errors(400, 404, 409, 413), 200: {
+    "description": f"JSON; with binary outputs requested (`binary_data`, `binary_data_output`), the JSON "
+                   f"header of `{v2_binary.HEADER}` bytes followed by the outputs' raw bytes",
+    "content": {v2_binary.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}}
 
 
 @router.post("/models/{name}/infer", response_model=InferenceResponse, responses=INFER_ERRORS,
@@ -163,24 +165,22 @@ async def infer_version(request: Request, name: str = ModelName, version: str = 
     return await _infer(request, name, version)
 
 
-async def _infer(request: Request, name: str, version: str | None) -> dict:
+async def _infer(request: Request, name: str, version: str | None) -> dict | Response:
     settings = settings_of(request)
     registry_of(request)  # 503 before anything else while the models load
     model = _model(request, name, version)
-    if BINARY_HEADER in request.headers:
-        raise InputError("unsupported_extension",
-                         "the binary tensor data extension is not supported: send the tensors as JSON "
-                         "(tritonclient: set_data_from_numpy(x, binary_data=False))", 400)
-    body = await request.body()
-    infer_request = await in_thread(_parse, body)
+    header, tail = v2_binary.split_body(await request.body(), request.headers.get(v2_binary.HEADER))
+    infer_request = await in_thread(_parse, header)
+    raw = v2_binary.input_bytes(infer_request, tail)
     opts = v2_tensors.options(infer_request, settings.max_mc_samples)
     profile = await calibrations.profile_for(request, model, _calibration_id(infer_request))
     calibration = None
     if opts.sets is not None:
         calibration = (prediction_sets.calibration_of(model, status=400) if profile is None
                        else calibrations.conformal_of(model, profile))
+    binary = v2_binary.binary_outputs(infer_request, opts.outputs)
     x = await in_thread(v2_tensors.images, infer_request, resize=opts.resize,
-                        max_instances=settings.max_instances)
+                        max_instances=settings.max_instances, raw=raw)
     seed = opts.seed
     if seed is None and opts.mc_samples:
         seed = secrets.randbelow(2**31 - 1)
@@ -197,11 +197,16 @@ async def _infer(request: Request, name: str, version: str | None) -> dict:
     if opts.sets is not None:
         mask = prediction_sets.sets(calibration, result.probabilities, opts.sets)
         parameters.update(coverage=opts.sets.coverage, conformal_method=opts.sets.method, mondrian=opts.sets.mondrian)
+    outputs, blobs = await in_thread(v2_tensors.output_tensors, result, opts.outputs, mask, binary)
     response = {"model_name": model.name, "model_version": version_of(model), "parameters": parameters,
-                "outputs": await in_thread(v2_tensors.output_tensors, result, opts.outputs, mask)}
+                "outputs": outputs}
     if infer_request.id is not None:
         response["id"] = infer_request.id
-    return response
+    if not blobs:
+        return response
+    content, header_length = v2_binary.response_body(response, blobs)
+    return Response(content, media_type=v2_binary.MEDIA_TYPE,
+                    headers={v2_binary.HEADER: str(header_length)})
 
 
 def _calibration_id(infer_request: InferenceRequest) -> str | None:

@@ -1,4 +1,4 @@
-"""`python -m service.loadtest`: a soak test and an overload phase against a real uvicorn process.
+"""`python -m benchmarks.loadtest`: a soak test and an overload phase against a real uvicorn process.
 
 Soak: `--clients` concurrent clients for `--duration` seconds mix predict (JSON and multipart
 PNG), evaluate (`.npz` with labels) and bad inputs that must get a 4xx. Reported: requests and
@@ -398,12 +398,12 @@ def _model_name(url: str, wanted: str | None) -> str:
     return wanted or models[0]
 
 
-@command("python -m service.loadtest")
+@command("python -m benchmarks.loadtest")
 def main(argv: list[str] | None = None) -> int:
-    from service.server_process import ServerError, ServerProcess
+    from benchmarks.server_process import ServerError, ServerProcess
     from service.settings import Settings
 
-    p = argparse.ArgumentParser(prog="python -m service.loadtest", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.loadtest", description=__doc__.splitlines()[0])
     p.add_argument("--url", help="target a running server instead of starting one (loopback)")
     p.add_argument("--pid", type=int, help="with --url: the server's pid, to read its RSS")
     p.add_argument("--model-dir", type=Path, help="model folder of the server started here (default: shipped)")
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         server = ServerProcess(args.model_dir or settings.model_dir).start()
         url, pid = server.url, server.pid
-    report: dict = {"command": " ".join(["python -m service.loadtest", *(argv if argv is not None else sys.argv[1:])]),
+    report: dict = {"command": " ".join(["python -m benchmarks.loadtest", *(argv if argv is not None else sys.argv[1:])]),
                     "url": url, "server_pid": pid}
     try:
         if server is not None:

@@ -1,16 +1,18 @@
-"""`python -m service.benchmark_throughput`: many concurrent one-image clients against the
-in-process batch capacity (issue 16: >= 0.8x), and where a request's time goes.
+"""`python -m benchmarks.concurrent_throughput`: many concurrent one-image clients against the
+in-process batch capacity (goal: >= 0.8x), and where a request's time goes.
 
 First the in-process capacity: MC predict (T=100, the server's default) on one batch of
 `--batch` images, images/s. Then, for each `--config` (a name and `CALIB_*` settings), a real
-`python -m service` on loopback: sequential one-image latency, then `--clients` concurrent
-clients (one keep-alive connection each, one asyncio process on the same machine) with
-throughput, its ratio to the in-process capacity, p50/p99, the CPU the server and the load
-generator each took, images per backbone pass, and the server's per-stage profile
-(`calib_predict_stage_seconds`, service.http_metrics.PREDICT_STAGES) as mean ms and share of the
-request's time. All servers start first (in parallel), then are measured one after the other,
-`--rounds` times in alternation, so a drift in machine load hits every config alike.
-Linux (/proc) for the server's CPU. Prints, never asserts.
+`python -m service` on loopback, driven by `wrk` (`--generator wrk`, the default when wrk is
+installed: C, one keep-alive connection per client, the one-image JSON body from a Lua script;
+benchmarks.wrk) or by an asyncio/httpx generator in this process (`--generator httpx`): one
+client's latency (p50) and throughput, then `--clients` concurrent clients with throughput, its
+ratio to the in-process capacity, p50/p99, the CPU the server and the load generator each took,
+images per backbone pass, and the server's per-stage profile (`calib_predict_stage_seconds`,
+service.http_metrics.PREDICT_STAGES) as mean ms and share of the request's time. All servers start
+first (in parallel), then are measured one after the other, `--rounds` times in alternation, so a
+drift in machine load hits every config alike. Linux (/proc) for the server's CPU. Prints, never
+asserts.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from service.benchmark_workers import cpu_seconds, load, own_cpu_seconds
-from service.server_process import ServerError, ServerProcess
+from benchmarks import wrk
+from benchmarks.server_process import ServerError, ServerProcess
+from benchmarks.worker_scaling import cpu_seconds, load, own_cpu_seconds
 from commandline import ArgumentParser, CommandError, UsageError, command, invoked_as, setup_tensorflow
 
-PROG = invoked_as("service.benchmark_throughput")
+PROG = invoked_as("benchmarks.concurrent_throughput")
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "cifar10-fixture"
 PREDICT_ENDPOINT = "/v1/models/{name}/predict"
@@ -41,7 +44,7 @@ def in_process_capacity(model_dir: Path, name: str | None, batch: int, mc_sample
     """(model name, images/s of MC predict on one batch, one real image as a nested list)."""
     setup_tensorflow()
     from service import dataplane
-    from service.benchmark import load_images
+    from benchmarks.mc_and_http_cost import load_images
     from service.registry import load_registry
 
     registry = load_registry(model_dir, runtime=runtime)
@@ -120,8 +123,33 @@ def _pct(values, q) -> float:
     return float(np.percentile(values, q)) * 1e3
 
 
+def measure_wrk(server: ServerProcess, model: str, body: bytes, clients: int, duration: float,
+                sequential_duration: float, capacity: float) -> dict:
+    """One client for `sequential_duration` s (wrk -c1), then `clients` for `duration` s."""
+    url = f"{server.url}{PREDICT_ENDPOINT.format(name=model)}"
+    wrk.run(url, body, connections=clients, duration_s=2)  # warm-up: connections, every batch size
+    one = wrk.run(url, body, connections=1, duration_s=sequential_duration)
+    before = scrape(server.url, model)
+    server0 = tree_cpu_seconds(server.pid)
+    many = wrk.run(url, body, connections=clients, duration_s=duration)
+    srv = (tree_cpu_seconds(server.pid) - server0) / many["seconds"]
+    return _result(many["req_s"], capacity, many["p50_ms"], many["p99_ms"], one["p50_ms"], one["req_s"], srv,
+                   many["wrk_cpu"], _diff(scrape(server.url, model), before), model, many["requests"])
+
+
+def _result(req_s, capacity, p50, p99, seq_p50, seq_req_s, server_cpu, client_cpu, delta, model, n) -> dict:
+    labels = f'{{model="{model}"}}'
+    passes = delta.get(f"calib_predict_batch_images_count{labels}", 0.0)
+    images = delta.get(f"calib_predict_batch_images_sum{labels}", 0.0)
+    stages, total = profile(delta, model)
+    return {"req_s": req_s, "ratio": req_s / capacity, "p50": p50, "p99": p99, "seq_p50": seq_p50,
+            "seq_req_s": seq_req_s, "server_cpu": server_cpu, "client_cpu": client_cpu,
+            "per_pass": images / passes if passes else float("nan"), "stages": stages, "total": total, "n": n}
+
+
 def measure(server: ServerProcess, model: str, body: bytes, clients: int, requests: int, sequential: int,
             capacity: float) -> dict:
+    """The asyncio/httpx generator: `sequential` one-client requests, then `requests` over `clients`."""
     import httpx
 
     path = f"/v1/models/{model}/predict"
@@ -129,43 +157,54 @@ def measure(server: ServerProcess, model: str, body: bytes, clients: int, reques
     asyncio.run(load(server.url, path, body, clients, 1))  # warm-up: connections, every batch size
     with httpx.Client(base_url=server.url, timeout=120) as client:
         lat = []
+        seq_start = time.perf_counter()
         for _ in range(sequential):
             start = time.perf_counter()
             client.post(path, content=body, headers=headers).raise_for_status()
             lat.append(time.perf_counter() - start)
+        seq_req_s = sequential / (time.perf_counter() - seq_start)
     seq_p50 = _pct(lat, 50)
     before = scrape(server.url, model)
     server0, own0 = tree_cpu_seconds(server.pid), own_cpu_seconds()
     wall, lat, _ = asyncio.run(load(server.url, path, body, clients, max(1, requests // clients)))
     own = (own_cpu_seconds() - own0) / wall
     srv = (tree_cpu_seconds(server.pid) - server0) / wall
-    delta = _diff(scrape(server.url, model), before)
-    labels = f'{{model="{model}"}}'
-    passes = delta.get(f"calib_predict_batch_images_count{labels}", 0.0)
-    images = delta.get(f"calib_predict_batch_images_sum{labels}", 0.0)
-    stages, total = profile(delta, model)
-    return {"req_s": len(lat) / wall, "ratio": len(lat) / wall / capacity, "p50": _pct(lat, 50),
-            "p99": _pct(lat, 99), "seq_p50": seq_p50, "server_cpu": srv, "client_cpu": own,
-            "per_pass": images / passes if passes else float("nan"), "stages": stages, "total": total,
-            "n": len(lat)}
+    return _result(len(lat) / wall, capacity, _pct(lat, 50), _pct(lat, 99), seq_p50, seq_req_s, srv, own,
+                   _diff(scrape(server.url, model), before), model, len(lat))
+
+
+PATH_KEY = "PYTHONPATH"   # a config's extra import path, e.g. a folder with optional packages to try
 
 
 def parse_config(text: str) -> tuple[str, dict[str, str]]:
-    """`name:CALIB_X=1,CALIB_Y=2` (or just `name`) -> (name, {x: 1, y: 2})."""
+    """`name:CALIB_X=1,CALIB_Y=2` (or just `name`) -> (name, {x: 1, y: 2}); `PYTHONPATH=dir` is
+    kept as the key PYTHONPATH (put in front of the server's import path)."""
     name, _, rest = text.partition(":")
     settings = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
+        if eq and key == PATH_KEY:
+            settings[PATH_KEY] = value
+            continue
         if not eq or not key.startswith("CALIB_"):
-            raise UsageError(f"--config {text!r}: expected name:CALIB_SETTING=value,...")
+            raise UsageError(f"--config {text!r}: expected name:CALIB_SETTING=value,... (or PYTHONPATH=dir)")
         settings[key[len("CALIB_"):].lower()] = value
     return name, settings
 
 
+def start_server(model_dir: Path, settings: dict[str, str]) -> ServerProcess:
+    settings = dict(settings)
+    path = settings.pop(PATH_KEY, None)
+    server = ServerProcess(model_dir, ready_timeout=900, **settings)
+    if path:
+        server.env[PATH_KEY] = os.pathsep.join([path, server.env[PATH_KEY]])
+    return server.start()
+
+
 def print_result(name: str, r: dict) -> None:
     print(f"  {name:<14}{r['req_s']:7.1f} req/s  {r['ratio']:5.2f}x   p50 {r['p50']:6.0f} ms  p99 {r['p99']:6.0f} ms"
-          f"   sequential p50 {r['seq_p50']:5.1f} ms   CPU server {r['server_cpu']:.2f} cores, load generator "
-          f"{r['client_cpu']:.2f} cores   {r['per_pass']:.1f} images/pass")
+          f"   one client: p50 {r['seq_p50']:5.1f} ms, {r['seq_req_s']:.1f} req/s   CPU server "
+          f"{r['server_cpu']:.2f} cores, load generator {r['client_cpu']:.2f} cores   {r['per_pass']:.1f} images/pass")
     if r["stages"]:
         parts = "  ".join(f"{s} {sec * 1e3:.1f} ({sec / r['total']:.0%})" for s, sec in r["stages"])
         other = r["total"] - sum(sec for _, sec in r["stages"])
@@ -184,8 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mc-samples", type=int, default=100, help="MC dropout T (the server's default)")
     p.add_argument("--repeats", type=int, default=5, help="in-process runs (median)")
     p.add_argument("--clients", type=int, default=64, help="concurrent one-image clients")
-    p.add_argument("--requests", type=int, default=640, help="timed requests per measurement")
-    p.add_argument("--sequential", type=int, default=40, help="sequential one-image requests (latency)")
+    p.add_argument("--generator", choices=("wrk", "httpx"), default="wrk" if wrk.available() else "httpx",
+                   help="load generator (default: wrk if installed, else httpx in this process)")
+    p.add_argument("--duration", type=float, default=20, help="wrk: seconds at --clients")
+    p.add_argument("--sequential-duration", type=float, default=10, help="wrk: seconds with one client")
+    p.add_argument("--requests", type=int, default=640, help="httpx: timed requests per measurement")
+    p.add_argument("--sequential", type=int, default=40, help="httpx: sequential one-image requests (latency)")
     p.add_argument("--runtime", choices=("auto", "keras", "litert"), default="auto",
                    help="CALIB_RUNTIME of the in-process capacity and of every server (a config may override it)")
     p.add_argument("--rounds", type=int, default=1, help="measurements of each config, in alternation")
@@ -204,23 +247,31 @@ def main(argv: list[str] | None = None) -> int:
     body = json.dumps({"instances": [image]}).encode()
     print(f"model {name}, MC T={args.mc_samples}, {os.cpu_count()} CPUs; in-process capacity, batch of "
           f"{args.batch}, runtime {args.runtime}: {capacity:.1f} images/s (0.8x = {0.8 * capacity:.1f})")
-    servers = [ServerProcess(args.model_dir, ready_timeout=900, **s) for _, s in configs]
+    servers = []
     results = defaultdict(list)
     try:
-        for server in servers:
-            server.start()
+        for _, settings in configs:
+            servers.append(start_server(args.model_dir, settings))
         for server, (_, settings) in zip(servers, configs):
             server.wait_ready()
             if int(settings.get("workers", 1)) > 1:
                 server.wait_workers(int(settings["workers"]), timeout=900)
-        print(f"{args.clients} concurrent one-image clients, {args.requests} requests; one keep-alive "
-              f"connection each; load generator: this process")
+        if args.generator == "wrk":
+            print(f"{args.clients} concurrent one-image clients for {args.duration:g} s, one client for "
+                  f"{args.sequential_duration:g} s; one keep-alive connection each; load generator: wrk")
+        else:
+            print(f"{args.clients} concurrent one-image clients, {args.requests} requests; one keep-alive "
+                  f"connection each; load generator: this process (httpx)")
         for round_ in range(args.rounds):
             for (cname, _), server in zip(configs, servers):
-                r = measure(server, name, body, args.clients, args.requests, args.sequential, capacity)
+                if args.generator == "wrk":
+                    r = measure_wrk(server, name, body, args.clients, args.duration, args.sequential_duration,
+                                    capacity)
+                else:
+                    r = measure(server, name, body, args.clients, args.requests, args.sequential, capacity)
                 results[cname].append(r)
                 print_result(cname, r)
-    except ServerError as exc:
+    except (ServerError, wrk.WrkError) as exc:
         raise CommandError(exc) from None
     finally:
         for server in servers:

@@ -1,6 +1,6 @@
 """`python -m service` as a child process on a free loopback port.
 
-The service benchmark, the soak test and the real-server tests all start the shipped serve
+The benchmarks, the load test and the real-server tests all start the shipped serve
 command (`SERVE_COMMAND`, the Dockerfile's CMD) this one way, so what they measure and test is
 what ships, and start-up, readiness and shutdown are handled alike.
 """
@@ -47,11 +47,14 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_timeout = ready_timeout
         self.env = {**os.environ, "CALIB_MODEL_DIR": str(model_dir), "CALIB_PORT": str(self.port),
-                    "CALIB_HOST": "127.0.0.1", "CALIB_LOG_LEVEL": "warning", "PYTHONPATH": str(REPO),
+                    "CALIB_HOST": "127.0.0.1", "CALIB_LOG_LEVEL": "warning",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                     **{f"CALIB_{k.upper()}": str(v) for k, v in settings.items()}}
         # a file, not a pipe: a chatty server must never block on a full pipe
         self._log = open(log_path, "w+b") if log_path else tempfile.TemporaryFile()
         self.proc: subprocess.Popen | None = None
+        self.command = serve_command()     # another server (benchmarks.mlserver_comparison) sets its own
+        self.ready_path = "/health/ready"
 
     @property
     def pid(self) -> int:
@@ -64,7 +67,7 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         # its own process group: with CALIB_WORKERS > 1 a hung server's workers are killed with it
-        self.proc = subprocess.Popen(serve_command(), cwd=REPO, env=self.env, stdout=self._log,
+        self.proc = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=os.name == "posix")
         return self
 
@@ -76,7 +79,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise ServerError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass

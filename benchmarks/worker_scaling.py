@@ -1,4 +1,4 @@
-"""`python -m service.benchmark_workers`: one-image predict throughput with 1 and with N server
+"""`python -m benchmarks.worker_scaling`: one-image predict throughput with 1 and with N server
 processes (CALIB_WORKERS), at several numbers of concurrent clients, plus each worker's memory.
 
 The load generator is one asyncio process on the same machine; its CPU use is printed beside
@@ -20,10 +20,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from service.server_process import ServerError, ServerProcess
+from benchmarks.server_process import ServerError, ServerProcess
 from commandline import ArgumentParser, CommandError, command, invoked_as
 
-PROG = invoked_as("service.benchmark_workers")
+PROG = invoked_as("benchmarks.worker_scaling")
 REPO = Path(__file__).resolve().parents[1]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 

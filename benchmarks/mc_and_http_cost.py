@@ -1,4 +1,4 @@
-"""`python -m service.benchmark`: what MC dropout and HTTP cost, side by side in one run.
+"""`python -m benchmarks.mc_and_http_cost`: what MC dropout and HTTP cost, side by side in one run.
 
 In-process on one batch: deterministic predict vs MC T=100 vectorised vs the plain Keras loops
 (backbone once then T head calls with training=True; the naive T full passes). Then a real
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from service.server_process import ServerError, ServerProcess
+from benchmarks.server_process import ServerError, ServerProcess
 from commandline import ArgumentParser, CommandError, command, invoked_as, setup_tensorflow
 
 setup_tensorflow()   # as `python -m service` does
-PROG = invoked_as("service.benchmark", "calib-service-benchmark")
+PROG = invoked_as("benchmarks.mc_and_http_cost")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "cifar10-fixture"  # 600 real CIFAR-10 JPEGs shipped with the repo

@@ -1,4 +1,4 @@
-"""`python -m service.benchmark_profiles`: what a recalibration profile costs, over HTTP on a real
+"""`python -m benchmarks.recalibration_cost`: what a recalibration profile costs, over HTTP on a real
 `python -m service` process (the shipped serve command), side by side in one run.
 
 1. predict with a profile / predict without (the card's temperature): one batch of images, MC
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from service.server_process import ServerProcess
+from benchmarks.server_process import ServerProcess
 from commandline import ArgumentParser, command, invoked_as, setup_tensorflow
 from training.shift.__main__ import cpu_model
 
-PROG = invoked_as("service.benchmark_profiles", "python -m service.benchmark_profiles")
+PROG = invoked_as("benchmarks.recalibration_cost", "python -m benchmarks.recalibration_cost")
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "cifar10-fixture"
 
