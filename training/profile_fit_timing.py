@@ -7,7 +7,7 @@ Prints, per method and batch size n, the median wall time of the full fit (the k
 cross-fitting plus the final fit on all images), the cross-fitted NLL / ECE-15 before (the
 card's temperature) and after, and the NLL of the calibrator fitted on the first n images
 measured on the remaining images of the set (held out; none when n is the whole set). The service's cost target compares it with an evaluate of the
-same images (`service.benchmark`); this measures the calibration part alone.
+same images (`benchmarks.mc_and_http_cost`); this measures the calibration part alone.
 """
 
 from __future__ import annotations
