@@ -57,9 +57,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TF_ENABLE_ONEDNN_OPTS=1 \
     MPLCONFIGDIR=/tmp/matplotlib \
     CALIB_HOST=0.0.0.0 \
-    CALIB_PORT=8000
+    CALIB_PORT=8000 \
+    CALIB_DATA_DIR=/home/app/data
 
-RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin app
+# /home/app/data: CALIB_DATA_DIR, the SQLite file of the calibration profiles; made here and owned by
+# the app user so that a named volume mounted on it starts writable (docs/container.md)
+RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin app \
+    && mkdir /home/app/data && chown app:app /home/app/data
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /home/app
 
