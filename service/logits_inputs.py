@@ -64,7 +64,7 @@ def _check_probabilities(p: np.ndarray, name: str) -> np.ndarray:
 
 
 def outputs_from_json(payload: dict, max_rows: int) -> ClassifierOutputs:
-    present = [k for k in ("logits", "probabilities") if payload.get(k) is not None]
+    present = [k for k in ("logits", "probabilities") if k in payload]   # null counts: it is no [N, K] array
     if len(present) != 1:
         raise InputError("invalid_request", "send exactly one of 'logits' or 'probabilities' ([N, K]) with 'labels'")
     kind = present[0]

@@ -50,7 +50,7 @@ def set_options(coverage, method: str | None = None, mondrian: bool = False, *,
     """Checked options (None when no coverage was asked for); InputError `invalid_coverage` else."""
     if coverage is None:
         if method is not None or mondrian:
-            raise InputError("invalid_parameter", f"{prefix}conformal_method and {prefix}mondrian need "
+            raise InputError("needs_coverage", f"{prefix}conformal_method and {prefix}mondrian need "
                                                   f"{prefix}coverage", status)
         return None
     return SetOptions(coverage_value(coverage, f"{prefix}coverage", status),

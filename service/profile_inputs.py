@@ -29,7 +29,7 @@ def unlabelled_logits(payload: Optional[dict], files: list[tuple[str, bytes]], *
         name, data = files[0]
         arrays, names, where = npz_arrays(data, name, ("logits", "probs"), limits), \
             {"logits": "logits", "probs": "probabilities"}, f"{name}:"
-    present = [k for k in names if arrays.get(k) is not None]
+    present = [k for k in names if k in arrays]   # null counts: it is no [N, K] array
     if len(present) != 1:
         raise InputError("invalid_request", f"send exactly one of {' or '.join(repr(k) for k in names)} ([N, K])")
     key = present[0]

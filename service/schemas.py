@@ -391,6 +391,7 @@ _SCORES = {"type": "array", "items": {"type": "array", "items": {"type": "number
            "description": "[N, K], K from 2 to 1,000, finite"}
 LOGITS_EVALUATE_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["labels"],
+                                    "oneOf": [{"required": ["logits"]}, {"required": ["probabilities"]}],
                                     "properties": {"logits": _SCORES,
                                                    "probabilities": {**_SCORES, "description":
                                                                      "[N, K], rows summing to 1 (instead of logits)"},
@@ -399,7 +400,7 @@ LOGITS_EVALUATE_BODY = {"requestBody": {"required": True, "content": {
                          "example": {"logits": [[2.0, 0.5, -1.0], [0.1, 1.2, 0.3], [0.0, 0.2, 2.5],
                                                 [1.5, 1.4, -0.5]],
                                      "labels": [0, 1, 2, 1]}},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": {
         "type": "string", "format": "binary",
         "description": ".npz with `logits` (or `probs`) float [N, K] and `y` int [N]"}}}},
 }}}

@@ -105,7 +105,7 @@ def _requested_outputs(request: InferenceRequest, mc_samples: int, sets: bool = 
             raise bad("invalid_parameter", f"output {name!r} needs MC dropout: set parameters.mc_samples "
                                            f"({MIN_MC_SAMPLES} or more)")
         if name == PREDICTION_SET and not sets:
-            raise bad("invalid_parameter", f"output {name!r} needs parameters.coverage")
+            raise bad("needs_coverage", f"output {name!r} needs parameters.coverage")
     if len(set(names)) != len(names):
         raise bad("invalid_request", f"an output is requested twice: {names}")
     return tuple(names)

@@ -115,7 +115,7 @@ def _json_dumps(body) -> bytes:
 
 @pytest.mark.parametrize("params, code", [({"coverage": 1.0}, "invalid_coverage"), ({"coverage": 0}, "invalid_coverage"),
                                           ({"coverage": -0.5}, "invalid_coverage"),
-                                          ({"conformal_method": "lac"}, "invalid_parameter"),
+                                          ({"conformal_method": "lac"}, "needs_coverage"),
                                           ({"coverage": 0.9, "conformal_method": "x"}, "invalid_parameter")])
 def test_bad_query_is_422(app_client, params, code):
     z, y = batch(n=10)

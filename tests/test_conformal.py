@@ -276,3 +276,18 @@ def test_sets_grow_with_coverage(seed, method, c1, c2, mondrian):
     small = cal.prediction_sets(p[200:], lo, method, mondrian)
     big = cal.prediction_sets(p[200:], hi, method, mondrian)
     assert not np.any(small & ~big)
+
+
+def test_a_tiny_coverage_takes_the_smallest_score_and_an_empty_class_takes_every_class():
+    """Found by the API fuzzer: coverage 5e-324 rounded (n+1)c to 0, and Mondrian thresholds then
+    indexed an empty class's scores at -1 (a 500). The order statistic is at least the first."""
+    from models.calibration.conformal import ConformalCalibration
+
+    p = np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1]])
+    calibration = ConformalCalibration(p, np.array([0, 0, 1]))      # class 2 has no calibration image
+    per_class = calibration.threshold(5e-324, "lac", mondrian=True)
+    assert per_class[0] == pytest.approx(1 - 0.7) and per_class[1] == pytest.approx(1 - 0.7)
+    assert per_class[2] == np.inf                                    # no score: the set keeps class 2
+    assert calibration.threshold(5e-324, "lac") == pytest.approx(1 - 0.7)
+    sets = calibration.prediction_sets(p, 5e-324, "lac", mondrian=True)
+    assert sets[:, 2].all()

@@ -75,11 +75,12 @@ def test_coverage_outside_the_open_interval_is_422(app_client, images, coverage)
     error_of(r, 422, "invalid_coverage")
 
 
-@pytest.mark.parametrize("params", [{"conformal_method": "aps"}, {"mondrian": "true"},
-                                    {"coverage": 0.9, "conformal_method": "naive"}])
-def test_set_options_need_coverage_and_a_known_method(app_client, images, params):
+@pytest.mark.parametrize("params, code", [({"conformal_method": "aps"}, "needs_coverage"),
+                                          ({"mondrian": "true"}, "needs_coverage"),
+                                          ({"coverage": 0.9, "conformal_method": "naive"}, "invalid_parameter")])
+def test_set_options_need_coverage_and_a_known_method(app_client, images, params, code):
     r = app_client.post(PREDICT, params=params, json={"instances": images[0][:1].tolist()})
-    error_of(r, 422, "invalid_parameter")
+    error_of(r, 422, code)
 
 
 def test_evaluate_reports_coverage_per_level_and_method(app_client, images, reference):

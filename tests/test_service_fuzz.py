@@ -53,13 +53,20 @@ load_all_checks()
 # structural rule (types, ranges, required fields, enums), but some refusals depend on content no
 # JSON Schema can state: whether base64 or file bytes decode to a 32x32 image or hold labelled
 # arrays, whether a tensor's data matches its shape, how many labels the images need, how many
-# classes the loaded model has, that the MC outputs need mc_samples. Those refusals (by their
+# classes the loaded model has, that the MC outputs need mc_samples, how many images a profile
+# fit needs, that conformal options need coverage. Those refusals (by their
 # stable codes; /v2 by its message) are the only ones this check lets pass.
 CONTENT_CODES = {"undecodable_image", "invalid_base64", "wrong_image_size", "unsupported_image_mode",
                  "image_too_large", "invalid_array_file", "invalid_archive", "unsupported_file", "missing_labels",
                  "invalid_shape", "invalid_dtype", "value_out_of_range", "non_finite_value", "empty_batch",
-                 "length_mismatch", "label_out_of_range"}
-V2_CONTENT = ("shape", "elements", "base64", "decode", "image", "value", "needs MC dropout")
+                 "length_mismatch", "label_out_of_range",
+                 # how many labelled images a fit needs depends on the method, the folds and K
+                 "too_few_images",
+                 # one query parameter that needs another (mondrian or conformal_method without
+                 # coverage): OpenAPI's parameters cannot state a dependency between them
+                 "needs_coverage"}
+V2_CONTENT = ("shape", "elements", "base64", "decode", "image", "value", "needs MC dropout",
+              "needs parameters.coverage")
 
 
 def _content_refusal(response) -> bool:

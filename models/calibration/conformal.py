@@ -144,8 +144,9 @@ def conformity_scores(probabilities: ArrayLike, method: str, u: ArrayLike | None
 
 
 def _order_statistic_index(n: int, coverage: float) -> int:
-    """m = ceil((n + 1) c), guarded against float noise such as 100 * 0.9 = 90.00000000000001."""
-    return int(math.ceil(round((n + 1) * coverage, 9)))
+    """m = ceil((n + 1) c), guarded against float noise such as 100 * 0.9 = 90.00000000000001, and
+    at least 1 (c > 0: a coverage of 5e-324 rounds to 0 but still asks for the smallest score)."""
+    return max(1, int(math.ceil(round((n + 1) * coverage, 9))))
 
 
 def _quantile(sorted_scores: np.ndarray, coverage: float) -> float:

@@ -41,7 +41,7 @@ async def evaluate_outputs_route(
     settings = settings_of(request)
     n_bins = inputs.check_bins(settings.default_bins if bins is None else bins, settings.max_bins)
     if not coverage and (conformal_method or mondrian):
-        raise inputs.InputError("invalid_parameter", "conformal_method and mondrian need coverage")
+        raise inputs.InputError("needs_coverage", "conformal_method and mondrian need coverage")
     levels = prediction_sets.coverage_levels(coverage or [])
     methods = tuple(dict.fromkeys(conformal_method)) if conformal_method else prediction_sets.METHODS
     payload = await read_payload(request, max_files=1)

@@ -249,16 +249,27 @@ async def delete_calibration(request: Request, profile_id: str = ProfileId) -> R
     return Response(status_code=204)
 
 
-LOGITS_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"type": "object", "properties": {
+def _logits_body(labelled: bool) -> dict:
+    """The request body of a logits route: exactly one of `logits` / `probabilities` (and, to fit,
+    `labels`), as JSON, or one .npz file."""
+    one_of = [{"required": ["logits"]}, {"required": ["probabilities"]}]
+    properties = {
         "logits": {"type": "array", "items": {"type": "array", "items": {"type": "number"}},
                    "description": "[N, K] raw logits (or send `probabilities` instead)"},
         "probabilities": {"type": "array", "items": {"type": "array", "items": {"type": "number"}},
-                          "description": "[N, K] probabilities, rows summing to 1"},
-        "labels": {"type": "array", "items": {"type": "integer"}, "description": "[N] class indices"}}}},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "file": {"type": "string", "format": "binary",
-                 "description": ".npz with `logits` or `probs` [N, K] and `y` [N]"}}}}}}}
+                          "description": "[N, K] probabilities, rows summing to 1"}}
+    if labelled:
+        properties["labels"] = {"type": "array", "items": {"type": "integer"}, "description": "[N] class indices"}
+    npz = ".npz with `logits` or `probs` [N, K]" + (" and `y` [N]" if labelled else "")
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "properties": properties, "oneOf": one_of,
+                                        **({"required": ["labels"]} if labelled else {})}},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+            "file": {"type": "string", "format": "binary", "description": npz}}}}}}}
+
+
+LOGITS_BODY = _logits_body(labelled=True)
+UNLABELLED_LOGITS_BODY = _logits_body(labelled=False)
 
 
 @admin_router.post("/calibrations", status_code=201, response_model=CalibrationProfile, openapi_extra=LOGITS_BODY,
@@ -292,7 +303,7 @@ def _fit_logits(z, y, *, stop, **kwargs):
     return profiles.fit_logits_profile(z, y, **kwargs)
 
 
-@router.post("/calibrations/{profile_id}/apply", response_model=CalibrationApplied, openapi_extra=LOGITS_BODY,
+@router.post("/calibrations/{profile_id}/apply", response_model=CalibrationApplied, openapi_extra=UNLABELLED_LOGITS_BODY,
              responses={**NOT_FOUND, **USE_ERRORS, **BODY_ERRORS},
              summary="Calibrated probabilities (and prediction sets with `coverage`) for logits under a profile",
              description="`logits` (or `probabilities`) [N, K] with the profile's K, as JSON or an .npz; no labels.")

@@ -10,6 +10,7 @@ theirs with `error_responses(...)`, so a new status is one entry here and one na
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -121,7 +122,24 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     response = error_response(exc.status_code, code, str(exc.detail), request=request)
     for name, value in (exc.headers or {}).items():  # e.g. the Allow header of a 405 (RFC 9110)
         response.headers[name] = value
+    if exc.status_code == 405:
+        response.headers["Allow"] = allowed_methods(request) or response.headers.get("Allow", "")
     return response
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method the API documents at this path. Starlette's own `Allow` names only the first
+    route whose path matches, but a path often has one route per method (GET and POST of
+    /v1/calibrations, GET and DELETE of one profile): RFC 9110 wants all of them. Read from the
+    OpenAPI document (built once), so `Allow` and the document cannot disagree."""
+    table = getattr(request.app.state, "allowed_methods", None)
+    if table is None:
+        table = [(re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(path)) + "/?$"),
+                  {m.upper() for m in ops if m in ("get", "put", "post", "delete", "patch", "head", "options")})
+                 for path, ops in request.app.openapi().get("paths", {}).items()]
+        request.app.state.allowed_methods = table
+    methods = set().union(*[m for regex, m in table if regex.match(request.url.path)])
+    return ", ".join(sorted(methods))
 
 
 async def _client_disconnect(request: Request, exc: ClientDisconnect) -> Response:

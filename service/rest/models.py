@@ -209,7 +209,7 @@ async def evaluate(
 def _conformal_request(model, coverage, methods, mondrian, profile=None) -> dataplane.ConformalRequest | None:
     if not coverage:
         if methods or mondrian:
-            raise inputs.InputError("invalid_parameter", "conformal_method and mondrian need coverage")
+            raise inputs.InputError("needs_coverage", "conformal_method and mondrian need coverage")
         return None
     return dataplane.ConformalRequest(calibrations.conformal_of(model, profile),
                                       prediction_sets.coverage_levels(coverage),
@@ -293,6 +293,15 @@ async def compare(
                        for d in result.detections]}
 
 
+def _number_schemas(schema: dict) -> list[dict]:
+    """The `number` schemas in a parameter's schema: itself, its anyOf branches, array items."""
+    if schema.get("type") == "number":
+        return [schema]
+    if schema.get("type") == "array":
+        return _number_schemas(schema.get("items", {}))
+    return [n for branch in schema.get("anyOf", []) for n in _number_schemas(branch)]
+
+
 def document_query_limits(app, settings) -> None:
     """Put this server's limits into the OpenAPI document (they are settings, so the route
     declarations cannot hold them), so that the document admits exactly the query values the
@@ -303,6 +312,7 @@ def document_query_limits(app, settings) -> None:
     limits = {
         "/v1/models/{name}/predict": {"mc_samples": {"minimum": 0, "maximum": settings.max_mc_samples}, "seed": seed},
         "/v1/models/{name}/evaluate": {"bins": {"minimum": 1, "maximum": settings.max_bins}},
+        "/v1/calibration/evaluate": {"bins": {"minimum": 1, "maximum": settings.max_bins}},
         "/v1/models/{name}/compare": {"mc_samples": {"anyOf": [{"type": "integer", "enum": [0]},
                                                                {"type": "integer", "minimum": 2,
                                                                 "maximum": settings.max_mc_samples}]},
@@ -324,6 +334,11 @@ def document_query_limits(app, settings) -> None:
                     param["schema"] = {**{k: v for k, v in schema.items() if k not in ("type", "anyOf")}, **extra}
                 else:
                     target.update(extra)
+        for item in spec.get("paths", {}).values():   # a coverage level lies strictly inside (0, 1)
+            for param in item.get("post", {}).get("parameters", []):
+                if param["name"] == "coverage":
+                    for number in _number_schemas(param["schema"]):
+                        number.update(exclusiveMinimum=0, exclusiveMaximum=1)
         app.openapi_schema = spec
         return spec
 
