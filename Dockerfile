@@ -39,9 +39,9 @@ COPY clients/ clients/
 # calib-client work in the image. Then strip
 # tensorflow/include (headers for compiling custom ops; absent with service-litert) and the packages' own test suites;
 # the .pyc files stay (the non-root user could not write them, so every start would recompile).
-# DL3013: this installs the project itself; its dependency pins live in pyproject.toml.
+# `client`: httpx, for the calib-client script the image keeps. DL3013: this installs the project itself; its dependency pins live in pyproject.toml.
 # hadolint ignore=DL3013
-RUN /opt/venv/bin/pip install --no-cache-dir ".[${SERVICE_EXTRA}]" \
+RUN /opt/venv/bin/pip install --no-cache-dir ".[${SERVICE_EXTRA},client]" \
     && find /opt/venv/bin -name 'calib-*' ! -name calib-serve ! -name calib-client -delete \
     && site=$(/opt/venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
     && rm -rf "$site/tensorflow/include" \

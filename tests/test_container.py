@@ -64,7 +64,8 @@ def test_image_shape():
     assert any(kw == "EXPOSE" and rest == "8000" for kw, rest in ins)
     health = [rest for kw, rest in ins if kw == "HEALTHCHECK"]
     assert health and "/health/ready" in health[0]
-    assert any(kw == "RUN" and '".[${SERVICE_EXTRA}]"' in rest for kw, rest in ins)
+    # the service's extra, and the client's (httpx) so that the image's calib-client runs
+    assert any(kw == "RUN" and '".[${SERVICE_EXTRA},client]"' in rest for kw, rest in ins)
     env = " ".join(rest for kw, rest in ins if kw == "ENV")
     assert "CALIB_HOST=0.0.0.0" in env and "CALIB_PORT=8000" in env
     assert "models/" in " ".join(rest for kw, rest in ins if kw == "COPY")
