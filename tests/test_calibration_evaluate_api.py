@@ -127,6 +127,10 @@ def test_json_needs_exactly_one_of_logits_or_probabilities(app_client):
     error_of(app_client.post(URL, json={"labels": y.tolist()}), 422, "invalid_request")
     error_of(app_client.post(URL, json={"logits": z.tolist(), "probabilities": softmax(z).tolist(),
                                         "labels": y.tolist()}), 422, "invalid_request")
+    # an explicit null is a key sent with no [N, K] array, as the schema says (found by the fuzzer)
+    message = error_of(app_client.post(URL, json={"logits": z.tolist(), "probabilities": None,
+                                                  "labels": y.tolist()}), 422, "invalid_request")
+    assert "exactly one of 'logits' or 'probabilities'" in message
 
 
 def test_coverage_on_one_row_is_too_few_images(app_client):
