@@ -8,6 +8,9 @@ CIFAR10_DIR ?= keras
 PY := $(VENV)/bin/python
 # `make test`: unit and fast in-process integration tests; every marker of pyproject.toml is left out
 FAST_TESTS := not (slow or server or training or subprocess or lab or container)
+# pytest-xdist workers for `make test` (one per core; `make test TEST_WORKERS=0` runs in one process).
+# `make test-all` stays in one process: its real servers and soak checks time themselves.
+TEST_WORKERS ?= auto
 
 .PHONY: serve test test-all benchmark
 
@@ -21,7 +24,7 @@ serve: $(VENV)/.installed-$(EXTRAS)
 	$(PY) -m service
 
 test: $(VENV)/.installed-$(EXTRAS)
-	$(PY) -m pytest -q -m "$(FAST_TESTS)"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "$(FAST_TESTS)"
 
 test-all: $(VENV)/.installed-$(EXTRAS)
 	$(PY) -m pytest -q
