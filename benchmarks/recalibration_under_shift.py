@@ -7,6 +7,14 @@ evaluated twice over HTTP: with the card's calibration and with the profile. The
 ECE-15, NLL and split-conformal coverage / mean set size at the requested coverage for both, and
 the clean test split with the card's calibration set (the card's promise where it was fitted).
 
+Each set draws its own fit sample (seed, severity and corruption give the seed), so the sets are
+independent trials of the conformal guarantee: one shared sample would shift every set's coverage
+the same way. One draw of 1,000 calibration images gives a coverage whose standard deviation is
+about sqrt(c(1 - c) / n) (0.0095 at c = 0.9), so the report also repeats the fit offline on the
+served logits of the set (`--resamples` fresh fit samples, `models.calibration.recalibration.fit_profile`,
+the same code the service runs) and gives the mean and spread of coverage across draws, with the
+ECE-15 every method would have given on the benchmark's draw.
+
 The server is the shipped serve command started on a free port (benchmarks.server_process) with
 its own SQLite file in a temporary folder, or any running service (`--url`). `--quick` runs three
 corruptions at one severity on the repository's test fixture (CI).
@@ -54,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--method", default="temperature", help="the profile's method (temperature, vector, "
                                                                 "dirichlet, auto)")
     parser.add_argument("--coverage", type=float, default=0.9, help="conformal coverage level")
+    parser.add_argument("--resamples", type=int, default=200,
+                        help="offline re-draws of the fit sample per set (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="corruption and sampling seed")
     parser.add_argument("--cache-dir", default=None, help="cache of corrupted sets (training.shift's default)")
     parser.add_argument("--output", default="reports/recalibration", help="report folder")
@@ -84,13 +94,22 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.fit_images = 100 if args.quick else 1000
     if args.fit_images < 2:
         raise UsageError(f"--fit-images must be at least 2, got {args.fit_images}")
+    if args.resamples < 0:
+        raise UsageError(f"--resamples must be >= 0, got {args.resamples}")
     if not 0 < args.coverage < 1:
         raise UsageError(f"--coverage must be in (0, 1), got {args.coverage}")
     return args
 
 
+def set_seed(seed: int, severity: int, corruption: str) -> int:
+    """The fit sample's seed of one set: its own per set, the same in every run with `seed`."""
+    import zlib
+
+    return (seed * 1_000_003 + severity * 7919 + zlib.crc32(corruption.encode())) % (2 ** 31)
+
+
 def split_fit_eval(labels: np.ndarray, n_fit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded, stratified fit indices and the rest (sorted), the same for every set of a run."""
+    """Seeded, stratified fit indices and the rest (sorted)."""
     from training.shift.benchmark import stratified_subset
 
     if n_fit >= len(labels):
@@ -113,8 +132,58 @@ def _metrics(m) -> dict:
     return {"accuracy": m["accuracy"], "ece_15": m["ece"], "nll": m["nll"], "brier": m["brier"]}
 
 
-def measure_set(client, args, name: str, x: np.ndarray, y: np.ndarray, fit, rest) -> dict:
-    """Fit a profile on `fit`, evaluate `rest` with the card's calibration and with the profile."""
+SERVED_LOGITS_CHUNK = 500
+OFFLINE_METHODS = ("temperature", "vector", "dirichlet", "auto")
+
+
+def served_logits(client, args, x: np.ndarray) -> np.ndarray:
+    """The model's raw logits for every image of the set, as predict serves them (no MC)."""
+    parts = []
+    for i in range(0, len(x), SERVED_LOGITS_CHUNK):
+        answer = client.predict(x[i:i + SERVED_LOGITS_CHUNK], model=args.model, mc_samples=0, return_logits=True)
+        parts.append(np.asarray([p.logits for p in answer.predictions], dtype=np.float64))
+    return np.concatenate(parts)
+
+
+def offline_analysis(logits: np.ndarray, y: np.ndarray, fit, rest, args, seed: int) -> dict:
+    """What the service's fit would give on other draws of the fit sample, and with other methods
+    on this draw: coverage across `args.resamples` draws (temperature, the method served here if it
+    is cheap, else temperature), and ECE-15 / NLL / coverage of every method on the benchmark's draw."""
+    from models.calibration.metrics import compute_metrics
+    from models.calibration.recalibration import fit_profile
+
+    def measure(method, f, r):
+        pf = fit_profile(logits[f], y[f], method)
+        log_p = pf.calibrator.log_probabilities(logits[r])
+        p = np.exp(log_p)
+        m = compute_metrics(log_p, y[r], n_bins=15)
+        sets = pf.conformal.prediction_sets(p, args.coverage, "lac")
+        return {"method": pf.calibrator.method, "ece_15": float(m.ece), "nll": float(m.nll),
+                "coverage": float(sets[np.arange(len(r)), y[r]].mean()), "mean_set_size": float(sets.sum(1).mean())}
+
+    from models.calibration.recalibration import minimum_images
+
+    methods = {m: measure(m, fit, rest) if len(fit) >= minimum_images(m, logits.shape[1]) else
+               {"skipped": f"needs at least {minimum_images(m, logits.shape[1])} fit images"}
+               for m in OFFLINE_METHODS}
+    draws = []
+    for k in range(args.resamples):
+        f, r = split_fit_eval(y, len(fit), seed=seed + 1 + k)
+        draws.append(measure("temperature", f, r)["coverage"])
+    out = {"methods_on_this_draw": methods}
+    if draws:
+        d = np.asarray(draws)
+        lo, hi = TARGET_COVERAGE_SHIFTED
+        out["coverage_over_draws"] = {"method": "temperature", "draws": len(d), "mean": float(d.mean()),
+                                      "std": float(d.std()), "p05": float(np.quantile(d, 0.05)),
+                                      "p95": float(np.quantile(d, 0.95)),
+                                      "share_in_band": float(np.mean((d >= lo) & (d <= hi)))}
+    return out
+
+
+def measure_set(client, args, name: str, x: np.ndarray, y: np.ndarray, fit, rest, seed: int) -> dict:
+    """Fit a profile on `fit`, evaluate `rest` with the card's calibration and with the profile;
+    then the offline analysis on the served logits."""
     t0 = time.perf_counter()
     profile = client.create_calibration(x[fit], y[fit], model=args.model, method=args.method, label=name)
     t_fit = time.perf_counter() - t0
@@ -126,7 +195,8 @@ def measure_set(client, args, name: str, x: np.ndarray, y: np.ndarray, fit, rest
                                 calibration=profile.id)
     finally:
         client.delete_calibration(profile.id, model=args.model)
-    return {"set": name, "n_fit": int(len(fit)), "n_eval": int(len(rest)),
+    offline = offline_analysis(served_logits(client, args, x), y, fit, rest, args, seed)
+    return {"set": name, "n_fit": int(len(fit)), "n_eval": int(len(rest)), "fit_seed": seed, "offline": offline,
             "profile": {"method": profile.method, "parameters": profile.parameters,
                         "cross_fitted": profile.report.get("after"), "conformal_n": profile.conformal_n},
             "card": {**_metrics(card.raw["after_temperature"]), "conformal": _conformal(card, args.coverage)},
@@ -152,7 +222,17 @@ def summarise(rows: list[dict], clean: dict, args) -> dict:
             "mean_set_size": {"card": float(np.mean([r["card"]["conformal"]["mean_set_size"] for r in sel])),
                               "profile": float(np.mean([r["profile_eval"]["conformal"]["mean_set_size"]
                                                         for r in sel]))},
+            "offline_mean_ece_15": {m: float(np.mean([r["offline"]["methods_on_this_draw"][m].get("ece_15", np.nan)
+                                                      for r in sel])) for m in OFFLINE_METHODS},
         }
+        draws = [r["offline"]["coverage_over_draws"] for r in sel if "coverage_over_draws" in r["offline"]]
+        if draws:
+            out["per_severity"][str(sev)]["coverage_over_draws"] = {
+                "draws_per_set": draws[0]["draws"],
+                "mean_of_set_means": float(np.mean([d["mean"] for d in draws])),
+                "set_means_min_max": [min(d["mean"] for d in draws), max(d["mean"] for d in draws)],
+                "mean_std": float(np.mean([d["std"] for d in draws])),
+                "mean_share_in_band": float(np.mean([d["share_in_band"] for d in draws]))}
     lo, hi = TARGET_COVERAGE_SHIFTED
     in_band = [lo <= r["profile_eval"]["conformal"]["coverage"] <= hi for r in rows]
     s5 = out["per_severity"].get("5")
@@ -212,7 +292,8 @@ def write_markdown(doc: dict, output: Path) -> None:
              f"Command: `{doc['command']}`  ",
              f"CPU: {doc['machine']['cpu']}; wall time {doc['wall_seconds']:.0f} s; data: {doc['data']['source']}",
              "", f"Per set: a `{doc['config']['method']}` profile fitted over HTTP on {doc['config']['fit_images']} "
-             f"stratified images of the set, evaluated on the rest; conformal method `lac` at coverage {cov:g}.",
+             f"stratified images of the set (a draw of its own per set), evaluated on the rest; conformal "
+             f"method `lac` at coverage {cov:g}.",
              "", "| set | ECE-15 card | ECE-15 profile | NLL card | NLL profile | coverage card | coverage profile "
              "| set size card | set size profile |", "|---|---|---|---|---|---|---|---|---|"]
     c = doc["clean"]
@@ -230,6 +311,21 @@ def write_markdown(doc: dict, output: Path) -> None:
                      f"{s['mean_nll']['card']:.3f} | {s['mean_nll']['profile']:.3f} | "
                      f"{s['coverage_min_max']['card'][0]:.3f}–{s['coverage_min_max']['card'][1]:.3f} | "
                      f"{s['coverage_min_max']['profile'][0]:.3f}–{s['coverage_min_max']['profile'][1]:.3f} |")
+    lines += ["", "## The same fit offline, on the served logits", "",
+              "ECE-15 of every method on each set's draw (`auto` picks by cross-fitted NLL on the fit images), "
+              "and the conformal coverage of a temperature profile over fresh draws of the fit sample "
+              "(the guarantee is an average over draws; one draw of n images spreads by about "
+              f"sqrt(c(1-c)/n)).", "",
+              "| severity | " + " | ".join(f"mean ECE-15 {m}" for m in OFFLINE_METHODS)
+              + " | draws per set | coverage, mean over draws (min–max of sets) | std of one draw | "
+              "share of draws in band |", "|---" * (len(OFFLINE_METHODS) + 5) + "|"]
+    for sev, s in doc["summary"]["per_severity"].items():
+        d = s.get("coverage_over_draws")
+        tail = (f"{d['draws_per_set']} | {d['mean_of_set_means']:.4f} ({d['set_means_min_max'][0]:.3f}–"
+                f"{d['set_means_min_max'][1]:.3f}) | {d['mean_std']:.4f} | {d['mean_share_in_band']:.2f}") \
+            if d else "0 | – | – | –"
+        lines.append(f"| {sev} | " + " | ".join(f"{100 * s['offline_mean_ece_15'][m]:.2f}%" for m in OFFLINE_METHODS)
+                     + f" | {tail} |")
     met = doc["summary"]["met"]
     lines += ["", "Thresholds: " + json.dumps(doc["summary"]["thresholds"]) + "  ", "Met: " + json.dumps(met), ""]
     lines += [f"![severity {p.split('-')[1][:-4]}]({p})" for p in doc["plots"]]
@@ -254,6 +350,7 @@ def write_report(args, argv, data, clean: dict, rows: list[dict], output: Path, 
     from training.lab.report import portable_command, portable_path
 
     doc = {"config": {"model": args.model, "method": args.method, "fit_images": args.fit_images,
+                      "resamples": args.resamples,
                       "coverage": args.coverage, "seed": args.seed, "runtime": args.runtime,
                       "corruptions": list(args.corruptions), "severities": list(args.severities),
                       "conformal_method": "lac"},
@@ -284,7 +381,6 @@ def run(args, argv: list[str]) -> int:
     images, labels = data.x_test[index], data.y_test[index]
     source_checksum = f"{data.checksum}+subset(n={n},seed={args.seed})"
     cache_dir = None if args.cache_dir == "none" else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    fit, rest = split_fit_eval(labels, args.fit_images, args.seed)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
 
@@ -304,13 +400,18 @@ def run(args, argv: list[str]) -> int:
             for name in args.corruptions:
                 x = corrupted_set(images, name, severity, seed=args.seed, cache_dir=cache_dir,
                                   source_checksum=source_checksum)
-                row = measure_set(client, args, f"{name}-s{severity}", x, labels, fit, rest)
+                seed = set_seed(args.seed, severity, name)
+                fit, rest = split_fit_eval(labels, args.fit_images, seed)
+                row = measure_set(client, args, f"{name}-s{severity}", x, labels, fit, rest, seed)
                 rows.append(row)
                 write_report(args, argv, data, clean, rows, output, started)
                 say(f"{row['set']}: ECE-15 {100 * row['card']['ece_15']:.2f}% -> "
                     f"{100 * row['profile_eval']['ece_15']:.2f}%, coverage "
                     f"{row['card']['conformal']['coverage']:.3f} -> "
-                    f"{row['profile_eval']['conformal']['coverage']:.3f}")
+                    f"{row['profile_eval']['conformal']['coverage']:.3f}"
+                    + ("" if not (row["offline"] or {}).get("coverage_over_draws") else
+                       f" (over {row['offline']['coverage_over_draws']['draws']} draws: mean "
+                       f"{row['offline']['coverage_over_draws']['mean']:.3f})"))
 
     doc = write_report(args, argv, data, clean, rows, output, started)
     for sev, s in doc["summary"]["per_severity"].items():

@@ -20,7 +20,8 @@ def test_quick_run_writes_a_consistent_report(tiny_artifact, tmp_path, capsys):
     shutil.copytree(tiny_artifact, models / "tiny")
     out = tmp_path / "report"
     assert main(["--quick", "--model", "tiny", "--model-dir", str(models), "--runtime", "keras",
-                 "--corruptions", "gaussian_noise,contrast", "--fit-images", "60", "--output", str(out)]) == 0
+                 "--corruptions", "gaussian_noise,contrast", "--fit-images", "60", "--resamples", "5",
+                 "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     doc = json.loads((out / "report.json").read_text())
     assert [r["set"] for r in doc["sets"]] == ["gaussian_noise-s5", "contrast-s5"]
@@ -33,7 +34,19 @@ def test_quick_run_writes_a_consistent_report(tiny_artifact, tmp_path, capsys):
         assert row["card"]["accuracy"] == pytest.approx(row["profile_eval"]["accuracy"], abs=0.02)
         # the card's sets come from the artifact's validation scores, the profile's from its 60 images
         assert row["card"]["conformal"]["calibration_n"] > 0 and row["profile_eval"]["conformal"]["calibration_n"] == 60
+        # the offline re-fit on the served logits is the service's own fit: the same figures as over HTTP
+        offline = row["offline"]["methods_on_this_draw"]["temperature"]
+        assert offline["ece_15"] == pytest.approx(row["profile_eval"]["ece_15"], abs=1e-4)
+        assert offline["coverage"] == pytest.approx(row["profile_eval"]["conformal"]["coverage"], abs=1e-9)
+        methods = row["offline"]["methods_on_this_draw"]
+        assert set(methods) == {"temperature", "vector", "dirichlet", "auto"}
+        assert "needs at least" in methods["dirichlet"]["skipped"]     # 60 images are too few for it
+        draws = row["offline"]["coverage_over_draws"]
+        assert draws["draws"] == 5 and draws["p05"] <= draws["mean"] <= draws["p95"]
+    # each set draws its own fit sample
+    assert doc["sets"][0]["fit_seed"] != doc["sets"][1]["fit_seed"]
     s5 = doc["summary"]["per_severity"]["5"]
+    assert s5["coverage_over_draws"]["draws_per_set"] == 5
     assert s5["mean_ece_15"]["profile"] == pytest.approx(np.mean([r["profile_eval"]["ece_15"] for r in doc["sets"]]))
     assert s5["coverage_min_max"]["card"] == [min(r["card"]["conformal"]["coverage"] for r in doc["sets"]),
                                               max(r["card"]["conformal"]["coverage"] for r in doc["sets"])]
@@ -57,6 +70,7 @@ def test_fit_and_evaluation_images_are_disjoint_stratified_and_seeded():
     (["--quick", "--severities", "6"], "--severities must be in 1..5"),
     (["--quick", "--coverage", "1.5"], "--coverage must be in (0, 1)"),
     (["--quick", "--fit-images", "1"], "--fit-images must be at least 2"),
+    (["--quick", "--resamples", "-1"], "--resamples must be >= 0"),
 ])
 def test_usage_errors_exit_2(argv, message, capsys):
     assert main(argv) == 2
