@@ -23,6 +23,12 @@ ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# binutils: `strip` for the extension modules below (builder stage only, never in the image).
+# DL3008: the builder's tools are not pinned (only their output is copied on).
+# hadolint ignore=DL3008
+RUN apt-get update -qq \
+    && apt-get install -y -qq --no-install-recommends binutils > /dev/null \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 WORKDIR /src
 # Project code; models/ includes the shipped artifact models/shipped/ (package data, so the
@@ -37,8 +43,11 @@ COPY clients/ clients/
 # Non-editable install: the code lands in site-packages, /src is not copied on. The console scripts
 # of the training and benchmark commands (absent here) are removed: only calib-serve and
 # calib-client work in the image. Then strip
-# tensorflow/include (headers for compiling custom ops; absent with service-litert) and the packages' own test suites;
-# the .pyc files stay (the non-root user could not write them, so every start would recompile).
+# tensorflow/include (headers for compiling custom ops; absent with service-litert), the packages' own test suites,
+# pip and setuptools (nothing installs at run time) and the symbol tables of the packages' own extension
+# modules (`strip --strip-unneeded`, ~44 MB; not the vendored *.libs/ libraries, which auditwheel's patchelf
+# rewrote and which strip would break); the .pyc files stay (the non-root user could not write them, so every
+# start would recompile).
 # `client`: httpx, for the calib-client script the image keeps. DL3013: this installs the project itself; its dependency pins live in pyproject.toml.
 # hadolint ignore=DL3013
 RUN /opt/venv/bin/pip install --no-cache-dir ".[${SERVICE_EXTRA},client]" \
@@ -46,6 +55,8 @@ RUN /opt/venv/bin/pip install --no-cache-dir ".[${SERVICE_EXTRA},client]" \
     && site=$(/opt/venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
     && rm -rf "$site/tensorflow/include" \
     && find "$site" -type d -name tests -path "*/site-packages/*/tests" -prune -exec rm -rf {} + \
+    && find "$site" -name '*.so' -type f -not -path '*.libs/*' -exec strip --strip-unneeded {} + \
+    && /opt/venv/bin/python -m pip uninstall --quiet --yes pip setuptools \
     && /opt/venv/bin/python -I -c "import service.settings as s; assert (s.DEFAULT_MODEL_DIR / 'cifar10-airbench' / 'model_card.json').is_file(), s.DEFAULT_MODEL_DIR; assert all((d / 'backbone.tflite').is_file() for d in s.DEFAULT_MODEL_DIR.iterdir() if (d / 'model_card.json').is_file()), 'shipped model without backbone.tflite: python -m training.export_litert'"
 
 FROM python:3.11-slim
