@@ -48,14 +48,16 @@ def test_the_page_is_html_with_a_strict_policy(app_client):
     assert re.findall(r"<script\b[^>]*>(.*?)</script>", html, re.S) == [""]
     assert "<style" not in html and re.search(r"\sstyle=", html) is None and re.search(r"\son\w+=", html) is None
     # everything it loads is the service's own
-    assert set(re.findall(r'(?:src|href)="([^"]+)"', html)) == {"/ui/static/dashboard.js", "/ui/static/dashboard.css"}
+    assert set(re.findall(r'(?:src|href)="([^"]+)"', html)) == {"/ui/static/dashboard.js", "/ui/static/dashboard.css",
+                                                                "/ui/static/favicon.svg"}
     # every input has a label
     for input_id in re.findall(r'<(?:input|select)[^>]*\bid="([^"]+)"', html):
         assert f'for="{input_id}"' in html, input_id
 
 
 @pytest.mark.parametrize("name, media_type", [("dashboard.js", "text/javascript; charset=utf-8"),
-                                              ("dashboard.css", "text/css; charset=utf-8")])
+                                              ("dashboard.css", "text/css; charset=utf-8"),
+                                              ("favicon.svg", "image/svg+xml")])
 def test_the_script_and_style_sheet_are_served_with_their_types(app_client, name, media_type):
     r = app_client.get(f"/ui/static/{name}")
     assert r.status_code == 200 and r.headers["content-type"] == media_type
@@ -86,7 +88,8 @@ def test_the_script_inserts_text_only_and_loads_nothing_external():
 def test_the_static_files_are_package_data_and_in_the_image():
     package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     files = sorted(p.relative_to(REPO / "service").as_posix() for p in STATIC.iterdir())
-    assert files == ["ui/static/dashboard.css", "ui/static/dashboard.js", "ui/static/index.html"]
+    assert files == ["ui/static/dashboard.css", "ui/static/dashboard.js", "ui/static/favicon.svg",
+                     "ui/static/index.html"]
     for f in files:
         assert any(fnmatch.fnmatch(f, pattern) for pattern in package_data["service"]), f
     assert "COPY service/ service/" in (REPO / "Dockerfile").read_text()

@@ -18,7 +18,8 @@ from service.inputs import InputError
 STATIC_DIR = Path(__file__).resolve().parents[1] / "ui" / "static"
 
 # the only files served, with their media types: nothing else of the folder is reachable
-ASSETS = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8"}
+ASSETS = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8",
+          "favicon.svg": "image/svg+xml"}
 
 CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
                            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
