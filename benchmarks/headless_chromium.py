@@ -55,4 +55,5 @@ def full_page_png(driver) -> bytes:
     height = driver.execute_script("return Math.ceil(document.documentElement.scrollHeight)")
     width = driver.get_window_size()["width"]
     driver.set_window_size(width, height + 120)
+    driver.execute_script("window.scrollTo(0, 0)")
     return driver.get_screenshot_as_png()

@@ -247,7 +247,7 @@
       const after = rep.after || {};
       const row = el("tr");
       row.append(el("th", profile.id, { scope: "row", class: "digest" }), cell(profile.label || "–"),
-                 cell(profile.method), cell(profile.n, profile.n), cell(String(profile.created_at).replace("T", " ")),
+                 cell(profile.method), cell(profile.n, profile.n), cell(String(profile.created_at).replace("T", " ").slice(0, 19)),
                  cell(beforeAfter(before.ece_15, after.ece_15), after.ece_15),
                  cell(beforeAfter(before.accuracy, after.accuracy), after.accuracy));
       body.append(row);
