@@ -17,7 +17,7 @@ from service.api_keys import KeyRing
 from service.batching import BatchedPredictor
 from service.http_metrics import MetricsMiddleware, ServiceMetrics
 from service.registry import load_registry
-from service.rest import auth, calibration, calibrations, errors, health, models, v2
+from service.rest import auth, calibration, calibrations, errors, health, models, ui, v2
 from service.rest.admission_middleware import AdmissionMiddleware
 from service.rest.limits import BodyLimitMiddleware
 from service.rest.request_id import ServiceApp
@@ -114,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.docs_require_key:
         auth.protect_docs(app, keys)
     app.include_router(health.router)
+    app.include_router(ui.router)  # the dashboard: static files without data, open like the health checks
     app.include_router(health.metrics_router, **(auth.protect(keys) if settings.metrics_require_key else {}))
     app.include_router(models.router, **auth.protect(keys))  # every data-plane router: auth.protect(keys)
     app.include_router(calibrations.router, **auth.protect(keys))

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from service import dataplane, inputs, prediction_sets
+from service import card_diagram, dataplane, inputs, prediction_sets
 from service.rest import calibrations
 from service.rest.errors import error_responses
 from service.rest.requests import (
@@ -62,6 +62,25 @@ async def get_model(request: Request, name: str = ModelName) -> dict:
     model = model_of(request, name)
     return {**model.card, "name": model.name, "ood_threshold": dataplane.ood_threshold(model),
             "runtime": model.runtime}
+
+
+@router.get("/{name}/reliability.png", response_class=Response,
+            summary="The model's reliability diagram on its test split, from its card",
+            description="Before and after the card's temperature, redrawn from the reliability bins training "
+                        "recorded in the card (`metrics.test_before_temperature` / `test_after_temperature`): no "
+                        "data is uploaded and nothing is inferred. 404 `diagram_unavailable` when the card has "
+                        "no such bins.",
+            responses={**error_responses(404, 422),
+                       200: {"content": PNG_CONTENT, "description": "the reliability diagram (PNG)"}})
+async def card_reliability_diagram(request: Request, name: str = ModelName) -> Response:
+    model = model_of(request, name)
+    try:
+        png = await in_thread(card_diagram.card_reliability_png, model.name, model.card)
+    except card_diagram.DiagramUnavailable as exc:
+        raise inputs.InputError("diagram_unavailable", str(exc), 404) from exc
+    return Response(png, media_type="image/png",
+                    headers={"Content-Disposition": f'inline; filename="reliability-{model.name}-card.png"',
+                             "Cache-Control": "private, max-age=300"})
 
 
 @router.post("/{name}/predict", response_model=PredictResponse,
