@@ -97,7 +97,7 @@ class MetadataTensor(BaseModel):
 
 class ModelMetadata(BaseModel):
     name: str
-    versions: list[str] = Field(description="the first 12 hex digits of the model file's SHA-256")
+    versions: list[str] = Field(description="the loaded versions (version folder numbers; the flat layout is \"1\")")
     platform: str
     inputs: list[MetadataTensor]
     outputs: list[MetadataTensor]
@@ -147,3 +147,30 @@ def inlined_schema(model: type[BaseModel]) -> dict:
         return node
 
     return resolve(schema)
+
+
+# --- the model repository extension (Triton's /v2/repository, admin scope) ------------------------
+class RepositoryIndexRequest(_Strict):
+    ready: Optional[bool] = Field(None, description="true: only the versions that are READY")
+
+
+class RepositoryLoadRequest(_Strict):
+    parameters: Optional[dict[str, Any]] = Field(
+        None, description="`version` (a positive integer or its string): load that version and serve it "
+                          "(pinned: the poller leaves the model alone until a load without a version); "
+                          "without it, the version policy's newest version is loaded (or re-loaded)")
+
+
+class RepositoryIndexEntry(BaseModel):
+    name: str
+    version: str = Field(description="the version folder's number (the flat layout: \"1\")")
+    state: str = Field(description="READY, UNAVAILABLE or LOADING")
+    reason: str = Field(description="why it is not READY (its load error, `unloaded`, or the version policy); "
+                                    "for a READY version, a failed re-load of it, else empty")
+
+
+class RepositoryModelStatus(BaseModel):
+    name: str
+    serving: Optional[str] = Field(description="the version requests without a version get; null when "
+                                               "none is loaded")
+    versions: list[RepositoryIndexEntry]
