@@ -154,11 +154,23 @@ class RepositoryIndexRequest(_Strict):
     ready: Optional[bool] = Field(None, description="true: only the versions that are READY")
 
 
+VersionNumber = Union[Annotated[StrictInt, Field(ge=1)], Annotated[StrictStr, Field(pattern=r"^[1-9][0-9]{0,17}$")]]
+
+
+class RepositoryLoadParameters(_Strict):
+    version: Optional[VersionNumber] = Field(
+        None, description="load this version (a positive integer or its string) and serve it, pinned: the "
+                          "poller leaves the model alone until a load without a version; without it, the "
+                          "version policy's newest version is loaded (or re-loaded)")
+
+
 class RepositoryLoadRequest(_Strict):
-    parameters: Optional[dict[str, Any]] = Field(
-        None, description="`version` (a positive integer or its string): load that version and serve it "
-                          "(pinned: the poller leaves the model alone until a load without a version); "
-                          "without it, the version policy's newest version is loaded (or re-loaded)")
+    parameters: Optional[RepositoryLoadParameters] = None
+
+
+class RepositoryUnloadRequest(_Strict):
+    parameters: Optional[dict[str, ParameterValue]] = Field(
+        None, description="accepted and ignored (Triton's `unload_dependents`: a model here has none)")
 
 
 class RepositoryIndexEntry(BaseModel):

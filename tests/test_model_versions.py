@@ -438,3 +438,35 @@ def test_profiles_are_kept_per_version(model_dir, tiny_artifact, sample_data, da
         assert [p["id"] for p in client.get(calibrations).json()["calibrations"]] == [v1_profile]
         r = client.post(PREDICT, params={"calibration": v1_profile, "mc_samples": 0}, json=one_image(sample_data))
         assert r.status_code == 200 and r.json()["version"] == "1" and r.json()["calibration"]["id"] == v1_profile
+
+
+# --- the client ---------------------------------------------------------------------------------
+def test_client_index_load_unload(model_dir, tiny_artifact):
+    from clients import CalibClient, ServiceError
+
+    with keyed(model_dir) as app_client:
+        add_version(tiny_artifact, model_dir, 2)
+        with CalibClient(str(app_client.base_url), transport=app_client._transport, api_key=ADMIN) as c:
+            assert [(e["version"], e["state"]) for e in c.repository_index()] == [("1", "READY"), ("2", "UNAVAILABLE")]
+            assert c.load_model(MODEL)["serving"] == "2"
+            assert c.models()[0].version == "2"
+            assert c.load_model(MODEL, version=1)["serving"] == "1"
+            assert c.unload_model(MODEL)["serving"] is None
+            tamper(model_dir / MODEL / "2")
+            with pytest.raises(ServiceError) as exc:
+                c.load_model(MODEL)
+            assert exc.value.status == 409 and "checksum mismatch" in exc.value.message
+        with CalibClient(str(app_client.base_url), transport=app_client._transport, api_key=READ) as c:
+            with pytest.raises(ServiceError) as exc:
+                c.repository_index()
+            assert exc.value.status == 403
+
+
+# --- a real server ------------------------------------------------------------------------------
+@pytest.mark.server
+def test_reload_under_16_concurrent_clients_of_a_real_server_loses_no_request(tiny_artifact):
+    from benchmarks.hot_reload import run_against_server
+
+    report = run_against_server(tiny_artifact, clients=16, reloads=3, settle_s=0.5, mc_samples=5)
+    assert report.failed == 0, report.errors[:3]
+    assert report.sent >= 16 * 4 and {"1", "4"} <= set(report.versions), report.line()

@@ -26,6 +26,8 @@ from service.v2_schemas import (
     RepositoryIndexRequest,
     RepositoryLoadRequest,
     RepositoryModelStatus,
+    RepositoryUnloadRequest,
+    inlined_schema,
 )
 
 ERRORS = {
@@ -73,14 +75,12 @@ async def _body(request: Request, model):
 
 
 def _version(body: RepositoryLoadRequest) -> str | None:
-    value = (body.parameters or {}).get("version")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit() \
-            or int(value) < 1 or (isinstance(value, str) and str(int(value)) != value):
-        raise InputError("invalid_parameter", f"parameters.version must be a positive integer version, "
-                                              f"got {value!r}"[:200], 400)
-    return str(int(value))
+    value = None if body.parameters is None else body.parameters.version
+    return None if value is None else str(int(value))
+
+
+def _optional_body(model) -> dict:
+    return {"requestBody": {"required": False, "content": {"application/json": {"schema": inlined_schema(model)}}}}
 
 
 def _status(repository: ModelRepository, name: str) -> dict:
@@ -90,6 +90,7 @@ def _status(repository: ModelRepository, name: str) -> dict:
 
 
 @router.post("/index", response_model=list[RepositoryIndexEntry], responses=_errors(400),
+             openapi_extra=_optional_body(RepositoryIndexRequest),
              summary="Every model version on disk and its state (Triton's repository index; admin)")
 async def index(request: Request) -> list[dict]:
     repository = repository_of(request)
@@ -98,6 +99,7 @@ async def index(request: Request) -> list[dict]:
 
 
 @router.post("/models/{name}/load", response_model=RepositoryModelStatus, responses=_errors(400, 404, 409),
+             openapi_extra=_optional_body(RepositoryLoadRequest),
              summary="Load or re-load a model from disk, swapping it in without downtime (admin)",
              description="Builds the version off to the side (card, SHA-256, safe_mode Keras or the LiteRT "
                          "export's checksums, a warm-up pass), then swaps it in: requests already running finish "
@@ -111,12 +113,13 @@ async def load(request: Request, name: str = ModelName) -> dict:
 
 
 @router.post("/models/{name}/unload", response_model=RepositoryModelStatus, responses=_errors(400, 404),
+             openapi_extra=_optional_body(RepositoryUnloadRequest),
              summary="Stop serving every version of a model (admin)",
              description="Requests already running finish; new ones get 404 until the model is loaded again "
                          "(the poller does not bring it back). The body is optional and ignored.")
 async def unload(request: Request, name: str = ModelName) -> dict:
     repository = repository_of(request)
-    await _body(request, RepositoryLoadRequest)
+    await _body(request, RepositoryUnloadRequest)
     await in_thread(repository.unload, name)
     return _status(repository, name)
 
