@@ -158,6 +158,7 @@ VersionNumber = Union[Annotated[StrictInt, Field(ge=1)], Annotated[StrictStr, Fi
 
 
 class RepositoryLoadParameters(_Strict):
+    model_config = ConfigDict(strict=True, extra="forbid")   # Triton's `config` / `file:` overrides: 400
     version: Optional[VersionNumber] = Field(
         None, description="load this version (a positive integer or its string) and serve it, pinned: the "
                           "poller leaves the model alone until a load without a version; without it, the "

@@ -233,10 +233,15 @@ def test_repository_errors_are_4xx_in_the_protocol_shape(model_dir):
         r = client.post(LOAD, json={"parameters": {"version": "7"}})
         assert r.status_code == 404 and "7" in r.json()["error"]
         for body in ('{"parameters": {"version": "01"}}', '{"parameters": {"version": true}}',
-                     '{"parameters": {"version": -1}}', "[1]", "{not json", '{"parameters": 3}'):
+                     '{"parameters": {"version": -1}}', "[1]", "{not json", '{"parameters": 3}',
+                     '{"parameters": {"config": "{}"}}'):
             r = client.post(LOAD, content=body, headers={"Content-Type": "application/json"})
             assert r.status_code == 400 and isinstance(r.json()["error"], str), (body, r.text)
         assert client.post(INDEX, json={"ready": "yes"}).status_code == 400
+        # tritonclient's bodies: an empty index request, `{}` to load, unload_dependents to unload
+        assert client.post(INDEX, content=b"").status_code == 200
+        assert client.post(UNLOAD, json={"parameters": {"unload_dependents": False}}).status_code == 200
+        assert client.post(LOAD, json={}).json()["serving"] == "1"
         assert served_version(client) == "1"
 
 
