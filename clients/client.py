@@ -62,6 +62,8 @@ def _decode(call: _Call, response: httpx.Response, sent_key: bool = False) -> An
     if response.status_code >= 400:
         try:
             err = response.json()["error"]
+            if isinstance(err, str):   # /v2 answers errors in the protocol's {"error": "<message>"}
+                err = {"code": f"http_{response.status_code}", "message": err}
             code, message, details = err["code"], err["message"], err.get("details")
             request_id = err.get("request_id") or request_id
         except (ValueError, KeyError, TypeError):
@@ -99,6 +101,17 @@ class _Calls:
         if name is None:
             raise ValueError("no model name: pass model=... here or to the client")
         return name
+
+    @staticmethod
+    def _index_call(ready: Optional[bool]) -> _Call:
+        return _Call("POST", "/v2/repository/index", body=Body(json={} if ready is None else {"ready": ready}))
+
+    def _load_call(self, model: Optional[str], version) -> _Call:
+        body = {} if version is None else {"parameters": {"version": str(version)}}
+        return _Call("POST", f"/v2/repository/models/{self._name(model)}/load", body=Body(json=body))
+
+    def _unload_call(self, model: Optional[str]) -> _Call:
+        return _Call("POST", f"/v2/repository/models/{self._name(model)}/unload", body=Body(json={}))
 
     @staticmethod
     def _models_call() -> _Call:
@@ -282,6 +295,19 @@ class CalibClient(_Calls):
         return self._do(self._apply_call(profile_id, scores, probabilities,
                                          _set_params(coverage, conformal_method, mondrian)))
 
+    def repository_index(self, *, ready: Optional[bool] = None) -> list[dict]:
+        """Every model version on disk: [{"name", "version", "state", "reason"}] (admin key)."""
+        return self._do(self._index_call(ready))
+
+    def load_model(self, model: Optional[str] = None, *, version=None) -> dict:
+        """Load (or re-load) a model from disk, or one `version` of it (a roll-back; admin key):
+        {"name", "serving", "versions"}. ServiceError 409 when it fails to load (the old one serves)."""
+        return self._do(self._load_call(model, version))
+
+    def unload_model(self, model: Optional[str] = None) -> dict:
+        """Stop serving every version of a model (admin key)."""
+        return self._do(self._unload_call(model))
+
     def close(self) -> None:
         self._http.close()
 
@@ -406,6 +432,15 @@ class AsyncCalibClient(_Calls):
                                 mondrian: bool = False) -> dict:
         return await self._do(self._apply_call(profile_id, scores, probabilities,
                                                _set_params(coverage, conformal_method, mondrian)))
+
+    async def repository_index(self, *, ready: Optional[bool] = None) -> list[dict]:
+        return await self._do(self._index_call(ready))
+
+    async def load_model(self, model: Optional[str] = None, *, version=None) -> dict:
+        return await self._do(self._load_call(model, version))
+
+    async def unload_model(self, model: Optional[str] = None) -> dict:
+        return await self._do(self._unload_call(model))
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -112,12 +112,13 @@ class PredictResult:
     raw: dict = field(repr=False, compare=False)
     request_id: Optional[str] = field(default=None, compare=False)  # the server's X-Request-ID
     calibration: Optional[CalibrationUsed] = None   # None from an older server
+    version: Optional[str] = None   # the model version that answered; None from an older server
 
     @classmethod
     def from_dict(cls, d: dict) -> "PredictResult":
         return cls(d["model"], d["temperature"], d["classes"], d["mc_samples"], d.get("seed"),
                    [Prediction.from_dict(p) for p in d["predictions"]], d,
-                   calibration=CalibrationUsed.from_dict(d.get("calibration")))
+                   calibration=CalibrationUsed.from_dict(d.get("calibration")), version=d.get("version"))
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,11 @@ class EvaluationReport:
         return [ReportWarning(w["code"], w["message"]) for w in self.raw.get("warnings", [])]
 
     @property
+    def version(self) -> Optional[str]:
+        """The model version that answered (None from an older server)."""
+        return self.raw.get("version")
+
+    @property
     def calibration(self) -> Optional[CalibrationUsed]:
         """The calibration of `after_calibration` and `selective`: a profile's or the card's."""
         return CalibrationUsed.from_dict(self.raw.get("calibration"))
@@ -305,6 +311,11 @@ class ModelInfo:
     def from_dict(cls, d: dict) -> "ModelInfo":
         return cls(d["name"], d["classes"], d["temperature"], d.get("metrics", {}), d)
 
+    @property
+    def version(self) -> Optional[str]:
+        """The version served by default (None from an older server)."""
+        return self.raw.get("version")
+
 
 @dataclass(frozen=True)
 class ScoreSeparation:
@@ -331,13 +342,14 @@ class ComparisonReport:
     raw: dict = field(repr=False, compare=False)
     request_id: Optional[str] = field(default=None, compare=False)  # the server's X-Request-ID
     calibration: Optional[CalibrationUsed] = None   # None from an older server
+    version: Optional[str] = None   # the model version that answered; None from an older server
 
     @classmethod
     def from_dict(cls, d: dict) -> "ComparisonReport":
         scores = [ScoreSeparation(**{k: s[k] for k in ScoreSeparation.__dataclass_fields__}) for s in d["scores"]]
         return cls(d["model"], d["temperature"], d["mc_samples"], d.get("seed"), d["n_in_distribution"],
                    d["n_suspect"], scores, d.get("flagged"), d,
-                   calibration=CalibrationUsed.from_dict(d.get("calibration")))
+                   calibration=CalibrationUsed.from_dict(d.get("calibration")), version=d.get("version"))
 
     def score(self, name: str) -> ScoreSeparation:
         for s in self.scores:

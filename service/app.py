@@ -16,8 +16,9 @@ from service.admission_limits import PredictWorkBound
 from service.api_keys import KeyRing
 from service.batching import BatchedPredictor
 from service.http_metrics import MetricsMiddleware, ServiceMetrics
-from service.registry import load_registry
-from service.rest import auth, calibration, calibrations, errors, health, models, ui, v2
+from service.model_repository import ModelPoller, ModelRepository, VersionPolicy
+from service.registry import LoadedModel, load_registry
+from service.rest import auth, calibration, calibrations, errors, health, models, repository, ui, v2
 from service.rest.admission_middleware import AdmissionMiddleware
 from service.rest.limits import BodyLimitMiddleware
 from service.rest.request_id import ServiceApp
@@ -53,15 +54,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = await anyio.to_thread.run_sync(
             lambda: load_registry(settings.model_dir, warmup=settings.warmup,
                                   default=settings.default_model, runtime=settings.runtime,
-                                  litert_threads=settings.litert_threads or None))
+                                  litert_threads=settings.litert_threads or None,
+                                  policy=settings.model_version_policy))
         app.state.registry = registry
-        app.state.metrics.models_loaded.set(len(registry.models))
-        app.state.metrics.load_failures.set(len(registry.failures))
+
+        def count_models() -> None:
+            app.state.metrics.models_loaded.set(len(registry.models))
+            app.state.metrics.load_failures.set(len(registry.failures))
+
+        count_models()
+        app.state.model_repository = ModelRepository(registry, VersionPolicy.parse(settings.model_version_policy),
+                                                     on_change=count_models)
         if settings.gc_freeze:  # the models live as long as the app: keep full collections off them
             gc.collect()
             gc.freeze()
         app.state.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="inference")
-        predictor = BatchedPredictor(registry.models.values(), app.state.executor,
+        predictor = BatchedPredictor([m for versions in registry.loaded.values() for m in versions.values()],
+                                     app.state.executor,
                                      max_images=settings.batch_max_images, wait_ms=settings.batch_wait_ms,
                                      observer=app.state.metrics.observe_batch,
                                      stage_observer=app.state.metrics.observe_stage,
@@ -69,6 +78,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      max_passes=settings.batch_passes)
         predictor.start()
         app.state.predictor = predictor
+        on_retired = _retire_on_loop(asyncio.get_running_loop(), predictor, settings.gc_freeze)
+        registry.listeners.append(on_retired)
+        poller = None
+        if settings.model_poll_s > 0:
+            poller = ModelPoller(app.state.model_repository, settings.model_poll_s)
+            poller.start()
         metrics = app.state.metrics
         publisher = (asyncio.create_task(metrics.publish_live_gauges())
                      if metrics.multiprocess_dir is not None else None)
@@ -80,6 +95,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if poller is not None:
+                await asyncio.to_thread(poller.stop)
+            if on_retired in registry.listeners:
+                registry.listeners.remove(on_retired)
             if not migrating.done():
                 migrating.cancel()
             for stop in app.state.model_work:  # long model work still running gives up at its next chunk
@@ -101,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     app.state.registry = None
+    app.state.model_repository = None
     app.state.predictor = None
     app.state.model_work = set()  # stop events of the evaluate/compare calls in the executor
     app.state.predict_work = PredictWorkBound(settings.max_queued_predict_work)
@@ -108,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                       timeout_s=settings.database_timeout_s)
     errors.install(app)
     calibrations.install(app)
+    repository.install(app)
     # any key (read or admin) turns authentication on; admin keys may also create/delete profiles
     keys = KeyRing(settings.all_api_keys + settings.all_admin_api_keys)
     auth.install(app, keys, KeyRing(settings.all_admin_api_keys))
@@ -122,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(calibration.router, **auth.protect(keys))
     app.include_router(v2.health_router)  # the Open Inference Protocol (/v2): its health stays open too
     app.include_router(v2.router, **v2.protect(keys))
+    app.include_router(repository.router, **repository.protect(keys))  # admin scope
     v2.document_400_not_422(app)
     models.document_query_limits(app, settings)
     app.add_middleware(AdmissionMiddleware, fastapi_app=app)  # inside the body limit: 413 before 503
@@ -132,6 +154,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(ServedByMiddleware)
     # (ServiceApp puts its RequestIdMiddleware outside all of these and Starlette's error handler)
     return app
+
+
+def _retire_on_loop(loop: asyncio.AbstractEventLoop, predictor: BatchedPredictor, refreeze: bool):
+    """The registry's listener for a swapped-out version (called from the thread that swapped):
+    on the event loop, its micro-batcher answers what it holds and closes; then, with
+    CALIB_GC_FREEZE, the frozen objects are collected once (a retired Keras model is full of
+    reference cycles that a frozen heap would keep forever) and the rest frozen again."""
+
+    async def retire(model: LoadedModel) -> None:
+        await predictor.retire(model)
+        if refreeze:
+            await asyncio.to_thread(_refreeze)
+
+    running: set[asyncio.Task] = set()   # the loop keeps only weak references to its tasks
+
+    def start(model: LoadedModel) -> None:
+        task = loop.create_task(retire(model))
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    def on_retired(model: LoadedModel) -> None:
+        try:
+            loop.call_soon_threadsafe(start, model)
+        except RuntimeError:  # the loop is closed: the app is gone, nothing to retire
+            pass
+
+    return on_retired
+
+
+def _refreeze() -> None:
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _prepare_storage(repository: SqlCalibrationRepository) -> None:

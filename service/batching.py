@@ -99,10 +99,16 @@ class MicroBatcher:
         self._carry: _Entry | None = None  # taken from the queue, did not fit the previous batch
         self._passes: dict[asyncio.Task, list[_Entry]] = {}   # the batches being computed
         self._slots: asyncio.Semaphore | None = None
+        self._pending = 0   # requests submitted and not yet answered (queued, collected or in a pass)
 
     @property
     def running(self) -> bool:
         return self._worker is not None and not self._worker.done()
+
+    @property
+    def busy(self) -> bool:
+        """Some request is waiting for an answer of this batcher."""
+        return self._pending > 0
 
     def start(self) -> None:
         if self.running:
@@ -157,12 +163,15 @@ class MicroBatcher:
         future = loop.create_future()
         entry = _Entry(images, future, loop.time(), mc_samples, seed)
         self._queue.put_nowait(entry)
+        self._pending += 1
         try:
             result = await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 future.exception()  # resolved just as the client went away: mark it retrieved
             raise
+        finally:
+            self._pending -= 1
         if self._stage_observer is not None:
             name, observe = self.model.name, self._stage_observer
             observe(name, "batch_queue", entry.started - entry.enqueued)
@@ -287,8 +296,13 @@ class MicroBatcher:
 
 
 class BatchedPredictor:
-    """The predict path of an app: a micro-batcher per model (none when `wait_ms` is 0) and the
-    inference executor shared with them."""
+    """The predict path of an app: a micro-batcher per loaded model version (none when `wait_ms` is
+    0) and the inference executor shared with them.
+
+    A batcher belongs to one `LoadedModel` object, so a batch never mixes versions: after a swap
+    (service.model_repository) the new version gets a batcher of its own on its first request,
+    and the old one's batcher answers what it holds, then closes (`retire`). A request that took
+    the old version and arrives after that runs on it unbatched."""
 
     def __init__(self, models: Iterable[LoadedModel], executor: Executor, *, max_images: int, wait_ms: float,
                  batch_size: int = 500, observer: BatchObserver | None = None,
@@ -300,24 +314,52 @@ class BatchedPredictor:
         self.max_images = max_images
         self._executor = executor
         self._stage_observer = stage_observer
-        self._batchers: dict[str, MicroBatcher] = {}
+        self._options = dict(max_images=max_images, wait_seconds=wait_ms / 1000, batch_size=batch_size,
+                             observer=observer, stage_observer=stage_observer, continuous=policy == "continuous",
+                             mc_chunk_rows=mc_chunk_rows, max_passes=max_passes)
+        self._batchers: dict[int, MicroBatcher] = {}   # id(LoadedModel) -> its batcher (which holds it)
+        self._started = False
         if self.enabled:
-            self._batchers = {m.name: MicroBatcher(m, executor, max_images=max_images, wait_seconds=wait_ms / 1000,
-                                                   batch_size=batch_size, observer=observer,
-                                                   stage_observer=stage_observer,
-                                                   continuous=policy == "continuous",
-                                                   mc_chunk_rows=mc_chunk_rows, max_passes=max_passes)
-                              for m in models}
+            for m in models:
+                self._batchers[id(m)] = MicroBatcher(m, executor, **self._options)
 
     def batcher(self, name: str) -> MicroBatcher | None:
-        return self._batchers.get(name)
+        """The batcher of the version of `name` being served (not retired), if it has one."""
+        return next((b for b in self._batchers.values() if b.model.name == name and not b.model.retired), None)
+
+    def batcher_for(self, model: LoadedModel) -> MicroBatcher | None:
+        """`model`'s batcher, created (and started) on its first request; None when batching is off
+        or `model` was retired (swapped out: what it still has to do runs unbatched)."""
+        if not self.enabled or model.retired:
+            return None
+        batcher = self._batchers.get(id(model))
+        if batcher is None or batcher.model is not model:
+            batcher = self._batchers[id(model)] = MicroBatcher(model, self._executor, **self._options)
+            if self._started:
+                batcher.start()
+        return batcher
+
+    async def retire(self, model: LoadedModel, poll_s: float = 0.02) -> bool:
+        """Once `model`'s batcher has answered every request it holds, close it and forget it (the
+        registry flagged `model` retired first, so no new request joins it). True if it had one."""
+        batcher = self._batchers.get(id(model))
+        if batcher is None or batcher.model is not model:
+            return False
+        while batcher.busy:
+            await asyncio.sleep(poll_s)
+        if self._batchers.get(id(model)) is batcher:
+            del self._batchers[id(model)]
+        await batcher.aclose()
+        return True
 
     def start(self) -> None:
-        for batcher in self._batchers.values():
+        self._started = True
+        for batcher in list(self._batchers.values()):
             batcher.start()
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(b.aclose() for b in self._batchers.values()))
+        self._started = False
+        await asyncio.gather(*(b.aclose() for b in list(self._batchers.values())))
 
     async def predict(self, model: LoadedModel, x: np.ndarray, *, mc_samples: int, seed: int | None,
                       mc_chunk_rows: int, stop=None, calibrator=None) -> dataplane.Prediction:
@@ -326,7 +368,7 @@ class BatchedPredictor:
         a recalibration profile's `calibrator` shares the backbone pass only: its head and MC
         dropout run on their own. `stop` (a threading.Event, set when the client goes away):
         WorkCancelled at the next chunk of work that runs outside a shared pass."""
-        batcher = self._batchers.get(model.name)
+        batcher = self.batcher_for(model)
         features = logits = None
         if batcher is not None and 0 < len(x) <= batcher.max_images:
             if calibrator is None and mc_chunk_rows == batcher.mc_chunk_rows:

@@ -61,6 +61,12 @@ def fit_new_profile(logits: np.ndarray, labels: np.ndarray, *, method: str, fold
     return new, fit
 
 
+def of_model_file(records: list, model_sha256: str) -> list:
+    """The profiles fitted for this model file: a model's profiles are kept per version, and a
+    version is known by its sha256 (a profile of another version is refused when used)."""
+    return [r for r in records if r.model_sha256 == model_sha256]
+
+
 @dataclass(frozen=True)
 class LoadedProfile:
     """A stored profile made usable: its calibrator and (if it has one) its conformal set."""

@@ -29,6 +29,9 @@ class ErrorResponse(BaseModel):
 class LoadFailureOut(BaseModel):
     path: str
     error: str
+    name: Optional[str] = Field(None, description="the model (folder) the failed version belongs to")
+    version: Optional[str] = Field(None, description="the version that failed to load (its old version, if "
+                                                     "any, keeps serving)")
 
 
 class StorageStatus(BaseModel):
@@ -67,6 +70,10 @@ OOD_THRESHOLD_NOTE = ("null when the card has no ood_threshold (older models) or
 
 class ModelSummary(BaseModel):
     name: str
+    version: Optional[str] = Field(None, description="the version served by default (the newest loaded)")
+    loaded_versions: list[str] = Field(default_factory=list, description="every loaded version (more than one "
+                                                                          "with CALIB_MODEL_VERSION_POLICY all or "
+                                                                          "specific)")
     classes: list[str]
     temperature: float
     input: dict[str, Any]
@@ -87,6 +94,7 @@ class ModelCard(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: str
+    version: Optional[str] = Field(None, description="the version this card belongs to: the one served by default")
     classes: list[str]
     temperature: float
     input: dict[str, Any]
@@ -146,6 +154,8 @@ class PredictionOut(BaseModel):
 
 class PredictResponse(BaseModel):
     model: str
+    version: Optional[str] = Field(None, description="the model version that served this answer (its version "
+                                                     "folder's number; the flat layout is \"1\")")
     temperature: float
     classes: list[str]
     mc_samples: int
@@ -259,6 +269,8 @@ CONFORMAL_UNAVAILABLE = {409: {"model": ErrorResponse, "description": "`conforma
 
 class EvaluateResponse(BaseModel):
     model: str
+    version: Optional[str] = Field(None, description="the model version that served this answer (its version "
+                                                     "folder's number; the flat layout is \"1\")")
     n: int
     n_bins: int
     temperature: float = Field(description="the model's temperature T")
@@ -319,6 +331,8 @@ class FlaggedShare(BaseModel):
 
 class CompareResponse(BaseModel):
     model: str
+    version: Optional[str] = Field(None, description="the model version that served this answer (its version "
+                                                     "folder's number; the flat layout is \"1\")")
     temperature: float
     mc_samples: int = Field(description="MC dropout samples drawn for the mutual information (0: none)")
     seed: Optional[int] = Field(None, description="seed of the MC samples (null without them)")

@@ -152,6 +152,22 @@ class Settings(BaseSettings):
     batch_passes: int = Field(
         1, ge=1, le=16, description="predict micro-batching: batches of one model computed at once (each in "
                                     "its own inference thread); 1: one after the other")
+    model_version_policy: str = Field(
+        "latest", description="which versions of a model folder's <name>/<version>/ folders are served: latest "
+                              "(the newest that loads; a newer one that fails leaves the one before serving), "
+                              "all, or specific:<v>,<v>... (docs/model-versions.md)")
+    model_poll_s: float = Field(
+        0.0, ge=0, le=86_400, description="poll CALIB_MODEL_DIR for new models and versions every this many "
+                                          "seconds, and swap them in without downtime (0: off; "
+                                          "POST /v2/repository/models/{name}/load does it on demand)")
+
+    @field_validator("model_version_policy")
+    @classmethod
+    def _check_version_policy(cls, value):
+        from service.model_repository import VersionPolicy
+
+        return str(VersionPolicy.parse(value))
+
     warmup: bool = Field(True, description="trace the model functions once at startup")
     gc_freeze: bool = Field(
         True, description="after loading the models, exclude every object alive then from the cyclic GC "

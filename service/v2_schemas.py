@@ -97,7 +97,7 @@ class MetadataTensor(BaseModel):
 
 class ModelMetadata(BaseModel):
     name: str
-    versions: list[str] = Field(description="the first 12 hex digits of the model file's SHA-256")
+    versions: list[str] = Field(description="the loaded versions (version folder numbers; the flat layout is \"1\")")
     platform: str
     inputs: list[MetadataTensor]
     outputs: list[MetadataTensor]
@@ -147,3 +147,43 @@ def inlined_schema(model: type[BaseModel]) -> dict:
         return node
 
     return resolve(schema)
+
+
+# --- the model repository extension (Triton's /v2/repository, admin scope) ------------------------
+class RepositoryIndexRequest(_Strict):
+    ready: Optional[bool] = Field(None, description="true: only the versions that are READY")
+
+
+VersionNumber = Union[Annotated[StrictInt, Field(ge=1)], Annotated[StrictStr, Field(pattern=r"^[1-9][0-9]{0,17}$")]]
+
+
+class RepositoryLoadParameters(_Strict):
+    model_config = ConfigDict(strict=True, extra="forbid")   # Triton's `config` / `file:` overrides: 400
+    version: Optional[VersionNumber] = Field(
+        None, description="load this version (a positive integer or its string) and serve it, pinned: the "
+                          "poller leaves the model alone until a load without a version; without it, the "
+                          "version policy's newest version is loaded (or re-loaded)")
+
+
+class RepositoryLoadRequest(_Strict):
+    parameters: Optional[RepositoryLoadParameters] = None
+
+
+class RepositoryUnloadRequest(_Strict):
+    parameters: Optional[dict[str, ParameterValue]] = Field(
+        None, description="accepted and ignored (Triton's `unload_dependents`: a model here has none)")
+
+
+class RepositoryIndexEntry(BaseModel):
+    name: str
+    version: str = Field(description="the version folder's number (the flat layout: \"1\")")
+    state: str = Field(description="READY, UNAVAILABLE or LOADING")
+    reason: str = Field(description="why it is not READY (its load error, `unloaded`, or the version policy); "
+                                    "for a READY version, a failed re-load of it, else empty")
+
+
+class RepositoryModelStatus(BaseModel):
+    name: str
+    serving: Optional[str] = Field(description="the version requests without a version get; null when "
+                                               "none is loaded")
+    versions: list[RepositoryIndexEntry]

@@ -308,7 +308,9 @@ def test_a_profile_of_an_older_version_of_the_model_is_409(client, labelled):
     assert "000000000000" in msg and "fit a new profile" in msg
     error_of(client.post(EVALUATE, params={"calibration": stale.id}, json={**images, "labels": [1]}), 409,
              "calibration_model_changed")
-    assert client.get(CALIBRATIONS).json()["count"] == 1   # still listed (its sha256 says which version)
+    assert client.get(CALIBRATIONS).json()["count"] == 0   # the served version's profiles only
+    listed = client.get(CALIBRATIONS, params={"all_versions": True}).json()
+    assert [p["id"] for p in listed["calibrations"]] == [stale.id]   # kept: its sha256 says which version
 
 
 @pytest.mark.parametrize("method,folds", [("temperature", 5), ("vector", 5), ("temperature", 10)])

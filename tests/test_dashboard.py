@@ -135,7 +135,7 @@ def test_card_diagram_route_says_when_the_card_has_no_bins(tiny_artifact, tmp_pa
     from service.app import create_app
     from service.settings import Settings
 
-    folder = shutil.copytree(tiny_artifact, tmp_path / "models" / "binless")
+    folder = shutil.copytree(tiny_artifact, tmp_path / "models" / MODEL)
     update_card(folder, {"metrics": {"test_after_temperature": {"accuracy": 0.5}}})
     with TestClient(create_app(Settings(model_dir=tmp_path / "models", warmup=False,
                                         database_url=f"sqlite:///{tmp_path / 'db.sqlite'}"))) as client:

@@ -52,7 +52,12 @@ def images(sample_data) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def version(service_model_dir) -> str:
+def version() -> str:
+    return "1"   # the flat layout is version 1 (docs/model-versions.md)
+
+
+@pytest.fixture(scope="module")
+def sha_version(service_model_dir) -> str:
     card = json.loads((service_model_dir / MODEL / "model_card.json").read_text())
     return card["model_sha256"][:12]
 
@@ -337,9 +342,16 @@ def test_health_routes_and_nested_data(app_client, images, version):
 
 @pytest.mark.parametrize("path", ["/v2/models/no-such-model", "/v2/models/no-such-model/ready",
                                   "/v2/models/{model}/versions/000000000000",
-                                  "/v2/models/{model}/versions/1/ready", "/v2/nothing-here"])
+                                  "/v2/models/{model}/versions/2/ready", "/v2/nothing-here"])
 def test_unknown_model_version_or_route_is_404(app_client, path):
     assert "no" in v2_error(app_client.get(path.format(model=MODEL)), 404).lower()
+
+
+def test_a_version_is_its_folder_number_or_its_sha256_prefix(app_client, images, sha_version):
+    assert app_client.get(f"/v2/models/{MODEL}").json()["versions"] == ["1"]
+    for version in ("1", sha_version):
+        r = app_client.post(f"/v2/models/{MODEL}/versions/{version}/infer", json=pixels_request(images[:1]))
+        assert r.status_code == 200 and r.json()["model_version"] == "1"
 
 
 def test_unknown_model_or_version_on_infer_is_404(app_client, images):

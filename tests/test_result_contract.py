@@ -101,7 +101,7 @@ def test_core_warning_serialises_to_the_schema_fields(evaluation):
 
 def test_an_evaluation_survives_schema_and_client_unchanged(evaluation):
     """Core results -> the response schema (nothing dropped or coerced) -> the client's types."""
-    body = {"model": "m", "n": evaluation.n, "n_bins": evaluation.n_bins, "temperature": evaluation.temperature,
+    body = {"model": "m", "version": "1", "n": evaluation.n, "n_bins": evaluation.n_bins, "temperature": evaluation.temperature,
             "before_temperature": evaluation.before.to_dict(), "after_temperature": evaluation.after.to_dict(),
             "fitted_temperature": evaluation.fitted_temperature,
             "after_fitted_temperature": evaluation.after_fitted.to_dict(),
@@ -123,6 +123,7 @@ def test_an_evaluation_survives_schema_and_client_unchanged(evaluation):
     assert [(w.code, w.message) for w in report.warnings] == [(w.code, w.message) for w in evaluation.warnings]
     assert report.calibration == client.CalibrationUsed(None, "temperature", "card")
     assert report.after_calibration == report.after and report.conformal == []
+    assert report.version == "1"
 
 
 def test_a_batch_of_every_class_has_no_warning():

@@ -12,7 +12,8 @@ A missing or wrong key is 401 `unauthorized` with `WWW-Authenticate: Bearer`; th
 echoed, logged or put in a metric label. Matching is in `service.api_keys.KeyRing`.
 
 Two scopes: the keys of CALIB_API_KEYS read and use calibration profiles (and everything else);
-those of CALIB_ADMIN_API_KEYS may also create and delete them (`protect_admin` on those routes).
+those of CALIB_ADMIN_API_KEYS may also create and delete them, and load and unload models through
+the repository API (`protect_admin` on those routes).
 A valid read key on an admin route is 403 `forbidden`.
 """
 
@@ -82,8 +83,9 @@ async def require_admin_key(request: Request) -> None:
     """After `require_api_key`: the key must also be an admin key."""
     admin: KeyRing = request.app.state.admin_keys
     if not any([admin.matches(k) for k in presented_keys(dict(request.scope["headers"]))]):
-        raise Forbidden("this API key may read and use calibration profiles, not create or delete them "
-                        "(an admin key of CALIB_ADMIN_API_KEYS may)")
+        raise Forbidden("this API key is not an admin key: it may read and use calibration profiles, not create "
+                        "or delete them, nor load or unload models (/v2/repository); an admin key of "
+                        "CALIB_ADMIN_API_KEYS may")
 
 
 def protect_admin(keys: KeyRing) -> dict:

@@ -143,12 +143,22 @@ async def _model_profile(request: Request, name: str, profile_id: str):
 
 # --- a model's profiles --------------------------------------------------------------------------
 @router.get("/models/{name}/calibrations", response_model=CalibrationProfileList,
-            summary="The calibration profiles of a model (every version of it), oldest first",
+            summary="The calibration profiles of the version of a model being served, oldest first",
+            description="A profile belongs to one model file (its sha256): a new version of the model starts "
+                        "with none, and a profile of another version is refused (409 "
+                        "`calibration_model_changed`). `all_versions=true` lists those of every version.",
             responses={**NOT_FOUND})
-async def list_model_calibrations(request: Request, name: str = ModelName) -> dict:
+async def list_model_calibrations(
+    request: Request,
+    name: str = ModelName,
+    all_versions: bool = Query(False, description="also list the profiles fitted for other versions (other "
+                                                  "sha256) of this model"),
+) -> dict:
     model = model_of(request, name)
     repository = repository_of(request)
     records = await in_thread(repository.list, model.name)
+    if not all_versions:
+        records = profiles.of_model_file(records, model.sha256)
     return {"calibrations": [profile_body(r) for r in records], "count": len(records),
             "limit": repository.max_profiles}
 

@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from service.inputs import InputError
 from service.http_metrics import endpoint_label
-from service.registry import UnknownModelError
+from service.registry import UnknownModelError, UnknownVersionError
 from service.rest.request_id import current_request_id
 from service.schemas import ErrorResponse
 
@@ -105,6 +105,12 @@ async def _unknown_model(request: Request, exc: UnknownModelError) -> JSONRespon
                           {"available": exc.available}, request=request)
 
 
+async def _unknown_version(request: Request, exc: UnknownVersionError) -> JSONResponse:
+    return error_response(404, "unknown_version", f"model {shown(exc.name)} has no version {shown(exc.version)}; "
+                                                  f"its versions: {exc.available}",
+                          {"available": exc.available}, request=request)
+
+
 async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
     return error_response(503, exc.code, exc.message, request=request)
 
@@ -161,6 +167,7 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(InputError, _input_error)
     app.add_exception_handler(UnknownModelError, _unknown_model)
+    app.add_exception_handler(UnknownVersionError, _unknown_version)
     app.add_exception_handler(Unavailable, _unavailable)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)

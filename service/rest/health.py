@@ -33,13 +33,21 @@ async def live_head() -> Response:
             responses=error_responses(503))
 async def ready(request: Request):
     registry = getattr(request.app.state, "registry", None)
-    failed = [] if registry is None else [{"path": f.path, "error": f.error} for f in registry.failures]
+    failed = [] if registry is None else [_failure(f) for f in registry.failures]
     storage = await storage_status(request.app)
     if registry is None or not registry.ready:
         return error_response(503, "not_ready", "no model is loaded"
                               + (f"; {len(failed)} artifact(s) failed to load" if failed else ""),
                               {"failed": failed, "storage": storage}, request=request)
     return {"status": "ready", "models": registry.names(), "failed": failed, "storage": storage}
+
+
+def _failure(failure) -> dict:
+    """path and error; with the model's name and version when a version folder failed to load."""
+    out = {"path": failure.path, "error": failure.error}
+    if failure.name is not None:
+        out.update(name=failure.name, version=failure.version)
+    return out
 
 
 async def storage_status(app) -> dict | None:

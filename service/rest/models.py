@@ -43,9 +43,10 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_respons
 ModelName = Path(description="a model's name, as listed by GET /v1/models", examples=["cifar10-resnet"])
 
 
-def _summary(model) -> dict:
+def _summary(model, versions: list[str]) -> dict:
     card = model.card
-    return {"name": model.name, "classes": model.classes, "temperature": model.temperature,
+    return {"name": model.name, "version": model.version, "loaded_versions": versions,
+            "classes": model.classes, "temperature": model.temperature,
             "input": card.get("input", {}), "mc_dropout": card.get("mc_dropout"),
             "metrics": card.get("metrics", {}), "ood_threshold": dataplane.ood_threshold(model),
             "runtime": model.runtime}
@@ -54,13 +55,14 @@ def _summary(model) -> dict:
 @router.get("", response_model=ModelList, summary="Loaded models and their calibration metrics")
 async def list_models(request: Request) -> dict:
     registry = registry_of(request)
-    return {"models": [_summary(registry.get(n)) for n in registry.names()]}
+    return {"models": [_summary(registry.get(n), registry.versions_of(n)) for n in registry.names()]}
 
 
 @router.get("/{name}", response_model=ModelCard, summary="A model's card", responses=error_responses(404, 422))
 async def get_model(request: Request, name: str = ModelName) -> dict:
     model = model_of(request, name)
-    return {**model.card, "name": model.name, "ood_threshold": dataplane.ood_threshold(model),
+    return {**model.card, "name": model.name, "version": model.version,
+            "ood_threshold": dataplane.ood_threshold(model),
             "runtime": model.runtime}
 
 
@@ -163,7 +165,8 @@ def _predict_body(model, result: dataplane.Prediction, t: int, return_logits: bo
             row["logits"] = result.logits[i].astype(float).tolist()
             row["uncalibrated_probabilities"] = result.uncalibrated[i].tolist()
         rows.append(row)
-    return {"model": model.name, "temperature": model.temperature, "classes": classes, "mc_samples": t,
+    return {"model": model.name, "version": model.version, "temperature": model.temperature, "classes": classes,
+            "mc_samples": t,
             "seed": result.seed, "predictions": rows}
 
 
@@ -215,7 +218,7 @@ async def evaluate(
         png = await in_thread(dataplane.risk_coverage_diagram_png, report, model.name)
         return Response(png, media_type="image/png",
                         headers={"Content-Disposition": f'inline; filename="risk-coverage-{model.name}.png"'})
-    return {"model": model.name, "n": report.n, "n_bins": report.n_bins, "temperature": report.temperature,
+    return {"model": model.name, "version": model.version, "n": report.n, "n_bins": report.n_bins, "temperature": report.temperature,
             "before_temperature": report.before.to_dict(), "after_temperature": report.after.to_dict(),
             "fitted_temperature": report.fitted_temperature,
             "after_fitted_temperature": None if report.after_fitted is None else report.after_fitted.to_dict(),
@@ -305,7 +308,8 @@ async def compare(
     if result.threshold is not None:
         flagged = {"threshold": result.threshold, "in_distribution": result.flagged_in,
                    "suspect": result.flagged_suspect}
-    return {"model": model.name, "temperature": model.temperature, "mc_samples": t, "seed": result.seed,
+    return {"model": model.name, "version": model.version, "temperature": model.temperature, "mc_samples": t,
+            "seed": result.seed,
             "calibration": calibrations.used(model, profile), "n_in_distribution": result.n_in, "n_suspect": result.n_suspect, "flagged": flagged,
             "scores": [{"score": d.score, "auroc": d.auroc, "aupr": d.aupr, "fpr_at_95_tpr": d.fpr_at_95_tpr,
                         "mean_in_distribution": d.mean_in, "mean_suspect": d.mean_out}

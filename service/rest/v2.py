@@ -6,8 +6,9 @@ models (`service.v2_schemas`), the tensor becomes the same uint8 batch /v1 predi
 (`BatchedPredictor.predict`), so /v2 probabilities equal /v1's for the same images. Errors under
 /v2 use the protocol's `{"error": "<message>"}` body (`service.rest.errors.error_response`).
 
-A model's version is the first 12 hex digits of its model file's SHA-256 (from the card): it
-changes exactly when the weights do, so a client can pin the weights it validated.
+A model's version is its version folder's number (`<name>/<version>/`, Triton's; the flat layout
+is version 1: docs/model-versions.md). For clients that pinned the weights before versions
+existed, the first 12 hex digits of a loaded version's model-file SHA-256 name it too.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from service import prediction_sets, v2_binary, v2_tensors
 from service.api_keys import KeyRing
 from service.inputs import InputError, parse_json_object
-from service.registry import LoadedModel
+from service.registry import LoadedModel, UnknownVersionError
 from service.rest import auth, calibrations
 from service.rest.errors import shown
 from service.rest.requests import in_thread, model_of, registry_of, run_predict, settings_of
@@ -66,7 +67,8 @@ health_router = APIRouter(prefix="/v2", tags=["open inference protocol"])  # ope
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=_errors(503))
 
 ModelName = Path(description="a model's name (GET /v1/models lists them)", examples=["cifar10-resnet"])
-ModelVersion = Path(description="the model version: the first 12 hex digits of its model file's SHA-256")
+ModelVersion = Path(description="a loaded version of the model: its version folder's number (the flat layout "
+                                "is 1), or the first 12 hex digits of its model file's SHA-256")
 
 
 def protect(keys: KeyRing) -> dict:
@@ -78,15 +80,24 @@ def protect(keys: KeyRing) -> dict:
 
 
 def version_of(model: LoadedModel) -> str:
-    return str(model.card.get("model_sha256", ""))[:VERSION_DIGITS] or "1"
+    return getattr(model, "version", "1")
 
 
 def _model(request: Request, name: str, version: str | None) -> LoadedModel:
     model = model_of(request, name)
-    if version is not None and version != version_of(model):
-        raise InputError("unknown_version", f"model {shown(name)} has no version {shown(version)}; its version is "
-                                            f"{version_of(model)!r}", 404)
-    return model
+    if version is None:
+        return model
+    registry = registry_of(request)
+    try:
+        return registry.get(name, version)
+    except UnknownVersionError:
+        pass
+    versions = registry.loaded.get(name, {})
+    for loaded in versions.values():   # the 12-digit SHA-256 prefix that named a version before
+        if len(version) == VERSION_DIGITS and loaded.sha256[:VERSION_DIGITS] == version:
+            return loaded
+    raise InputError("unknown_version", f"model {shown(name)} has no loaded version {shown(version)}; its loaded "
+                                        f"versions are {registry.versions_of(name)}", 404)
 
 
 # --- health and server metadata ----------------------------------------------------------------
@@ -110,21 +121,21 @@ async def server_metadata(request: Request) -> dict:
 
 
 # --- model metadata and readiness --------------------------------------------------------------
-def _metadata(model: LoadedModel) -> dict:
-    return {"name": model.name, "versions": [version_of(model)], "platform": PLATFORMS[model.runtime],
+def _metadata(model: LoadedModel, versions: list[str]) -> dict:
+    return {"name": model.name, "versions": versions or [version_of(model)], "platform": PLATFORMS[model.runtime],
             "inputs": v2_tensors.input_metadata(), "outputs": v2_tensors.output_metadata(model.num_classes)}
 
 
 @router.get("/models/{name}", response_model=ModelMetadata, responses=_errors(404),
             summary="Model metadata (protocol v2)")
 async def model_metadata(request: Request, name: str = ModelName) -> dict:
-    return _metadata(_model(request, name, None))
+    return _metadata(_model(request, name, None), registry_of(request).versions_of(name))
 
 
 @router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=_errors(404),
             summary="Model metadata of a version (protocol v2)")
 async def model_version_metadata(request: Request, name: str = ModelName, version: str = ModelVersion) -> dict:
-    return _metadata(_model(request, name, version))
+    return _metadata(_model(request, name, version), registry_of(request).versions_of(name))
 
 
 @router.get("/models/{name}/ready", response_model=ModelReady, responses=_errors(404),
