@@ -40,10 +40,14 @@ class Report:
                 f"reloads took {took} s")
 
 
+SETTLE_TIMEOUT_S = 60.0
+
+
 def hammer(send: Callable[[], tuple[int, str | None]], reload: Callable[[int], None], *, clients: int,
            reloads: int, settle_s: float = 1.0) -> Report:
     """`clients` threads call `send()` (-> (status, version or error text)) back to back while the
-    calling thread runs `reload(0..reloads-1)`, `settle_s` apart; then the clients stop."""
+    calling thread runs `reload(0..reloads-1)`, `settle_s` apart and each followed by at least
+    `clients` answers (so every version serves however slow the machine is); then the clients stop."""
     report = Report()
     lock = threading.Lock()
     stop = threading.Event()
@@ -65,13 +69,24 @@ def hammer(send: Callable[[], tuple[int, str | None]], reload: Callable[[int], N
     threads = [threading.Thread(target=client, name=f"client-{i}", daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
-    try:
+    def settle() -> None:
+        with lock:
+            mark = report.sent
         time.sleep(settle_s)
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            with lock:
+                if report.sent - mark >= clients:
+                    return
+            time.sleep(0.05)
+
+    try:
+        settle()
         for k in range(reloads):
             started = time.perf_counter()
             reload(k)
             report.reload_s.append(time.perf_counter() - started)
-            time.sleep(settle_s)
+            settle()
     finally:
         stop.set()
         for t in threads:
