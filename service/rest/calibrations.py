@@ -197,6 +197,11 @@ async def create_model_calibration(
     settings = settings_of(request)
     model = model_of(request, name)
     if source == "feedback":
+        # read the (empty) body here: admission takes the evaluation slot once the body is in, and must
+        # do so in the route, not inside the disconnect watcher of the fit
+        if await request.body():
+            raise InputError("invalid_request", "from=feedback fits on the stored labelled predictions and takes "
+                                                "no body; send the batch without from=feedback to fit on it")
         new = await _fit_from_feedback(request, model, method=method, folds=folds, label=label, since=since)
     else:
         if since is not None:
