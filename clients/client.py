@@ -162,6 +162,24 @@ class _Calls:
         return _Call("POST", "/v1/calibrations", {"method": method, "label": label, "folds": folds},
                      outputs_body(scores, y, probabilities=probabilities), parse=CalibrationProfile.from_dict)
 
+    # --- monitoring and feedback -----------------------------------------------------------
+    def _monitoring_call(self, model, window, calibration) -> _Call:
+        return _Call("GET", f"/v1/models/{self._name(model)}/monitoring",
+                     {"window": None if window is None else str(window), "calibration": calibration})
+
+    def _timeline_call(self, model, bucket, buckets, calibration) -> _Call:
+        return _Call("GET", f"/v1/models/{self._name(model)}/monitoring/timeline",
+                     {"bucket": bucket, "buckets": buckets, "calibration": calibration})
+
+    @staticmethod
+    def _feedback_call(items) -> _Call:
+        return _Call("POST", "/v1/feedback", body=Body(json={"feedback": [dict(item) for item in items]}))
+
+    def _feedback_profile_call(self, model, method, label, folds, since) -> _Call:
+        return _Call("POST", self._profile_path(model), {"from": "feedback", "since": since, "method": method,
+                                                         "label": label, "folds": folds},
+                     parse=CalibrationProfile.from_dict)
+
     def _apply_call(self, profile_id, scores, probabilities, sets) -> _Call:
         return _Call("POST", f"/v1/calibrations/{profile_id}/apply", dict(sets or {}),
                      scores_body(scores, probabilities=probabilities))
@@ -307,6 +325,25 @@ class CalibClient(_Calls):
     def unload_model(self, model: Optional[str] = None) -> dict:
         """Stop serving every version of a model (admin key)."""
         return self._do(self._unload_call(model))
+
+    def monitoring(self, *, model: Optional[str] = None, window=None, calibration: Optional[str] = None) -> dict:
+        """The monitoring verdict (docs/monitoring.md); `window`: a count (500) or a duration ("15m")."""
+        return self._do(self._monitoring_call(self._resolve(model), window, calibration))
+
+    def monitoring_timeline(self, *, model: Optional[str] = None, bucket: Optional[int] = None,
+                            buckets: Optional[int] = None, calibration: Optional[str] = None) -> dict:
+        return self._do(self._timeline_call(self._resolve(model), bucket, buckets, calibration))
+
+    def feedback(self, items) -> dict:
+        """True labels of earlier predictions: dicts {"prediction_id", "label"} or {"request_id", "index",
+        "label"}; all or nothing (ServiceError 404 unknown_prediction / 409 feedback_exists / 422)."""
+        return self._do(self._feedback_call(items))
+
+    def create_calibration_from_feedback(self, *, model: Optional[str] = None, method: Optional[str] = None,
+                                         label: Optional[str] = None, folds: Optional[int] = None,
+                                         since: Optional[str] = None) -> CalibrationProfile:
+        """A profile fitted on the predictions that got labels through feedback (admin key)."""
+        return self._do(self._feedback_profile_call(self._resolve(model), method, label, folds, since))
 
     def close(self) -> None:
         self._http.close()

@@ -76,6 +76,7 @@ class Prediction:
     uncalibrated_probabilities: Optional[list[float]] = None
     ood: Optional[OODFlag] = None
     prediction_set: Optional[PredictionSet] = None  # with coverage=... only
+    prediction_id: Optional[str] = None  # send its true label with CalibClient.feedback (None: monitoring off)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Prediction":
@@ -85,7 +86,8 @@ class Prediction:
         return cls(d["class_index"], d["label"], d["confidence"], d["probabilities"],
                    Uncertainty(**u) if u else None, d.get("logits"), d.get("uncalibrated_probabilities"),
                    OODFlag(**{k: ood.get(k) for k in OODFlag.__dataclass_fields__}) if ood else None,
-                   PredictionSet(**{k: ps[k] for k in PredictionSet.__dataclass_fields__ if k in ps}) if ps else None)
+                   PredictionSet(**{k: ps[k] for k in PredictionSet.__dataclass_fields__ if k in ps}) if ps else None,
+                   d.get("prediction_id"))
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,17 @@ from service.api_keys import KeyRing
 from service.batching import BatchedPredictor
 from service.http_metrics import MetricsMiddleware, ServiceMetrics
 from service.model_repository import ModelPoller, ModelRepository, VersionPolicy
+from service.monitoring_writer import MonitoringWriter
 from service.registry import LoadedModel, load_registry
-from service.rest import auth, calibration, calibrations, errors, health, models, repository, ui, v2
+from service.rest import (auth, calibration, calibrations, errors, health, models, monitoring, repository,
+                          ui, v2)
 from service.rest.admission_middleware import AdmissionMiddleware
 from service.rest.limits import BodyLimitMiddleware
 from service.rest.request_id import ServiceApp
 from service.rest.served_by import ServedByMiddleware
 from service.settings import Settings
 from service.storage import SqlCalibrationRepository, StorageUnavailable
+from service.storage.monitoring_store import SqlMonitoringStore
 from service.version import package_version
 
 logger = logging.getLogger("service")
@@ -92,6 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # migrations in the background: a database that is down delays nothing (the profile routes
         # retry them on first use and answer 503 storage_unavailable meanwhile)
         migrating = asyncio.create_task(asyncio.to_thread(_prepare_storage, app.state.calibrations))
+        writer = _monitoring_writer(app, settings)
+        app.state.monitoring_writer = writer
         try:
             yield
         finally:
@@ -106,7 +111,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if publisher is not None:
                 publisher.cancel()
             metrics.close()
-            await predictor.aclose()  # before the executor: no batch is submitted to a closed pool
+            await predictor.aclose()
+            if writer is not None:  # after the predictor: every answer given is queued; write it
+                await asyncio.to_thread(writer.close)  # before the executor: no batch is submitted to a closed pool
             # off the loop: a cancelled evaluation's 503 is still being written while its chunk ends
             await asyncio.to_thread(app.state.executor.shutdown, wait=True, cancel_futures=True)
             if settings.gc_freeze:
@@ -126,9 +133,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.predict_work = PredictWorkBound(settings.max_queued_predict_work)
     app.state.calibrations = SqlCalibrationRepository(settings.storage_url, max_profiles=settings.max_calibrations,
                                                       timeout_s=settings.database_timeout_s)
+    app.state.monitoring_store = SqlMonitoringStore(app.state.calibrations)
+    app.state.monitoring_writer = None  # started by the lifespan when CALIB_MONITORING is on
     errors.install(app)
     calibrations.install(app)
     repository.install(app)
+    monitoring.install(app)
     # any key (read or admin) turns authentication on; admin keys may also create/delete profiles
     keys = KeyRing(settings.all_api_keys + settings.all_admin_api_keys)
     auth.install(app, keys, KeyRing(settings.all_admin_api_keys))
@@ -141,6 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(calibrations.router, **auth.protect(keys))
     app.include_router(calibrations.admin_router, **auth.protect_admin(keys))
     app.include_router(calibration.router, **auth.protect(keys))
+    app.include_router(monitoring.router, **auth.protect(keys))
     app.include_router(v2.health_router)  # the Open Inference Protocol (/v2): its health stays open too
     app.include_router(v2.router, **v2.protect(keys))
     app.include_router(repository.router, **repository.protect(keys))  # admin scope
@@ -195,3 +206,18 @@ def _prepare_storage(repository: SqlCalibrationRepository) -> None:
     except StorageUnavailable:
         logger.warning("calibration storage unavailable at start-up (%s): serving without it, retrying on "
                        "first use", repository.backend)
+
+
+def _monitoring_writer(app: FastAPI, settings: Settings) -> MonitoringWriter | None:
+    """The background writer of the served predictions (None with CALIB_MONITORING=false)."""
+    if not settings.monitoring:
+        return None
+    metrics = app.state.metrics
+    writer = MonitoringWriter(app.state.monitoring_store, max_queued_rows=settings.monitoring_queue_rows,
+                              flush_rows=settings.monitoring_flush_rows, flush_interval_s=settings.monitoring_flush_s,
+                              retention=settings.retention,
+                              on_written=lambda model, n: metrics.monitoring_recorded.labels(model).inc(n),
+                              on_dropped=lambda reason, n: metrics.monitoring_dropped.labels(reason).inc(n),
+                              refresh=monitoring.refresher(app), refresh_every_s=settings.monitoring_gauges_s)
+    metrics.watch(metrics.monitoring_queue, lambda: writer.queued_rows)
+    return writer.start()

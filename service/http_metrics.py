@@ -79,6 +79,7 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.multiprocess_dir = multiprocess_dir()
         self._watched: list[tuple[Gauge, object]] = []
+        self._watched_extra: list[tuple[Gauge, object]] = []   # watch(): gauges other than admission's
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("calib_http_requests", "HTTP requests by endpoint, model, method and status",
@@ -118,6 +119,57 @@ class ServiceMetrics:
                                             "Requests refused with 503 overloaded, by reason "
                                             "(queue_full, queue_timeout, byte_budget)", ["reason"], registry=r)
 
+        # monitoring (service.monitoring_writer, service.monitoring): what was recorded and dropped,
+        # and the latest verdict per model, version and calibration (the card's: "card"; else a
+        # profile id, bounded by CALIB_MAX_CALIBRATIONS)
+        self.monitoring_recorded = Counter("calib_monitoring_rows_recorded", "Served predictions written to the "
+                                           "monitoring table", ["model"], registry=r)
+        self.monitoring_dropped = Counter("calib_monitoring_rows_dropped", "Served predictions not recorded, by "
+                                          "reason (queue_full, storage_unavailable)", ["reason"], registry=r)
+        self.monitoring_queue = Gauge("calib_monitoring_queue_rows", "Predictions waiting for the monitoring "
+                                      "writer", registry=r, multiprocess_mode="livesum")
+        labels = ["model", "version", "calibration"]
+        gauge = lambda name, doc: Gauge(name, doc, labels, registry=r, multiprocess_mode="mostrecent")  # noqa: E731
+        self.monitoring_gauges = {
+            "predictions": gauge("calib_monitoring_window_predictions", "Predictions in the monitoring window"),
+            "estimated_accuracy": gauge("calib_monitoring_estimated_accuracy",
+                                        "Mean calibrated confidence of the window (CBPE accuracy estimate)"),
+            "ood_share": gauge("calib_monitoring_ood_share", "Share of the window flagged out of distribution"),
+            "entropy_ks_statistic": gauge("calib_monitoring_entropy_ks_statistic",
+                                          "KS statistic of the window's entropies against the validation split"),
+            "entropy_ks_p_value": gauge("calib_monitoring_entropy_ks_p_value", "p-value of that KS test"),
+            "class_prior_psi": gauge("calib_monitoring_class_prior_psi",
+                                     "PSI of the predicted-class mix against the validation split"),
+            "drift": gauge("calib_monitoring_drift", "1 when the window's drift verdict is true"),
+            "labelled": gauge("calib_monitoring_labelled", "Labelled predictions in the window"),
+            "observed_accuracy": gauge("calib_monitoring_observed_accuracy", "Accuracy of the labelled predictions"),
+            "ece_15": gauge("calib_monitoring_ece_15", "ECE-15 of the labelled predictions"),
+            "alert": gauge("calib_monitoring_alert", "1 when the labelled ECE is over CALIB_ALERT_ECE"),
+        }
+
+    def observe_monitoring(self, model: str, version: str, calibration: str, report: dict) -> None:
+        """Set the monitoring gauges from a monitoring answer's figures (None leaves a gauge as is)."""
+        def number(*path):
+            value = report
+            for key in path:
+                if value is None:
+                    return None
+                value = value.get(key)
+            return None if value is None else float(value)
+
+        figures = {"predictions": number("window", "predictions"),
+                   "estimated_accuracy": number("estimated_accuracy", "value"),
+                   "ood_share": number("ood", "share"),
+                   "entropy_ks_statistic": number("entropy_drift", "statistic"),
+                   "entropy_ks_p_value": number("entropy_drift", "p_value"),
+                   "class_prior_psi": number("class_prior_drift", "psi"),
+                   "drift": number("drift", "status"), "labelled": number("labelled", "n"),
+                   "observed_accuracy": number("labelled", "accuracy"), "ece_15": number("labelled", "ece_15"),
+                   "alert": number("alert", "status")}
+        for name, value in figures.items():
+            if value is not None:
+                self.monitoring_gauges[name].labels(model, version, calibration).set(value)
+
     def observe_batch(self, model: str, images: int, requests: int) -> None:
         self.batch_images.labels(model).observe(images)
         self.batch_requests.labels(model).observe(requests)
@@ -132,11 +184,16 @@ class ServiceMetrics:
         for gauge, read in self._watched:
             gauge.set_function(read)
 
+    def watch(self, gauge: Gauge, read) -> None:
+        """`gauge` reads `read()` at scrape time (copied to the shared files with several workers)."""
+        self._watched_extra.append((gauge, read))
+        gauge.set_function(read)
+
     async def publish_live_gauges(self, period_s: float = 1.0) -> None:
         """With several workers, copy the function gauges into the shared files every period:
         a scrape reads the files, and another worker cannot call this one's functions."""
         while True:
-            for gauge, read in self._watched:
+            for gauge, read in self._watched + self._watched_extra:
                 gauge.set(read())
             await asyncio.sleep(period_s)
 

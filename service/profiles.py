@@ -110,6 +110,25 @@ def fit_model_profile(model, x: np.ndarray, y: np.ndarray, *, method: str, folds
     return new
 
 
+def fit_feedback_profile(model, logits: np.ndarray, served: np.ndarray, y: np.ndarray, *, method: str, folds: int,
+                         label: Optional[str]) -> NewProfile:
+    """A profile of `model` from the labelled predictions monitoring stored: their raw logits (what
+    a profile is applied to at predict time; a vector or Dirichlet map is not invariant to the
+    per-row shift that separates them from log-probabilities, so the rows keep both), with "before"
+    measured on the probabilities that were served. TooFewImagesError below the method's minimum."""
+    from models.calibration.recalibration import TooFewImagesError, minimum_images
+
+    need = minimum_images(method, model.num_classes, folds)
+    if len(y) < need:
+        raise TooFewImagesError(need, f"{len(y)} labelled predictions of {model.name!r} in the range asked for; "
+                                      f"{method} with {folds} folds needs at least {need} (send more feedback, or "
+                                      f"widen since)")
+    new, _ = fit_new_profile(logits, y, method=method, folds=folds, reference=logits_from_probabilities(served),
+                             model_name=model.name, model_sha256=model.card.get("model_sha256"), label=label,
+                             data_digest=data_sha256(logits.astype(np.float32), y))
+    return new
+
+
 def fit_logits_profile(logits: np.ndarray, y: np.ndarray, *, method: str, folds: int,
                        label: Optional[str]) -> NewProfile:
     """A model-independent profile from a client's logits; "before" is their plain softmax."""

@@ -150,6 +150,9 @@ class PredictionOut(BaseModel):
         None, description="softmax(logits) (return_logits=true)")
     ood: Optional[OODFlag] = Field(None, description="out-of-distribution score and flag")
     prediction_set: Optional[PredictionSetOut] = Field(None, description="with `coverage` only")
+    prediction_id: Optional[str] = Field(None, description="this prediction's id (32 hex digits), to send its true "
+                                                           "label to POST /v1/feedback; null when monitoring is "
+                                                           "off (CALIB_MONITORING=false)")
 
 
 class PredictResponse(BaseModel):

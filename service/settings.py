@@ -217,6 +217,55 @@ class Settings(BaseSettings):
                            "by default they stay open: the schema holds no secret and lets clients be "
                            "generated")
 
+    # --- monitoring of what was served and labelled feedback (docs/monitoring.md) ----------------
+    monitoring: bool = Field(
+        True, description="record every predict answer (numbers only: confidence, entropy, class, OOD flag, set "
+                          "size, probabilities and logits; never the image) for GET /v1/models/{name}/monitoring "
+                          "and POST /v1/feedback; false: nothing is recorded, predictions carry no prediction_id "
+                          "and those routes answer 409 monitoring_disabled")
+    monitoring_retention: str = Field(
+        "100000,30d", description="what the monitoring table keeps: at most this many predictions per model and "
+                                  "version (a count), none older than a duration (e.g. 30d), or both "
+                                  "comma-separated; applied by the writer every minute")
+    monitoring_queue_rows: int = Field(
+        20_000, ge=1, description="predictions waiting for the background writer; when full, predict drops the "
+                                  "new rows (counted in calib_monitoring_rows_dropped) instead of waiting")
+    monitoring_flush_rows: int = Field(500, ge=1, description="the writer inserts as soon as this many rows wait")
+    monitoring_flush_s: float = Field(0.5, gt=0, le=60, description="... and at least this often")
+    monitoring_window: int = Field(1000, ge=1, description="the default monitoring window: the last N predictions")
+    monitoring_max_window: int = Field(
+        100_000, ge=1, description="predictions one monitoring or timeline answer reads at most (a duration "
+                                   "window keeps the newest)")
+    monitoring_gauges_s: float = Field(
+        30.0, ge=0, description="the writer recomputes the monitoring gauges of the card's calibration for the "
+                                "models that served predictions this often (0: only when the endpoint is called)")
+    drift_p_value: float = Field(
+        0.01, gt=0, lt=1, description="family-wise p-value threshold of the drift tests (entropy KS, class-prior "
+                                      "chi-square, OOD share), Bonferroni-split over the tests that ran")
+    drift_psi: float = Field(0.2, gt=0, description="class-prior PSI at or above which a window is drift as well")
+    drift_min_predictions: int = Field(
+        200, ge=1, description="a window with fewer predictions never reports drift (too little to test)")
+    alert_ece: float = Field(
+        0.05, gt=0, lt=1, description="an alert when the ECE-15 of the window's labelled predictions exceeds this")
+    alert_min_labelled: int = Field(
+        100, ge=1, description="labelled predictions the window needs before an alert can fire (ECE on a few "
+                               "labels is mostly noise)")
+
+    @field_validator("monitoring_retention")
+    @classmethod
+    def _check_retention(cls, value):
+        from service.durations import parse_retention
+
+        parse_retention(value)
+        return value
+
+    @property
+    def retention(self):
+        """CALIB_MONITORING_RETENTION parsed (service.durations.Retention)."""
+        from service.durations import parse_retention
+
+        return parse_retention(self.monitoring_retention)
+
     @model_validator(mode="after")
     def _docs_key_needs_keys(self):
         if self.docs_require_key and not self._all_api_keys:

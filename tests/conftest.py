@@ -110,11 +110,14 @@ def service_model_dir(tmp_path_factory, tiny_artifact) -> Path:
 
 
 @pytest.fixture(scope="session")
-def service_settings(service_model_dir):
+def service_settings(service_model_dir, tmp_path_factory):
     from service.settings import Settings
 
+    # data_dir: the SQLite file of the profiles and of monitoring's served predictions (every predict
+    # records its rows) in a temporary folder, not ./data of the working directory
     return Settings(model_dir=service_model_dir, max_body_bytes=MAX_BODY, max_instances=MAX_INSTANCES,
-                    max_eval_images=MAX_EVAL, max_mc_samples=MAX_MC, eval_chunk=128, mc_chunk_rows=1000)
+                    max_eval_images=MAX_EVAL, max_mc_samples=MAX_MC, eval_chunk=128, mc_chunk_rows=1000,
+                    data_dir=tmp_path_factory.mktemp("service_data"))
 
 
 @pytest.fixture(scope="session")

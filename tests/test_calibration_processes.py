@@ -138,6 +138,9 @@ def test_profiles_survive_a_server_restart(service_model_dir, database_url, samp
         after = httpx.post(f"{server.url}/v1/models/tiny/predict",
                            params={"calibration": model.json()["id"], "mc_samples": 5, "seed": 1},
                            json={"instances": x[:3].tolist()}, timeout=60).json()
+        for body in (before, after):   # each answer has new monitoring ids
+            for p in body["predictions"]:
+                assert len(p.pop("prediction_id")) == 32
         assert after == before
 
 

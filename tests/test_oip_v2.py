@@ -452,6 +452,7 @@ def test_request_id_echo_and_defaults(app_client, images):
     body = pixels_request(images[:3], id="my-request", parameters={"binary_data_output": False, "other": "x"})
     answer = app_client.post(f"/v2/models/{MODEL}/infer", json=body).json()
     assert answer["id"] == "my-request" and answer["model_name"] == MODEL
+    assert len(answer["parameters"].pop("prediction_ids").split(",")) == 3   # monitoring's ids, batch order
     assert answer["parameters"] == {"temperature": pytest.approx(answer["parameters"]["temperature"]),
                                     "calibration": "card", "calibration_method": "temperature"}
     (probs,) = answer["outputs"]

@@ -299,8 +299,9 @@ def test_openapi_declares_the_schemes_and_the_401(keyed):
     assert schemes["BearerAuth"]["type"] == "http" and schemes["BearerAuth"]["scheme"] == "bearer"
     v1_ops = [(path, op) for path, ops in spec["paths"].items() if path.startswith("/v1/") for op in ops.values()]
     # list, card, the card's reliability diagram, predict, evaluate, compare, calibration/evaluate, and 9
-    # calibration-profile routes (model: create, list, get, delete; independent: create, list, get, delete, apply)
-    assert len(v1_ops) == 16
+    # calibration-profile routes (model: create, list, get, delete; independent: create, list, get, delete, apply),
+    # and monitoring (the verdict, the timeline, feedback)
+    assert len(v1_ops) == 19
     for path, op in v1_ops:
         # a list of alternatives: either scheme is enough
         assert sorted(op["security"], key=str) == [{"ApiKeyHeader": []}, {"BearerAuth": []}], path

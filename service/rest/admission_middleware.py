@@ -34,7 +34,8 @@ BODY_ROUTES = [(re.compile(r"^/v1/models/(?P<name>[^/]+)/evaluate/?$"), "/v1/mod
                (re.compile(r"^/v1/models/(?P<name>[^/]+)/compare/?$"), "/v1/models/{name}/compare", True),
                # fitting a calibration profile: a model pass over the batch plus k-fold fits
                (re.compile(r"^/v1/models/(?P<name>[^/]+)/calibrations/?$"), "/v1/models/{name}/calibrations", True),
-               (re.compile(r"^/v1/calibrations/?$"), "/v1/calibrations", True)]
+               (re.compile(r"^/v1/calibrations/?$"), "/v1/calibrations", True),
+               (re.compile(r"^/v1/feedback/?$"), "/v1/feedback", False)]
 # /v2 infer parses its body as JSON whatever the Content-Type (tritonclient sends none): charged as JSON.
 V2_INFER = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer/?$")
 

@@ -195,23 +195,68 @@ async def create_model_calibration(
     folds: int = Folds,
     resize: bool = Query(False, description="resize archive images that are not 32x32 RGB"),
     split: Optional[str] = Query(None, description="archive sub-folder holding the class folders, e.g. test"),
+    source: Literal["upload", "feedback"] = Query(
+        "upload", alias="from", description="upload: fit on the labelled batch in the body; feedback: fit on the "
+                                            "predictions of this model that got a label through POST /v1/feedback "
+                                            "(their stored logits; no body, no images)"),
+    since: Optional[str] = Query(None, description="with from=feedback: only predictions served since this ISO 8601 "
+                                                   "time or this long ago (e.g. 2h, 1d); default all that are kept"),
 ) -> Response:
     from service.rest.models import read_labelled_batch
 
     settings = settings_of(request)
     model = model_of(request, name)
-    x, y = await read_labelled_batch(request, model, resize=resize, split=split)
+    if source == "feedback":
+        # read the (empty) body here: admission takes the evaluation slot once the body is in, and must
+        # do so in the route, not inside the disconnect watcher of the fit
+        if await request.body():
+            raise InputError("invalid_request", "from=feedback fits on the stored labelled predictions and takes "
+                                                "no body; send the batch without from=feedback to fit on it")
+        new = await _fit_from_feedback(request, model, method=method, folds=folds, label=label, since=since)
+    else:
+        if since is not None:
+            raise InputError("invalid_parameter", "since applies to from=feedback only")
+        x, y = await read_labelled_batch(request, model, resize=resize, split=split)
+        try:
+            new = await on_model_executor(request, _fit_model, model, x, y, method=method, folds=folds, label=label,
+                                          chunk=settings.eval_chunk)
+        except TooFewImagesError:
+            raise
+        except ValueError as exc:
+            raise _fit_error(exc) from None
+        request.app.state.metrics.images.labels(model.name, "calibrate").inc(len(x))
+    stored = await in_thread(repository_of(request).create, new)
+    return JSONResponse(_json(profile_body(stored)), status_code=201,
+                        headers={"Location": f"/v1/models/{model.name}/calibrations/{stored.id}"})
+
+
+async def _fit_from_feedback(request: Request, model: LoadedModel, *, method: str, folds: int, label: Optional[str],
+                             since: Optional[str]):
+    """The profile fitted on the stored labelled predictions of this model file (from=feedback)."""
+    from service.durations import parse_since
+    from service.rest.monitoring import store_of, writer_of
+
+    store = store_of(request)
     try:
-        new = await on_model_executor(request, _fit_model, model, x, y, method=method, folds=folds, label=label,
-                                      chunk=settings.eval_chunk)
+        start = None if since is None else parse_since(since)
+    except ValueError as exc:
+        raise InputError("invalid_parameter", str(exc)) from None
+    writer = writer_of(request)
+    if writer is not None:
+        await in_thread(writer.flush, 10.0)
+    rows = await in_thread(store.labelled, model.name, model.card.get("model_sha256"), since=start,
+                           limit=settings_of(request).max_eval_images)
+    try:
+        return await on_model_executor(request, _fit_feedback, model, rows.logits, rows.probabilities, rows.labels,
+                                       method=method, folds=folds, label=label)
     except TooFewImagesError:
         raise
     except ValueError as exc:
         raise _fit_error(exc) from None
-    request.app.state.metrics.images.labels(model.name, "calibrate").inc(len(x))
-    stored = await in_thread(repository_of(request).create, new)
-    return JSONResponse(_json(profile_body(stored)), status_code=201,
-                        headers={"Location": f"/v1/models/{model.name}/calibrations/{stored.id}"})
+
+
+def _fit_feedback(model, logits, served, y, *, stop, **kwargs):
+    return profiles.fit_feedback_profile(model, logits, served, y, **kwargs)
 
 
 def _fit_model(model, x, y, *, stop, **kwargs):

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from service import card_diagram, dataplane, inputs, prediction_sets
-from service.rest import calibrations
+from service.rest import calibrations, monitoring
 from service.rest.errors import error_responses
 from service.rest.requests import (
     charge_uncompressed,
@@ -131,23 +131,28 @@ async def predict(
     metrics.images.labels(model.name, "predict").inc(len(x))
     metrics.mc_samples.labels(model.name).inc(t * len(x))
     predicted = time.perf_counter()
-    body = _predict_body(model, result, t, return_logits)
+    ood = dataplane.ood_flags(model, result.probabilities)
+    body = _predict_body(model, result, t, return_logits, ood)
     body["calibration"] = calibrations.used(model, profile)
+    mask = None
     if set_options is not None:
         mask = prediction_sets.sets(conformal_set, result.probabilities, set_options)
         for row, prediction_set in zip(body["predictions"], prediction_sets.set_rows(mask, set_options, model.classes)):
             row["prediction_set"] = prediction_set
+    ids = monitoring.record(request, model, profile, result, ood, mask,
+                            None if set_options is None else set_options.coverage)
+    for row, prediction_id in zip(body["predictions"], ids or ()):
+        row["prediction_id"] = prediction_id
     for stage, seconds in (("read_body", read - started), ("decode", decoded - read),
                            ("respond", time.perf_counter() - predicted)):
         metrics.observe_stage(model.name, stage, seconds)
     return body
 
 
-def _predict_body(model, result: dataplane.Prediction, t: int, return_logits: bool) -> dict:
+def _predict_body(model, result: dataplane.Prediction, t: int, return_logits: bool, ood) -> dict:
     classes = model.classes
     probs = result.probabilities
     index = probs.argmax(axis=1)
-    ood = dataplane.ood_flags(model, probs)
     rows = []
     for i, k in enumerate(index.tolist()):
         row = {"class_index": k, "label": classes[k], "confidence": float(probs[i, k]),

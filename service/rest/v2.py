@@ -20,11 +20,11 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from service import prediction_sets, v2_binary, v2_tensors
+from service import dataplane, prediction_sets, v2_binary, v2_tensors
 from service.api_keys import KeyRing
 from service.inputs import InputError, parse_json_object
 from service.registry import LoadedModel, UnknownVersionError
-from service.rest import auth, calibrations
+from service.rest import auth, calibrations, monitoring
 from service.rest.errors import shown
 from service.rest.requests import in_thread, model_of, registry_of, run_predict, settings_of
 from service.schemas import _EXAMPLE_IMAGES
@@ -208,6 +208,10 @@ async def _infer(request: Request, name: str, version: str | None) -> dict | Res
     if opts.sets is not None:
         mask = prediction_sets.sets(calibration, result.probabilities, opts.sets)
         parameters.update(coverage=opts.sets.coverage, conformal_method=opts.sets.method, mondrian=opts.sets.mondrian)
+    ids = monitoring.record(request, model, profile, result, dataplane.ood_flags(model, result.probabilities), mask,
+                            None if opts.sets is None else opts.sets.coverage)
+    if ids is not None:  # a protocol parameter is a scalar: the ids in batch order, comma-separated
+        parameters["prediction_ids"] = ",".join(ids)
     outputs, blobs = await in_thread(v2_tensors.output_tensors, result, opts.outputs, mask, binary)
     response = {"model_name": model.name, "model_version": version_of(model), "parameters": parameters,
                 "outputs": outputs}

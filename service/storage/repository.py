@@ -124,19 +124,25 @@ class SqlCalibrationRepository:
 
     # --- sessions ----------------------------------------------------------------------------
     @contextmanager
-    def _session(self, action: str, *, write: bool = False) -> Iterator[Session]:
+    def _session(self, action: str, *, write: bool = False, profile_lock: bool = True) -> Iterator[Session]:
         self.ensure_schema()
         try:
             with Session(self._engine, expire_on_commit=False) as session, session.begin():
                 if write:  # the connection's first statement: BEGIN IMMEDIATE on SQLite
                     session.connection(execution_options=WRITE)
-                    if self.backend == "postgresql":
+                    if self.backend == "postgresql" and profile_lock:
                         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK})
                 yield session
         except IntegrityError:  # a bug (e.g. a NULL in a required column), not an outage
             raise
         except (SQLAlchemyError, OSError) as exc:
             raise _unavailable(action, exc) from exc
+
+    def session(self, action: str, *, write: bool = False, profile_lock: bool = True):
+        """A transaction for another store on the same database (`service.storage.monitoring_store`):
+        every failure comes out as StorageUnavailable. `profile_lock=False`: a write that does not
+        take the profiles' PostgreSQL advisory lock (it does not touch the profile count)."""
+        return self._session(action, write=write, profile_lock=profile_lock)
 
     # --- the repository ----------------------------------------------------------------------
     def create(self, new: NewProfile) -> StoredProfile:
