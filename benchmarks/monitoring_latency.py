@@ -102,10 +102,12 @@ def run(args, argv) -> int:
                   f"median, {r['ratio_p90']:.3f} p90 (target <= {TARGET_RATIO})")
         recorded = clients["on"].monitoring(model=model, window=100_000)["window"]["predictions"]
     print(f"rows recorded by the monitored server: {recorded}")
+    from training.lab.report import portable_command
+
     doc = {"model": model, "runtime": args.runtime, "mc_samples": args.mc_samples, "requests": args.requests,
            "cpu": cpu_model(), "results": results, "recorded": recorded, "target_ratio": TARGET_RATIO,
            "met": all(r["ratio_median"] <= TARGET_RATIO for r in results.values()),
-           "command": " ".join([PROG_COMMAND, *argv])}
+           "command": portable_command(argv, PROG_COMMAND)}
     print(f"target met: {doc['met']}")
     if args.output:
         out = Path(args.output)
