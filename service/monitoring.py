@@ -128,7 +128,10 @@ def labelled_block(rows: WindowRows, thresholds: Thresholds) -> tuple[dict, dict
                 "estimated_accuracy": None, "estimated_minus_observed": None}, alert
     summary = stats.labelled_summary(rows.probabilities[mask], rows.label[mask], ECE_BINS)
     summary["coverage"] = _coverage(rows, mask)
-    alert["status"] = bool(n >= thresholds.alert_min_labelled and summary["ece_15"] > thresholds.alert_ece)
+    if n >= thresholds.alert_min_labelled and summary["ece_15"] > thresholds.alert_ece:
+        floor = stats.ece_consistency_quantile(rows.probabilities[mask].max(axis=1), ECE_BINS)
+        alert["ece_noise_p95"] = floor
+        alert["status"] = bool(summary["ece_15"] > floor)
     return summary, alert
 
 

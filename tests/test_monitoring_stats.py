@@ -129,3 +129,26 @@ def test_split_buckets_are_oldest_first_and_end_at_the_newest_row():
     assert m.split_buckets(10, 4, 5) == [(0, 2), (2, 6), (6, 10)]
     assert m.split_buckets(10, 4, 2) == [(2, 6), (6, 10)]
     assert m.split_buckets(0, 4, 2) == []
+
+
+def test_ece_consistency_quantile_is_the_small_sample_noise_of_a_calibrated_model():
+    """Calibrated rows (correct with probability = confidence) exceed ECE-15 0.05 often on 120 rows,
+    but rarely their own consistency quantile; a 15-point over-confidence exceeds it."""
+    from models.calibration.metrics import expected_calibration_error
+
+    rng = np.random.default_rng(3)
+    false_alarms, over_threshold = 0, 0
+    for _ in range(40):
+        conf = rng.uniform(0.5, 1.0, 120)
+        correct = rng.random(120) < conf
+        ece = expected_calibration_error(conf, correct, 15)
+        floor = m.ece_consistency_quantile(conf, 15, draws=200, seed=int(rng.integers(1 << 30)))
+        over_threshold += ece > 0.05
+        false_alarms += ece > 0.05 and ece > floor
+    assert over_threshold >= 20          # the fixed threshold alone would fire on most windows
+    assert false_alarms <= 5             # the 95% quantile fires on about 1 window in 20
+    conf = rng.uniform(0.5, 1.0, 2000)
+    correct = rng.random(2000) < conf - 0.15
+    assert expected_calibration_error(conf, correct, 15) > m.ece_consistency_quantile(conf, 15)
+    with pytest.raises(ValueError):
+        m.ece_consistency_quantile(np.array([]))
