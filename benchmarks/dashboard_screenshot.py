@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                        files={"file": (upload.name, body)}, timeout=WAIT_S)
         r.raise_for_status()
         profile = r.json()["id"]
+        serve_with_feedback(server.url, args.model, body)
         driver = headless_chromium.chromium(args.width, 1000)
         try:
             wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.3)
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             loaded = ("return (i => !i.hidden && i.complete && i.naturalWidth > 0)"
                       "(document.getElementById(arguments[0]))")
             wait.until(lambda d: d.execute_script(loaded, "card-diagram"))
+            wait.until(lambda d: d.find_elements("css selector", "#timeline svg"))
             driver.find_element("id", "evaluate-file").send_keys(str(upload))
             driver.find_element("id", "evaluate-fit").click()
             driver.find_element("id", "evaluate-submit").click()
@@ -84,6 +86,28 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_bytes(png)
     print(f"{args.output}: {len(png):,} bytes ({args.model}, {n} images of {args.data})")
     return 0
+
+
+def serve_with_feedback(url: str, model: str, npz_body: bytes, batch: int = 100, share: float = 0.5) -> None:
+    """Predict the labelled images in batches and send the labels of `share` of them back, so the
+    monitoring panel has a window and a timeline with observed accuracy to show."""
+    import io
+
+    import httpx
+    import numpy as np
+
+    with np.load(io.BytesIO(npz_body)) as npz:
+        x, y = npz["x"], npz["y"]
+    rng = np.random.default_rng(0)
+    for start in range(0, len(x), batch):
+        r = httpx.post(f"{url}/v1/models/{model}/predict", params={"mc_samples": 0},
+                       json={"instances": x[start:start + batch].tolist()}, timeout=WAIT_S)
+        r.raise_for_status()
+        ids = [p["prediction_id"] for p in r.json()["predictions"]]
+        chosen = [i for i in range(len(ids)) if rng.random() < share]
+        if chosen:
+            httpx.post(f"{url}/v1/feedback", timeout=WAIT_S, json={"feedback": [
+                {"prediction_id": ids[i], "label": int(y[start + i])} for i in chosen]}).raise_for_status()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
 """The /ui dashboard in a real headless Chromium (Debian's chromium and chromedriver, via Selenium)
 against a real server (`benchmarks.server_process`) on the tiny artifact: the page lists the
 model and its card, shows the card's reliability diagram, lists a profile created through the
-API, uploads an .npz to evaluate and shows its figures and diagram, says "monitoring not
-available" when the monitoring endpoint is absent, draws the monitoring timeline from fixture
-points, and asks for an API key when the service has keys. The browser console must stay free of
+API, uploads an .npz to evaluate and shows its figures and diagram, shows the live monitoring
+verdict and timeline of predictions the server served (and the chart on fixture points), and asks for an API key when the service has keys. The browser console must stay free of
 errors (a Content-Security-Policy violation would show there)."""
 
 from __future__ import annotations
@@ -119,11 +118,36 @@ def test_models_card_diagram_profiles_and_monitoring(browser, server, profile):
     assert browser.find_elements("css selector", "#profiles-table b") == []
     assert f"{100 * profile['report']['after']['ece_15']:.2f}%" in profile_row
 
-    wait(browser, lambda d: text_of(d, "monitoring-status") == "monitoring not available",
-         "no 'monitoring not available' (this build has no monitoring endpoint)")
-    # the only console errors: the monitoring endpoint's 404 (absent in this build)
-    errors = console_errors(browser)
-    assert all("/monitoring" in m and "404" in m for m in errors), errors
+    assert console_errors(browser) == []
+
+
+def test_live_monitoring_status_and_timeline(browser, server, sample_data):
+    """Predictions served by the real server show up in the panel: the verdict's words and one dot
+    per timeline bucket, each dot's value the API's own."""
+    x = sample_data.x_test
+    for start in (0, 100, 200):
+        r = httpx.post(f"{server}/v1/models/{MODEL}/predict", params={"mc_samples": 0},
+                       json={"instances": x[start:start + 100].tolist()}, timeout=60)
+        assert r.status_code == 200, r.text
+    api = {}
+
+    def recorded(_):
+        api.update(httpx.get(f"{server}/v1/models/{MODEL}/monitoring").json())
+        return api["window"]["predictions"] >= 300      # the writer flushes off the request path
+
+    wait(browser, recorded, "the 300 predictions were not recorded")
+    open_dashboard(browser, server)
+    expected = f"drift: {str(api['drift']['status']).lower()}; alert: {str(api['alert']['status']).lower()}"
+    wait(browser, lambda d: text_of(d, "monitoring-status") == expected, f"no status {expected!r}")
+    wait(browser, lambda d: d.find_elements("css selector", "#timeline svg"), "no timeline chart")
+    points = httpx.get(f"{server}/v1/models/{MODEL}/monitoring/timeline",
+                       params={"bucket": 100, "buckets": 20}).json()["points"]
+    assert sum(p["predictions"] for p in points) >= 300
+    dots = browser.execute_script(
+        "return [...document.querySelectorAll('#timeline [data-series=\"estimated_accuracy\"] circle')]"
+        ".map(c => +c.getAttribute('data-value'))")
+    assert dots == pytest.approx([p["estimated_accuracy"] for p in points])
+    assert console_errors(browser) == []
 
 
 def test_evaluate_form_shows_the_report_and_its_diagram(browser, server, profile, val_npz):
@@ -165,8 +189,7 @@ def test_evaluate_form_shows_the_report_and_its_diagram(browser, server, profile
                            files={"file": ("val.npz", f)}, timeout=120).json()
     wait(browser, lambda d: not d.find_element("id", "evaluate-submit").get_property("disabled"), "still busy")
     assert shown("ece", "profile")[0] == pytest.approx(under["after_calibration"]["ece"], rel=1e-12)
-    errors = console_errors(browser)
-    assert all("/monitoring" in m and "404" in m for m in errors), errors
+    assert console_errors(browser) == []
 
 
 def test_evaluate_form_shows_the_services_error(browser, server, tmp_path):

@@ -278,6 +278,10 @@
         status.textContent = "monitoring not available";
         return;
       }
+      if (e instanceof ApiError && e.code === "monitoring_disabled") {
+        status.textContent = "monitoring is off on this service";
+        return;
+      }
       report("monitoring-error", e);
       return;
     }
