@@ -37,31 +37,40 @@ def _weights(artifact: Path) -> list:
     return load_artifact(artifact).model.get_weights()
 
 
+AIRBENCH = dict(arch="airbench", group_widths="4,8,8", lookahead=True, whiten_bias_epochs=1,
+                alternate_flip=True, mix="mixup", batch_size=20)   # 10 steps an epoch: Lookahead's
+                                                                   # slow EMA exists at the epoch-2 checkpoint
+
+
 @pytest.mark.training
-def test_stopped_and_resumed_run_gives_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("options, epochs", [({}, 2), (AIRBENCH, 3)], ids=["resnet9", "airbench-lookahead-freeze-mixup"])
+def test_stopped_and_resumed_run_gives_the_same_weights(tmp_path, monkeypatch, options, epochs):
+    """Stopped in the middle of the last epoch, re-run: bit-identical weights, card and history."""
     import keras
 
     import training.train as train
     from training.checkpoint import checkpoint_dir
     from training.config import TrainConfig
 
-    straight = train.run(TrainConfig(output=str(tmp_path / "straight"), epochs=2, **TINY), litert_export=False)
+    tiny = {**TINY, **options}
+    straight = train.run(TrainConfig(output=str(tmp_path / "straight"), epochs=epochs, **tiny),
+                         litert_export=False)
 
-    class StopInEpoch2(keras.callbacks.Callback):   # a crash in the middle of the second epoch
-        def on_train_batch_begin(self, batch, logs=None):
-            if self.params and batch == 1 and getattr(self, "epoch", 0) == 1:
-                raise Interrupted
-
+    class StopInLastEpoch(keras.callbacks.Callback):   # a crash in the middle of the last epoch
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch = epoch
 
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 1 and self.epoch == epochs - 1:
+                raise Interrupted
+
     original = train.training_callbacks
-    monkeypatch.setattr(train, "training_callbacks", lambda *a, **k: [*original(*a, **k), StopInEpoch2()])
-    config = TrainConfig(output=str(tmp_path / "resumed"), epochs=2, **TINY)
+    monkeypatch.setattr(train, "training_callbacks", lambda *a, **k: [*original(*a, **k), StopInLastEpoch()])
+    config = TrainConfig(output=str(tmp_path / "resumed"), epochs=epochs, **tiny)
     with pytest.raises(Interrupted):
         train.run(config, litert_export=False)
     assert not Path(config.output).exists()
-    assert (checkpoint_dir(config.output) / "epoch-0001").is_dir()
+    assert (checkpoint_dir(config.output) / f"epoch-{epochs - 1:04d}").is_dir()
     monkeypatch.setattr(train, "training_callbacks", original)
     resumed = train.run(config, litert_export=False)
 
@@ -70,8 +79,34 @@ def test_stopped_and_resumed_run_gives_the_same_weights(tmp_path, monkeypatch):
         np.testing.assert_array_equal(a, b)
     cards = [json.loads((p / "model_card.json").read_text()) for p in (straight, resumed)]
     assert cards[0]["training"]["history"] == cards[1]["training"]["history"]
-    assert len(cards[1]["training"]["history"]["loss"]) == 2
+    assert len(cards[1]["training"]["history"]["loss"]) == epochs
     assert cards[0]["temperature"] == cards[1]["temperature"]
+
+
+@pytest.mark.training
+def test_killed_after_the_last_epoch_resumes_straight_to_the_artifact(tmp_path, monkeypatch, capsys):
+    """Every epoch checkpointed but no artifact yet (killed while calibrating): the re-run trains
+    no more and writes the artifact; --keep-checkpoint keeps the checkpoint."""
+    import training.train as train
+    from training.checkpoint import checkpoint_dir
+    from training.config import TrainConfig
+
+    config = TrainConfig(output=str(tmp_path / "run"), epochs=1, keep_checkpoint=True, **TINY)
+    original = train.calibrate_on_validation
+
+    def killed(*args, **kwargs):
+        raise Interrupted
+
+    monkeypatch.setattr(train, "calibrate_on_validation", killed)
+    with pytest.raises(Interrupted):
+        train.run(config, litert_export=False)
+    monkeypatch.setattr(train, "calibrate_on_validation", original)
+    capsys.readouterr()
+    out = train.run(config, litert_export=False)
+    assert "resuming from epoch 1 of 1" in capsys.readouterr().out
+    card = json.loads((out / "model_card.json").read_text())
+    assert len(card["training"]["history"]["loss"]) == 1
+    assert (checkpoint_dir(out) / "epoch-0001").is_dir()   # kept: --keep-checkpoint
 
 
 def _small_compiled_model():
