@@ -211,3 +211,49 @@ def test_kill_9_in_the_middle_of_training_then_resume(tmp_path):
     assert len(card["training"]["history"]["loss"]) == epochs
     assert (output / "model.keras").is_file()
     assert not checkpoint_dir(output).exists()
+
+
+@pytest.mark.training
+@pytest.mark.lab
+def test_lab_mixing_resumes_per_condition_with_the_same_numbers(tmp_path, monkeypatch, capsys):
+    """Section 4 stopped after the first epoch of its third condition, re-run: the finished
+    conditions are not retrained, the third continues from epoch 1, and every number matches an
+    uninterrupted run."""
+    from commandline import UsageError
+    from training.lab import mixing
+    from training.lab.context import LabContext
+
+    data = LabContext(quick=True).cifar(type("R", (), {})(), train_quick=200, test_quick=100)
+    settings = {"data_checksum": "fixture"}
+    straight = mixing.compare_accuracy(data, width=4, epochs=2, seed=0)
+
+    real = mixing.EpochCheckpoint
+
+    def crashing(folder, **kwargs):
+        callback = real(folder, **kwargs)
+        if folder.name == "flips_crops_mixup":
+            write = callback.on_epoch_end
+
+            def on_epoch_end(epoch, logs=None):
+                write(epoch, logs)
+                raise Interrupted
+
+            callback.on_epoch_end = on_epoch_end
+        return callback
+
+    root = tmp_path / ".checkpoint"
+    monkeypatch.setattr(mixing, "EpochCheckpoint", crashing)
+    with pytest.raises(Interrupted):
+        mixing.compare_accuracy(data, width=4, epochs=2, seed=0, checkpoint_root=root, settings=settings)
+    monkeypatch.setattr(mixing, "EpochCheckpoint", real)
+    capsys.readouterr()
+    resumed = mixing.compare_accuracy(data, width=4, epochs=2, seed=0, checkpoint_root=root, settings=settings)
+    log = capsys.readouterr().out
+    assert "baseline: done in an earlier run" in log and "flips_crops: done in an earlier run" in log
+    assert "flips_crops_mixup: resuming from epoch 1 of 2" in log
+    assert resumed["flips_crops_mixup"]["resumed_from_epoch"] == 1
+    for name, result in straight.items():
+        for key in ("train_loss", "test_accuracy", "test_loss"):
+            assert resumed[name][key] == result[key], (name, key)
+    with pytest.raises(UsageError):   # other settings, same folder
+        mixing.compare_accuracy(data, width=4, epochs=2, seed=1, checkpoint_root=root, settings=settings)

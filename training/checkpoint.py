@@ -55,7 +55,11 @@ def checkpoint_dir(output: str | os.PathLike) -> Path:
 
 def config_hash(config) -> str:
     """sha256 of the config fields that change the trained weights (NOT_HASHED left out)."""
-    fields = {k: v for k, v in sorted(config.to_dict().items()) if k not in NOT_HASHED}
+    return fingerprint({k: v for k, v in config.to_dict().items() if k not in NOT_HASHED})
+
+
+def fingerprint(fields: dict) -> str:
+    """sha256 of a JSON-able dict of settings (key order does not matter)."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
