@@ -108,6 +108,7 @@ def test_mixing_quick(tmp_path, sample_archive):
     s = f["label_statistics"]
     assert s["ours_CutMix"]["lambda_is_per_batch"] and not s["keras_CutMix"]["lambda_is_per_batch"]
     assert s["ours_CutMix"]["label_weight_vs_pasted_pixel_fraction_max_abs_difference"] < 1e-6
+    assert not (tmp_path / "mixing" / ".checkpoint").exists()   # removed once the report is written
 
 
 def test_smoothing_quick(tmp_path, sample_archive):

@@ -56,6 +56,9 @@ class TrainConfig:
     distributed: bool = False        # MultiWorkerMirroredStrategy from TF_CONFIG (training.distributed);
                                      # --batch-size stays the global batch, only the chief writes
     overwrite: bool = False
+    resume: bool = True              # continue from the checkpoint of an interrupted run of this config
+                                     # (training.checkpoint); --no-resume discards it and starts afresh
+    keep_checkpoint: bool = False    # keep the last checkpoint after the artifact is written
     verbose: int = 2
 
     def to_dict(self) -> dict:

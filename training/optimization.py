@@ -146,8 +146,18 @@ class Lookahead(keras.callbacks.Callback):
         self.step = 0
         self.slow = None
 
+    checkpoint_name = "lookahead"   # training.checkpoint saves get_state() with every epoch
+
     def _variables(self):
         return [v for v in self.model.weights if "float" in str(v.dtype)]
+
+    def get_state(self) -> list:
+        """[step, *slow weights]: what a resumed run needs to pull exactly as this one would."""
+        return [np.array(self.step, np.int64), *(self.slow or [])]
+
+    def set_state(self, arrays) -> None:
+        self.step = int(arrays[0])
+        self.slow = [np.array(a) for a in arrays[1:]] or None
 
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
@@ -181,12 +191,20 @@ class FreezeLayersAfter(keras.callbacks.Callback):
     state for the rest.
     """
 
-    def __init__(self, layers, epochs: int):
+    def __init__(self, layers, epochs: int, initial_epoch: int = 0):
         super().__init__()
         self.layers, self.epochs = list(layers), int(epochs)
+        self.initial_epoch = int(initial_epoch)   # a resumed run (training.checkpoint) starts here
+
+    def on_train_begin(self, logs=None):
+        if self.initial_epoch >= self.epochs:   # resumed after the freeze: freeze again
+            self._freeze()
+
+    def _freeze(self):
+        for layer in self.layers:
+            layer.trainable = False
+        self.model.make_train_function(force=True)
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch + 1 == self.epochs and any(layer.trainable for layer in self.layers):
-            for layer in self.layers:
-                layer.trainable = False
-            self.model.make_train_function(force=True)
+            self._freeze()

@@ -44,7 +44,7 @@ def training_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, num_class
                      seed: int, pad: int = 4, mix_layer=None,
                      alternate_flip: bool = False, epochs: int | None = None,
                      low_res_size: int = 0, low_res_steps: int = 0,
-                     augmix: bool = False) -> tf.data.Dataset:
+                     augmix: bool = False, start_epoch: int = 0) -> tf.data.Dataset:
     """Shuffled, augmented batches of (uint8 images, one-hot labels), reshuffled every epoch.
 
     `mix_layer` (Mixup/CutMix) maps a batch of (images, one-hot labels) to mixed soft labels.
@@ -59,6 +59,10 @@ def training_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, num_class
     resizing), and the full-size epochs that follow adapt the net to whole images.
     With `augmix`, every image is then replaced by its AugMix (`training.augmix`), on its own
     seed stream, so the flips and crops are the same with and without it.
+    With `start_epoch` (a resumed run, `training.checkpoint`; needs `epochs`), the batches of the
+    first `start_epoch` epochs are skipped before augmentation: the seeded shuffle and the step
+    counter run on exactly as in an uninterrupted run, so epoch k sees the same images in the same
+    order with the same crops. Skipping costs only the shuffle and batch copies (no augmentation).
     """
     phase = np.random.default_rng(seed).integers(0, 2, len(x), dtype=np.int64)
     steps_per_epoch = max(1, len(x) // batch_size)
@@ -71,6 +75,10 @@ def training_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, num_class
         raise ValueError("alternate_flip needs `epochs`: the epoch is counted across the whole run")
     counter = tf.data.Dataset.counter()
     ds = tf.data.Dataset.zip((ds, counter))
+    if start_epoch:
+        if epochs is None:
+            raise ValueError("start_epoch needs `epochs`: the skipped batches are counted across the run")
+        ds = ds.skip(start_epoch * steps_per_epoch)
 
     def augment(batch, step):
         images, labels, image_phase = batch

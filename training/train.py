@@ -34,6 +34,7 @@ import datetime
 import platform
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,12 @@ def run(config, *, litert_export: bool = True) -> Path:
     out = write_artifact(config, splits, fitted, calibrated, strategy, started)
     if litert_export and (strategy is None or _is_chief(strategy)):
         export_for_litert(out)
+    if strategy is None and not config.keep_checkpoint:   # the artifact is complete: nothing to resume
+        import shutil
+
+        from training.checkpoint import checkpoint_dir
+
+        shutil.rmtree(checkpoint_dir(config.output), ignore_errors=True)
     return out
 
 
@@ -108,10 +115,30 @@ def check_before_loading(config) -> None:
     """Usage errors that must fail now, not after loading the data or training."""
     if Path(config.output).exists() and not config.overwrite:
         raise UsageError(f"--output {config.output} already exists; pass --overwrite to replace it")
+    check_checkpoint(config)
     if config.distributed:
         from training.distributed import read_tf_config
 
         read_tf_config()   # a missing or bad TF_CONFIG fails now, not after loading the data
+
+
+def check_checkpoint(config) -> None:
+    """A checkpoint next to --output must be of this config (else exit 2 now, before any work);
+    --no-resume discards it. With --distributed there is no checkpoint (not yet supported)."""
+    import shutil
+
+    from training.checkpoint import checkpoint_dir, config_hash, latest_checkpoint, read_meta
+
+    folder = checkpoint_dir(config.output)
+    if not config.resume or config.distributed:
+        if folder.exists() and not config.distributed:
+            shutil.rmtree(folder)
+            print(f"--no-resume: removed the checkpoint {folder}", flush=True)
+        return
+    latest = latest_checkpoint(folder)
+    if latest is not None and read_meta(latest)["config_sha256"] != config_hash(config):
+        raise UsageError(f"{folder} holds the checkpoint of a different training config; use another "
+                         f"--output, or pass --no-resume to discard it")
 
 
 def load_splits(config, started: float):
@@ -167,7 +194,7 @@ def _steps(config, splits: Splits) -> tuple[int, int]:
     return steps_per_epoch, steps_per_epoch * config.low_res_epochs
 
 
-def input_pipeline(config, splits: Splits, strategy):
+def input_pipeline(config, splits: Splits, strategy, start_epoch: int = 0):
     """The augmented training batches (global batches split across workers when distributed)."""
     from models.mixing import CutMix, MixUp
     from training.pipeline import training_dataset
@@ -183,7 +210,8 @@ def input_pipeline(config, splits: Splits, strategy):
                                 num_classes=splits.num_classes, seed=config.seed, pad=config.pad,
                                 mix_layer=mix_layer, alternate_flip=config.alternate_flip,
                                 epochs=config.epochs, low_res_size=config.low_res_size,
-                                low_res_steps=low_res_steps, augmix=config.augmix)
+                                low_res_steps=low_res_steps, augmix=config.augmix,
+                                start_epoch=start_epoch)
     if strategy is not None:
         from training.distributed import shard_by_data
 
@@ -232,8 +260,9 @@ def compiled_training_model(config, net, splits: Splits, strategy):
     return backbone, head, train_model
 
 
-def training_callbacks(config, net, backbone, steps_per_epoch: int) -> list:
-    """Lookahead and the layer freezes the config asks for."""
+def training_callbacks(config, net, backbone, steps_per_epoch: int, initial_epoch: int = 0) -> list:
+    """Lookahead and the layer freezes the config asks for (a resumed run re-freezes the layers
+    frozen before `initial_epoch`)."""
     from models.network import conv_group_layers
     from training.optimization import FreezeLayersAfter, Lookahead
 
@@ -242,9 +271,11 @@ def training_callbacks(config, net, backbone, steps_per_epoch: int) -> list:
         callbacks.append(Lookahead(steps_per_epoch * config.epochs,
                                    start_step=min(3, config.epochs - 1) * steps_per_epoch))
     if net.arch == "airbench" and 0 < config.whiten_bias_epochs < config.epochs:
-        callbacks.append(FreezeLayersAfter([backbone.get_layer("whiten")], config.whiten_bias_epochs))
+        callbacks.append(FreezeLayersAfter([backbone.get_layer("whiten")], config.whiten_bias_epochs,
+                                           initial_epoch))
     if config.freeze_group1_epochs:
-        callbacks.append(FreezeLayersAfter(conv_group_layers(backbone, 1), config.freeze_group1_epochs))
+        callbacks.append(FreezeLayersAfter(conv_group_layers(backbone, 1), config.freeze_group1_epochs,
+                                           initial_epoch))
     return callbacks
 
 
@@ -254,21 +285,43 @@ def train_network(config, splits: Splits, strategy) -> Fitted:
 
     from models.network import build_backbone
 
-    train_ds = input_pipeline(config, splits, strategy)
+    from training.checkpoint import checkpoint_dir, latest_checkpoint, read_meta
+
+    folder = checkpoint_dir(config.output)
+    latest = latest_checkpoint(folder) if strategy is None else None   # no checkpoint when distributed
+    initial_epoch = read_meta(latest)["epoch"] if latest is not None else 0
+    train_ds = input_pipeline(config, splits, strategy, start_epoch=initial_epoch)
     net = network_config(config, splits, strategy)
     backbone, head, train_model = compiled_training_model(config, net, splits, strategy)
     steps_per_epoch, low_res_steps = _steps(config, splits)
+    callbacks = training_callbacks(config, net, backbone, steps_per_epoch, initial_epoch)
+    history_so_far = {}
+    if latest is not None:
+        from training.checkpoint import restore_checkpoint
+
+        history_so_far = restore_checkpoint(latest, train_model, callbacks)["history"]
+        print(f"resuming from epoch {initial_epoch} of {config.epochs} ({latest})", flush=True)
+    if strategy is None:
+        from training.checkpoint import EpochCheckpoint, config_hash
+
+        checkpoint = EpochCheckpoint(folder, config_sha=config_hash(config), seed=config.seed,
+                                     history=history_so_far,
+                                     stateful_callbacks=[c for c in callbacks if hasattr(c, "get_state")])
+        callbacks.append(checkpoint)
     validation = None
     validation_freq = validation_epochs(config.epochs, config.validate_every)
     if len(splits.x_val) and validation_freq:
         validation = (splits.x_val, keras.utils.to_categorical(splits.y_val, splits.num_classes))
     fit_started, fit_cpu_started = time.time(), time.process_time()
     with _in_scope(strategy):
-        history = train_model.fit(train_ds, epochs=config.epochs, validation_data=validation,
+        history = train_model.fit(train_ds, epochs=config.epochs, initial_epoch=initial_epoch,
+                                  validation_data=validation,
                                   steps_per_epoch=steps_per_epoch, shuffle=False,  # the dataset shuffles
                                   validation_freq=validation_freq or 1, validation_batch_size=1000,
                                   verbose=config.verbose,
-                                  callbacks=training_callbacks(config, net, backbone, steps_per_epoch))
+                                  callbacks=callbacks)
+    if strategy is None:   # the whole run's history, the epochs before a resume included
+        history = types.SimpleNamespace(history=checkpoint.history)
     train_seconds = time.time() - fit_started
     train_cpu_seconds = time.process_time() - fit_cpu_started
     if low_res_steps:   # export the usual 32x32 graph: same layers, same weights

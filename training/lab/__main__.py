@@ -12,6 +12,7 @@ setup_tensorflow()   # also oneDNN on: 1.5x faster on this CPU; never bf16 here
 
 import argparse
 import importlib
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,8 @@ def run_section(section: str, args: argparse.Namespace, command: str) -> Path:
     started = time.time()
     module.run(ctx, report)
     path = report.write()
+    # a section that resumes (mixing) keeps its checkpoints here until its report is written
+    shutil.rmtree(report.out_dir / ".checkpoint", ignore_errors=True)
     print(f"[{section}] report written to {path} ({time.time() - started:.0f} s)", flush=True)
     return path
 

@@ -10,15 +10,25 @@
 
 The lab's protocol is 30 epochs each on full CIFAR-10; this section takes `--epochs`, `--width`,
 `--train-size` and `--data`, and the report records what was actually run.
+
+Such a run takes hours on 2 CPU cores, so part 2 resumes (training.checkpoint): every condition
+checkpoints after each epoch into `<report folder>/.checkpoint/<condition>/` and leaves its
+result there when done; re-running the same command skips the finished conditions and continues
+the interrupted one from its last epoch, with the same batches and the same final numbers as an
+uninterrupted run. Other settings in the same report folder are refused (exit 2).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
+from training.checkpoint import EpochCheckpoint, fingerprint, latest_checkpoint, read_meta, restore_checkpoint
 from training.lab.context import lab_network, seed_everything
 
 BATCH = 128
@@ -108,39 +118,76 @@ def label_statistics(seed: int, n_batches: int) -> dict:
 
 # --- 2. accuracy comparison -------------------------------------------------------------------
 
-def datasets(data, seed: int) -> dict:
+CONDITIONS = ("baseline", "flips_crops", "flips_crops_mixup", "flips_crops_cutmix")
+
+
+def condition_dataset(name: str, data, seed: int, epochs: int, start_epoch: int = 0):
+    """All `epochs` of one condition in one pass (`fit(..., steps_per_epoch=...)`), the first
+    `start_epoch` epochs skipped before augmentation: a resumed condition sees the batches an
+    uninterrupted one would (the shuffle is seeded, the crops keyed on the global step)."""
     import tensorflow as tf
 
     from models.mixing import CutMix, MixUp
     from training.pipeline import one_hot, training_dataset
 
-    plain = (tf.data.Dataset.from_tensor_slices((data.x_train, data.y_train))
-             .shuffle(len(data.x_train), seed=seed, reshuffle_each_iteration=True)
-             .batch(BATCH, drop_remainder=True)
-             .map(lambda x, y: (x, one_hot(y, data.num_classes)))
-             .prefetch(tf.data.AUTOTUNE))
-    common = dict(batch_size=BATCH, num_classes=data.num_classes, seed=seed, pad=PAD)
-    return {
-        "baseline": plain,
-        "flips_crops": training_dataset(data.x_train, data.y_train, **common),
-        "flips_crops_mixup": training_dataset(data.x_train, data.y_train, **common,
-                                              mix_layer=MixUp(MIXUP_ALPHA, seed=seed)),
-        "flips_crops_cutmix": training_dataset(data.x_train, data.y_train, **common,
-                                               mix_layer=CutMix(CUTMIX_ALPHA, seed=seed)),
-    }
+    if name == "baseline":
+        steps = len(data.x_train) // BATCH
+        return (tf.data.Dataset.from_tensor_slices((data.x_train, data.y_train))
+                .shuffle(len(data.x_train), seed=seed, reshuffle_each_iteration=True)
+                .batch(BATCH, drop_remainder=True)
+                .repeat(epochs)
+                .skip(start_epoch * steps)
+                .map(lambda x, y: (x, one_hot(y, data.num_classes)))
+                .prefetch(tf.data.AUTOTUNE))
+    mix_layer = {"flips_crops": None, "flips_crops_mixup": MixUp(MIXUP_ALPHA, seed=seed),
+                 "flips_crops_cutmix": CutMix(CUTMIX_ALPHA, seed=seed)}[name]
+    return training_dataset(data.x_train, data.y_train, batch_size=BATCH, num_classes=data.num_classes,
+                            seed=seed, pad=PAD, mix_layer=mix_layer, epochs=epochs, start_epoch=start_epoch)
 
 
-def compare_accuracy(data, *, width: int, epochs: int, seed: int) -> dict:
+def _write_json_atomically(path: Path, doc: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def compare_accuracy(data, *, width: int, epochs: int, seed: int, checkpoint_root: Path | None = None,
+                     settings: dict | None = None) -> dict:
+    """Train the four conditions from the same initial weights. With `checkpoint_root`, each
+    condition checkpoints every epoch and resumes (see the module docstring); `settings` (what
+    the numbers depend on besides width, epochs and seed: data checksum, sizes) must match."""
     import keras
+
+    from commandline import UsageError
 
     seed_everything(seed)
     template, _ = lab_network(width, data.num_classes)
     initial = template.get_weights()
     test = (data.x_test, keras.utils.to_categorical(data.y_test, data.num_classes))
-    steps = epochs * (len(data.x_train) // BATCH)
+    steps_per_epoch = len(data.x_train) // BATCH
+    steps = epochs * steps_per_epoch
     results = {}
-    for name, ds in datasets(data, seed).items():
+    for name in CONDITIONS:
         started = time.time()
+        folder = None if checkpoint_root is None else Path(checkpoint_root) / name
+        sha = fingerprint({"condition": name, "width": width, "epochs": epochs, "seed": seed,
+                           "lr": LEARNING_RATE, "batch": BATCH, **(settings or {})})
+        done = None if folder is None else folder / "result.json"
+        if done is not None and done.is_file():
+            saved = json.loads(done.read_text())
+            if saved["config_sha256"] != sha:
+                raise UsageError(f"{folder} holds a result of other settings; use another --out")
+            results[name] = saved["result"]
+            print(f"[mixing] {name}: done in an earlier run (test acc "
+                  f"{results[name]['final_test_accuracy']:.4f})", flush=True)
+            continue
+        latest = None if folder is None else latest_checkpoint(folder)
+        if latest is not None and read_meta(latest)["config_sha256"] != sha:
+            raise UsageError(f"{folder} holds the checkpoint of other settings; use another --out")
+        start_epoch = read_meta(latest)["epoch"] if latest is not None else 0
         seed_everything(seed)
         model, _ = lab_network(width, data.num_classes)
         model.set_weights(initial)
@@ -149,14 +196,25 @@ def compare_accuracy(data, *, width: int, epochs: int, seed: int) -> dict:
                       loss=keras.losses.CategoricalCrossentropy(from_logits=True),
                       metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
                       jit_compile=False)   # XLA is slower on this CPU (and slow to compile)
-        hist = model.fit(ds, epochs=epochs, validation_data=test, validation_batch_size=1000,
-                         shuffle=False, verbose=0)   # the dataset shuffles itself
-        h = hist.history
+        callbacks, history = [], {}
+        if latest is not None:
+            history = restore_checkpoint(latest, model)["history"]
+            print(f"[mixing] {name}: resuming from epoch {start_epoch} of {epochs}", flush=True)
+        if folder is not None:
+            callbacks.append(EpochCheckpoint(folder, config_sha=sha, seed=seed, history=history))
+        ds = condition_dataset(name, data, seed, epochs, start_epoch)
+        hist = model.fit(ds, epochs=epochs, initial_epoch=start_epoch, steps_per_epoch=steps_per_epoch,
+                         validation_data=test, validation_batch_size=1000, shuffle=False,  # ds shuffles
+                         verbose=0, callbacks=callbacks)
+        h = callbacks[0].history if callbacks else hist.history
         results[name] = {
             "train_loss": h["loss"], "train_accuracy_on_augmented": h["accuracy"],
             "test_accuracy": h["val_accuracy"], "test_loss": h["val_loss"],
             "final_test_accuracy": h["val_accuracy"][-1], "seconds": round(time.time() - started, 1),
+            "resumed_from_epoch": start_epoch,
         }
+        if done is not None:
+            _write_json_atomically(done, {"config_sha256": sha, "result": results[name]})
         print(f"[mixing] {name}: test acc {h['val_accuracy'][-1]:.4f} ({time.time() - started:.0f}s)",
               flush=True)
     return results
@@ -169,7 +227,10 @@ def run(ctx, report) -> None:
     n_batches = ctx.setting("label_probe_batches", quick=5, full=50)
 
     stats = label_statistics(ctx.seed, n_batches)
-    results = compare_accuracy(data, width=width, epochs=epochs, seed=ctx.seed)
+    results = compare_accuracy(data, width=width, epochs=epochs, seed=ctx.seed,
+                               checkpoint_root=report.out_dir / ".checkpoint",
+                               settings={"data_checksum": report.data["checksum"],
+                                         "train": len(data.x_train), "test": len(data.x_test)})
     report.figures = {
         "settings": {"batch_size": BATCH, "mixup_alpha": MIXUP_ALPHA, "cutmix_alpha": CUTMIX_ALPHA,
                      "keras_cutmix_factor": 1.0, "pad": PAD, "adam_lr_cosine": LEARNING_RATE,
