@@ -20,6 +20,9 @@ MAX_INDEX = 1_000_000
 
 
 def _integer(value, what: str, where: str) -> int:
+    """An int, or a float with an integral value (JSON Schema counts 3.0 as an integer)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
+        return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputError("invalid_request", f"{where}: {what} must be an integer, got {value!r}"[:300])
     return value

@@ -64,7 +64,7 @@ class InferenceRequest(_Strict):
                           "bytes); other parameters are ignored")
     inputs: list[RequestInput] = Field(description="exactly one input tensor, `images`")
     outputs: Optional[list[RequestOutput]] = Field(
-        None, description="the outputs to return (default: `probabilities`, plus the MC outputs when "
+        None, min_length=1, description="the outputs to return (default: `probabilities`, plus the MC outputs when "
                           "mc_samples is given)")
 
 

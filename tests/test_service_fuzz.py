@@ -64,9 +64,19 @@ CONTENT_CODES = {"undecodable_image", "invalid_base64", "wrong_image_size", "uns
                  "too_few_images",
                  # one query parameter that needs another (mondrian or conformal_method without
                  # coverage): OpenAPI's parameters cannot state a dependency between them
-                 "needs_coverage"}
+                 "needs_coverage",
+                 # feedback: a label beyond the model's K, a prediction not stored, one already labelled
+                 "invalid_label"}
 V2_CONTENT = ("shape", "elements", "base64", "decode", "image", "value", "needs MC dropout",
               "needs parameters.coverage")
+
+
+# Refusals of schema-valid parameters that depend on each other or on a setting, which OpenAPI's
+# parameters cannot state: `since` needs `from=feedback`; bucket x buckets (or a window) over
+# CALIB_MONITORING_MAX_WINDOW; a feedback item with both or neither of its two alternative forms;
+# a body beside `from=feedback`.
+DEPENDENT_PARAMETER_MESSAGES = ("applies to from=feedback only", "CALIB_MONITORING_MAX_WINDOW", "not both",
+                                "give prediction_id", "from=feedback fits on the stored")
 
 
 def _content_refusal(response) -> bool:
@@ -75,6 +85,9 @@ def _content_refusal(response) -> bool:
     except (ValueError, KeyError, TypeError):
         return False
     if isinstance(error, dict):
+        if response.status_code == 422 and error.get("code") in ("invalid_parameter", "invalid_request") \
+                and any(m in str(error.get("message")) for m in DEPENDENT_PARAMETER_MESSAGES):
+            return True
         return response.status_code == 422 and error.get("code") in CONTENT_CODES
     return response.status_code == 400 and any(word in str(error) for word in V2_CONTENT)
 

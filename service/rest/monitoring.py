@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 
 from service import monitoring
 from service.durations import parse_window
-from service.feedback import feedback_items
+from service.feedback import MAX_INDEX, feedback_items
 from service.inputs import InputError
 from service.monitoring_writer import MonitoringWriter, served_batch
 from service.rest import calibrations
@@ -126,8 +126,9 @@ async def get_monitoring(
     request: Request,
     name: str = ModelName,
     calibration: Optional[str] = CalibrationQuery,
-    window: Optional[str] = Query(None, description="the last N predictions (e.g. 500) or a duration (15m, 2h, 1d); "
-                                                    "default CALIB_MONITORING_WINDOW predictions"),
+    window: Optional[str] = Query(None, pattern=r"^0*[1-9][0-9]*[smhdw]?$",
+                                  description="the last N predictions (e.g. 500) or a duration (15m, 2h, 1d); "
+                                              "default CALIB_MONITORING_WINDOW predictions"),
 ) -> dict:
     model = model_of(request, name)
     store_of(request)
@@ -172,10 +173,15 @@ async def get_timeline(
                                            "kept); `monitoring_disabled`")},
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": {"type": "object", "required": ["feedback"], "properties": {"feedback": {
-                     "type": "array", "items": {"type": "object", "required": ["label"], "properties": {
-                         "prediction_id": {"type": "string"}, "request_id": {"type": "string"},
-                         "index": {"type": "integer", "minimum": 0},
-                         "label": {"type": "integer", "minimum": 0}}}}}},
+                     "type": "array", "minItems": 1, "items": {"oneOf": [
+                         {"type": "object", "required": ["prediction_id", "label"], "additionalProperties": False,
+                          "properties": {"prediction_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                                         "label": {"type": "integer", "minimum": 0}}},
+                         {"type": "object", "required": ["request_id", "index", "label"],
+                          "additionalProperties": False,
+                          "properties": {"request_id": {"type": "string", "pattern": "^[A-Za-z0-9._:+/=-]{1,128}$"},
+                                         "index": {"type": "integer", "minimum": 0, "maximum": MAX_INDEX - 1},
+                                         "label": {"type": "integer", "minimum": 0}}}]}}}},
                  "example": {"feedback": [{"prediction_id": "0f8e2a4c9b7d4e61a3c5b2d1e0f9a8b7", "label": 3},
                                           {"request_id": "my-call-17", "index": 0, "label": 5}]}}}}})
 async def post_feedback(request: Request) -> dict:
