@@ -30,12 +30,17 @@ def fixture_images(n: int) -> list[Path]:
     return sorted(FIXTURE.glob("*/*.jpg"))[:n]
 
 
+# Fields that name one call, not its answer: every prediction gets a fresh id to send feedback for
+PER_CALL_FIELDS = {"prediction_id"}
+
+
 def differences(a, b, where: str = "") -> list[tuple[str, float | str]]:
-    """Paths where two JSON values differ: numbers by more than TOLERANCE, anything else at all."""
+    """Paths where two JSON values differ: numbers by more than TOLERANCE, anything else at all
+    (except PER_CALL_FIELDS, which only need to be present on both sides)."""
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():
             return [(where, f"keys {sorted(a)} != {sorted(b)}")]
-        return [d for k in a for d in differences(a[k], b[k], f"{where}.{k}")]
+        return [d for k in a if k not in PER_CALL_FIELDS for d in differences(a[k], b[k], f"{where}.{k}")]
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [(where, f"length {len(a)} != {len(b)}")]
@@ -48,7 +53,7 @@ def differences(a, b, where: str = "") -> list[tuple[str, float | str]]:
 
 def max_abs_difference(a, b) -> float:
     if isinstance(a, dict):
-        return max((max_abs_difference(a[k], b[k]) for k in a), default=0.0)
+        return max((max_abs_difference(a[k], b[k]) for k in a if k not in PER_CALL_FIELDS), default=0.0)
     if isinstance(a, list):
         return max((max_abs_difference(x, y) for x, y in zip(a, b)), default=0.0)
     if isinstance(a, (int, float)) and not isinstance(a, bool):
