@@ -7,7 +7,7 @@ EXTRAS ?= dev
 CIFAR10_DIR ?= keras
 PY := $(VENV)/bin/python
 # `make test`: unit and fast in-process integration tests; every marker of pyproject.toml is left out
-FAST_TESTS := not (slow or server or training or subprocess or lab or container or browser)
+FAST_TESTS := not (slow or server or training or subprocess or lab or container or browser or postgres)
 # pytest-xdist workers for `make test` (one per core; `make test TEST_WORKERS=0` runs in one process).
 # `make test-all` stays in one process: its real servers and soak checks time themselves.
 TEST_WORKERS ?= auto

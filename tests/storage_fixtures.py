@@ -19,7 +19,8 @@ from urllib.parse import quote
 import pytest
 
 POSTGRES_URL = os.environ.get("CALIB_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-BACKENDS = ("sqlite", "postgresql")
+# The PostgreSQL cases carry the `postgres` marker: `make test` runs SQLite only, `make test-all` both
+BACKENDS = ("sqlite", pytest.param("postgresql", marks=pytest.mark.postgres))
 
 
 def _with_search_path(url: str, schema: str) -> str:

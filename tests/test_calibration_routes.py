@@ -34,7 +34,7 @@ def _app(model_dir, **settings):
                                           eval_chunk=128, **settings)), raise_server_exceptions=False)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def client(request, service_model_dir, tmp_path_factory):
     if request.param == "sqlite":
         with _app(service_model_dir, data_dir=tmp_path_factory.mktemp("data"), max_calibrations=50) as c:

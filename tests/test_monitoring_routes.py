@@ -33,7 +33,7 @@ def _app(model_dir, **settings):
     return TestClient(create_app(Settings(**options)), raise_server_exceptions=False)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def client(request, service_model_dir, tmp_path_factory):
     if request.param == "sqlite":
         with _app(service_model_dir, data_dir=tmp_path_factory.mktemp("data")) as c:
