@@ -289,13 +289,8 @@ def write_markdown(doc: dict, output: Path) -> None:
     (output / "report.md").write_text("\n".join(lines))
 
 
-def cpu_model() -> str:
-    from benchmarks.recalibration_under_shift import cpu_model as cpu
-
-    return cpu()
-
-
 def run(args, argv: list[str]) -> int:
+    from benchmarks.recalibration_under_shift import cpu_model
     from benchmarks.server_process import ServerProcess
     from clients.client import CalibClient
     from training.lab.report import portable_command, portable_path
@@ -343,9 +338,10 @@ def run(args, argv: list[str]) -> int:
 
 @command(PROG)
 def main(argv=None) -> int:
+    from benchmarks.recalibration_under_shift import check_data_source
+
     args = parse_args(argv)
-    if args.data != "keras" and not Path(args.data).exists():
-        raise UsageError(f"CIFAR-10 source does not exist: {args.data}")
+    check_data_source(args.data)
     return run(args, argv if argv is not None else sys.argv[1:])
 
 

@@ -425,11 +425,16 @@ def run(args, argv: list[str]) -> int:
     return 0
 
 
+def check_data_source(data: str) -> None:
+    """UsageError (exit 2) before anything slow when a CIFAR-10 folder or file is missing."""
+    if data != "keras" and not Path(data).exists():
+        raise UsageError(f"CIFAR-10 source does not exist: {data}")
+
+
 @command(PROG)
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.data != "keras" and not Path(args.data).exists():
-        raise UsageError(f"CIFAR-10 source does not exist: {args.data}")
+    check_data_source(args.data)
     return run(args, argv if argv is not None else sys.argv[1:])
 
 

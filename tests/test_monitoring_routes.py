@@ -241,6 +241,11 @@ def test_feedback_errors(client, images):
     error_of(twice_in_one, 409, "feedback_exists")
     labels = {row.prediction_id: row.label for row in _stored(client)}
     assert labels == {ids[0]: None, ids[1]: 2, ids[2]: None, ids[3]: None}
+    # JSON Schema counts 3.0 as an integer, so does the service; 3.5 is refused
+    error_of(client.post("/v1/feedback", json={"feedback": [{"prediction_id": ids[3], "label": 3.5}]}),
+             422, "invalid_request")
+    assert client.post("/v1/feedback", json={"feedback": [{"prediction_id": ids[3], "label": 3.0}]}).status_code == 200
+    assert {row.prediction_id: row.label for row in _stored(client)}[ids[3]] == 3
 
 
 def test_feedback_finds_a_prediction_still_in_the_queue(client, images, monkeypatch):
