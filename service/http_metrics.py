@@ -81,6 +81,7 @@ class ServiceMetrics:
         self._watched: list[tuple[Gauge, object]] = []
         self._watched_extra: list[tuple[Gauge, object]] = []   # watch(): gauges other than admission's
         self.registry = CollectorRegistry()
+        self.in_flight = 0   # HTTP requests between MetricsMiddleware's entry and exit (this process)
         r = self.registry
         self.requests = Counter("calib_http_requests", "HTTP requests by endpoint, model, method and status",
                                 ["endpoint", "model", "method", "status"], registry=r)
@@ -250,6 +251,7 @@ class MetricsMiddleware:
         metrics: ServiceMetrics = self.fastapi_app.state.metrics
         started = time.perf_counter()
         status = {"code": 500}
+        metrics.in_flight += 1   # the event loop's own counter: read by service.rest.requests.off_loop
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
@@ -259,6 +261,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            metrics.in_flight -= 1
             registry = getattr(self.fastapi_app.state, "registry", None)
             known = registry.models if registry is not None else {}
             endpoint, model = endpoint_label(scope), model_label(scope, known)

@@ -15,6 +15,7 @@ from service.rest.requests import (
     charge_uncompressed,
     in_thread,
     model_of,
+    off_loop,
     on_model_executor,
     read_payload,
     registry_of,
@@ -119,8 +120,8 @@ async def predict(
     payload = await read_payload(request, max_files=settings.max_instances)
     read = time.perf_counter()
     if payload.json is not None:
-        x = await in_thread(inputs.instances_from_json, payload.json, resize=resize,
-                            max_instances=settings.max_instances)
+        x = await off_loop(request, payload.body_bytes, inputs.instances_from_json, payload.json, resize=resize,
+                           max_instances=settings.max_instances)
     else:
         await charge_uncompressed(request, payload.files)
         x = await in_thread(inputs.images_from_files, payload.files, resize=resize,

@@ -26,7 +26,7 @@ from service.inputs import InputError, parse_json_object
 from service.registry import LoadedModel, UnknownVersionError
 from service.rest import auth, calibrations, monitoring
 from service.rest.errors import shown
-from service.rest.requests import in_thread, model_of, registry_of, run_predict, settings_of
+from service.rest.requests import model_of, off_loop, registry_of, run_predict, settings_of
 from service.schemas import _EXAMPLE_IMAGES
 from service.v2_schemas import (
     ErrorV2,
@@ -180,8 +180,9 @@ async def _infer(request: Request, name: str, version: str | None) -> dict | Res
     settings = settings_of(request)
     registry_of(request)  # 503 before anything else while the models load
     model = _model(request, name, version)
-    header, tail = v2_binary.split_body(await request.body(), request.headers.get(v2_binary.HEADER))
-    infer_request = await in_thread(_parse, header)
+    body = await request.body()
+    header, tail = v2_binary.split_body(body, request.headers.get(v2_binary.HEADER))
+    infer_request = await off_loop(request, len(body), _parse, header)
     raw = v2_binary.input_bytes(infer_request, tail)
     opts = v2_tensors.options(infer_request, settings.max_mc_samples)
     profile = await calibrations.profile_for(request, model, _calibration_id(infer_request))
@@ -190,8 +191,8 @@ async def _infer(request: Request, name: str, version: str | None) -> dict | Res
         calibration = (prediction_sets.calibration_of(model, status=400) if profile is None
                        else calibrations.conformal_of(model, profile))
     binary = v2_binary.binary_outputs(infer_request, opts.outputs)
-    x = await in_thread(v2_tensors.images, infer_request, resize=opts.resize,
-                        max_instances=settings.max_instances, raw=raw)
+    x = await off_loop(request, len(body), v2_tensors.images, infer_request, resize=opts.resize,
+                       max_instances=settings.max_instances, raw=raw)
     seed = opts.seed
     if seed is None and opts.mc_samples:
         seed = secrets.randbelow(2**31 - 1)
@@ -212,13 +213,14 @@ async def _infer(request: Request, name: str, version: str | None) -> dict | Res
                             None if opts.sets is None else opts.sets.coverage)
     if ids is not None:  # a protocol parameter is a scalar: the ids in batch order, comma-separated
         parameters["prediction_ids"] = ",".join(ids)
-    outputs, blobs = await in_thread(v2_tensors.output_tensors, result, opts.outputs, mask, binary)
+    outputs, blobs = await off_loop(request, len(x) * 1024, v2_tensors.output_tensors, result, opts.outputs,
+                                    mask, binary)
     response = {"model_name": model.name, "model_version": version_of(model), "parameters": parameters,
                 "outputs": outputs}
     if infer_request.id is not None:
         response["id"] = infer_request.id
-    if not blobs:
-        return response
+    if not blobs:  # built to the InferenceResponse schema (tests/test_oip_v2.py checks it): no re-validation
+        return JSONResponse(response)
     content, header_length = v2_binary.response_body(response, blobs)
     return Response(content, media_type=v2_binary.MEDIA_TYPE,
                     headers={v2_binary.HEADER: str(header_length)})
