@@ -111,6 +111,34 @@ def test_mixing_quick(tmp_path, sample_archive):
     assert not (tmp_path / "mixing" / ".checkpoint").exists()   # removed once the report is written
 
 
+def test_mixing_quick_on_the_airbench_backbone_with_a_temperature(tmp_path, sample_archive):
+    """The full-scale protocol's options on the fixture: the shipped backbone's shape, a held-out
+    validation split, and ECE before and after a temperature fitted on it, per condition."""
+    r = _run("mixing", tmp_path, "--data", str(sample_archive), "--arch", "airbench",
+             "--group-widths", "8,16,16", "--validation-size", "100", "--batch-size", "64")
+    assert r["data"]["used"]["validation"] == 100
+    assert r["data"]["used"]["train"] + 100 == r["data"]["available"]["train"]
+    settings = r["figures"]["settings"]
+    assert (settings["arch"], settings["group_widths"], settings["batch_size_used"]) == ("airbench", [8, 16, 16], 64)
+    for name, result in r["figures"]["accuracy"].items():
+        c = result["calibration"]
+        assert 0.05 <= c["temperature"] <= 20, name
+        for key in ("test_ece15_before_temperature", "test_ece15_after_temperature", "validation_accuracy"):
+            assert 0 <= c[key] <= 1, (name, key)
+        assert c["test_nll_before_temperature"] > 0 and c["test_nll_after_temperature"] > 0
+    md = (tmp_path / "mixing" / "report.md").read_text()
+    assert "The airbench backbone (groups 8, 16, 16)" in md and "| ECE-15 after T |" in md
+
+
+@pytest.mark.parametrize("widths", ["8,16", "8,x,16", "8,0,16"])
+def test_mixing_refuses_bad_group_widths(widths, capsys):
+    from training.lab.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["mixing", "--quick", "--arch", "airbench", "--group-widths", widths])
+    assert exc.value.code == 2 and "--group-widths" in capsys.readouterr().err
+
+
 def test_smoothing_quick(tmp_path, sample_archive):
     r = _run("smoothing", tmp_path, "--data", str(sample_archive))
     _cifar_provenance(r)

@@ -39,11 +39,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test-size", type=int, default=None,
                         help="seeded subset of the test split (override)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arch", choices=("resnet9", "airbench"), default=None,
+                        help="mixing section: the lab's residual CNN (default) or the shipped airbench backbone")
+    parser.add_argument("--group-widths", default=None,
+                        help="mixing section, airbench: channels of its three groups, e.g. 24,192,192 (shipped)")
+    parser.add_argument("--validation-size", type=int, default=None,
+                        help="mixing section: hold this many training images out to fit a temperature "
+                             "(5000: the 45,000/5,000 split)")
+    parser.add_argument("--batch-size", type=int, default=None, help="mixing section: batch size (override)")
     parser.add_argument("--artifact", default=None,
                         help="dropout section: also measure MC uncertainty of this trained artifact "
                              "(e.g. models/shipped/cifar10-airbench)")
     args = parser.parse_args(argv)
-    for name in ("epochs", "width", "train_size", "test_size"):
+    if args.group_widths is not None:
+        try:
+            args.group_widths = tuple(int(w) for w in args.group_widths.split(","))
+        except ValueError:
+            parser.error("--group-widths must be three integers, e.g. 24,192,192")
+        if len(args.group_widths) != 3 or min(args.group_widths) < 1:
+            parser.error("--group-widths must be three positive integers, e.g. 24,192,192")
+    for name in ("epochs", "width", "train_size", "test_size", "validation_size", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -56,7 +71,8 @@ def run_section(section: str, args: argparse.Namespace, command: str) -> Path:
 
     ctx = LabContext(quick=args.quick, data=args.data, epochs=args.epochs, width=args.width,
                      train_size=args.train_size, test_size=args.test_size, seed=args.seed,
-                     artifact=args.artifact)
+                     artifact=args.artifact, arch=args.arch, group_widths=args.group_widths,
+                     validation_size=args.validation_size, batch_size=args.batch_size)
     report = Report(section, Path(args.out) / section, command=command, seed=args.seed,
                     quick=args.quick, arguments=ctx.picked)
     seed_everything(args.seed)

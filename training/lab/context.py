@@ -32,6 +32,10 @@ class LabContext:
     test_size: int | None = None
     seed: int = 0
     artifact: str | None = None      # a trained model artifact for the dropout section's MC part
+    arch: str | None = None          # "resnet9" (the lab's residual CNN) or "airbench" (the shipped backbone)
+    group_widths: tuple | None = None  # airbench: channels of its three groups
+    validation_size: int | None = None  # held out of the training split (temperature fitting)
+    batch_size: int | None = None
     picked: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -60,19 +64,33 @@ class LabContext:
         self.picked[name] = value
         return value
 
-    def cifar(self, report, *, train_quick=None, train_full=None, test_quick=None, test_full=None):
-        """CIFAR-10 arrays (seeded subsets if sizes are set); records the provenance in `report`."""
+    def cifar(self, report, *, train_quick=None, train_full=None, test_quick=None, test_full=None,
+              validation_quick=None, validation_full=None):
+        """CIFAR-10 arrays (seeded subsets if sizes are set); records the provenance in `report`.
+
+        With a validation size, that many images of the (subset) training split are held out by
+        `training.data.train_validation_split` (seeded): 5,000 of 50,000 is Guo et al.'s 45,000/5,000.
+        """
+        from training.data import train_validation_split
+
         data = _load(self.data_source)
         self.picked["data"] = portable_path(self.data_source)
         n_train = self.pick("train_size", quick=train_quick, full=train_full)
         n_test = self.pick("test_size", quick=test_quick, full=test_full)
+        n_val = self.pick("validation_size", quick=validation_quick, full=validation_full)
         x_train, y_train = _subset(data.x_train, data.y_train, n_train, self.seed)
         x_test, y_test = _subset(data.x_test, data.y_test, n_test, self.seed + 1)
+        x_val = y_val = None
+        if n_val:
+            x_train, y_train, x_val, y_val = train_validation_split(x_train, y_train, n_validation=n_val,
+                                                                    seed=self.seed)
+        used = {"train": int(len(x_train)), "test": int(len(x_test))}
+        if x_val is not None:
+            used["validation"] = int(len(x_val))
         report.data = {"source": self._portable_description(data.source), "checksum": data.checksum,
                        "available": {"train": int(len(data.x_train)), "test": int(len(data.x_test))},
-                       "used": {"train": int(len(x_train)), "test": int(len(x_test))},
-                       "subset_seed": self.seed}
-        return Cifar(x_train, y_train, x_test, y_test, len(data.class_names))
+                       "used": used, "subset_seed": self.seed}
+        return Cifar(x_train, y_train, x_test, y_test, len(data.class_names), x_val, y_val)
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,8 @@ class Cifar:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
 
 @functools.lru_cache(maxsize=2)
@@ -107,12 +127,13 @@ def seed_everything(seed: int) -> None:
 
 
 def lab_network(width: int, num_classes: int, *, dropout: float = 0.0, l2: float = 0.0,
-                batchnorm: str = "keras"):
-    """The project's residual CNN (models.network), training graph: no flip TTA."""
+                batchnorm: str = "keras", arch: str = "resnet9", group_widths: tuple = ()):
+    """The project's network (models.network), training graph: no flip TTA. `arch="airbench"`
+    is the shipped models' backbone; call `set_whitening` on its "backbone" layer before training."""
     from models.network import NetworkConfig, build_classifier
 
     cfg = NetworkConfig(width=width, num_classes=num_classes, dropout=dropout, l2=l2,
-                        batchnorm=batchnorm, flip_tta=False)
+                        batchnorm=batchnorm, flip_tta=False, arch=arch, group_widths=tuple(group_widths))
     return build_classifier(cfg, test_time_views=False), cfg
 
 

@@ -121,7 +121,7 @@ def label_statistics(seed: int, n_batches: int) -> dict:
 CONDITIONS = ("baseline", "flips_crops", "flips_crops_mixup", "flips_crops_cutmix")
 
 
-def condition_dataset(name: str, data, seed: int, epochs: int, start_epoch: int = 0):
+def condition_dataset(name: str, data, seed: int, epochs: int, start_epoch: int = 0, batch: int = BATCH):
     """All `epochs` of one condition in one pass (`fit(..., steps_per_epoch=...)`), the first
     `start_epoch` epochs skipped before augmentation: a resumed condition sees the batches an
     uninterrupted one would (the shuffle is seeded, the crops keyed on the global step)."""
@@ -131,17 +131,17 @@ def condition_dataset(name: str, data, seed: int, epochs: int, start_epoch: int 
     from training.pipeline import one_hot, training_dataset
 
     if name == "baseline":
-        steps = len(data.x_train) // BATCH
+        steps = len(data.x_train) // batch
         return (tf.data.Dataset.from_tensor_slices((data.x_train, data.y_train))
                 .shuffle(len(data.x_train), seed=seed, reshuffle_each_iteration=True)
-                .batch(BATCH, drop_remainder=True)
+                .batch(batch, drop_remainder=True)
                 .repeat(epochs)
                 .skip(start_epoch * steps)
                 .map(lambda x, y: (x, one_hot(y, data.num_classes)))
                 .prefetch(tf.data.AUTOTUNE))
     mix_layer = {"flips_crops": None, "flips_crops_mixup": MixUp(MIXUP_ALPHA, seed=seed),
                  "flips_crops_cutmix": CutMix(CUTMIX_ALPHA, seed=seed)}[name]
-    return training_dataset(data.x_train, data.y_train, batch_size=BATCH, num_classes=data.num_classes,
+    return training_dataset(data.x_train, data.y_train, batch_size=batch, num_classes=data.num_classes,
                             seed=seed, pad=PAD, mix_layer=mix_layer, epochs=epochs, start_epoch=start_epoch)
 
 
@@ -154,27 +154,52 @@ def _write_json_atomically(path: Path, doc: dict) -> None:
     os.replace(tmp, path)
 
 
+def calibration_figures(model, data, batch: int) -> dict:
+    """Test-set calibration of a trained condition: ECE-15 and NLL with the raw logits, and after
+    a temperature fitted on the held-out validation images (when the run holds some out)."""
+    from models.calibration import compute_metrics, fit_temperature
+
+    def logits(x):
+        return np.asarray(model.predict(x, batch_size=max(batch, 500), verbose=0), np.float64)
+
+    test_logits = logits(data.x_test)
+    raw = compute_metrics(test_logits, data.y_test, n_bins=15)
+    out = {"test_ece15_before_temperature": raw.ece, "test_nll_before_temperature": raw.nll}
+    if data.x_val is not None:
+        val_logits = logits(data.x_val)
+        t = fit_temperature(val_logits, data.y_val)
+        scaled = compute_metrics(test_logits, data.y_test, temperature=t, n_bins=15)
+        out.update(temperature=t, validation_accuracy=float((val_logits.argmax(1) == data.y_val).mean()),
+                   test_ece15_after_temperature=scaled.ece, test_nll_after_temperature=scaled.nll)
+    return {k: float(v) for k, v in out.items()}
+
+
 def compare_accuracy(data, *, width: int, epochs: int, seed: int, checkpoint_root: Path | None = None,
-                     settings: dict | None = None) -> dict:
+                     settings: dict | None = None, arch: str = "resnet9", group_widths: tuple = (),
+                     batch: int = BATCH) -> dict:
     """Train the four conditions from the same initial weights. With `checkpoint_root`, each
     condition checkpoints every epoch and resumes (see the module docstring); `settings` (what
     the numbers depend on besides width, epochs and seed: data checksum, sizes) must match."""
     import keras
 
     from commandline import UsageError
+    from models.network import set_whitening
 
     seed_everything(seed)
-    template, _ = lab_network(width, data.num_classes)
+    template, _ = lab_network(width, data.num_classes, arch=arch, group_widths=group_widths)
+    if arch == "airbench":       # the whitening stem is fitted once, on training images, as airbench does
+        set_whitening(template.get_layer("backbone"), data.x_train[:5000])
     initial = template.get_weights()
     test = (data.x_test, keras.utils.to_categorical(data.y_test, data.num_classes))
-    steps_per_epoch = len(data.x_train) // BATCH
+    steps_per_epoch = len(data.x_train) // batch
     steps = epochs * steps_per_epoch
     results = {}
     for name in CONDITIONS:
         started = time.time()
         folder = None if checkpoint_root is None else Path(checkpoint_root) / name
+        network = {} if arch == "resnet9" else {"arch": arch, "group_widths": list(group_widths)}
         sha = fingerprint({"condition": name, "width": width, "epochs": epochs, "seed": seed,
-                           "lr": LEARNING_RATE, "batch": BATCH, **(settings or {})})
+                           "lr": LEARNING_RATE, "batch": batch, **network, **(settings or {})})
         done = None if folder is None else folder / "result.json"
         if done is not None and done.is_file():
             saved = json.loads(done.read_text())
@@ -189,7 +214,7 @@ def compare_accuracy(data, *, width: int, epochs: int, seed: int, checkpoint_roo
             raise UsageError(f"{folder} holds the checkpoint of other settings; use another --out")
         start_epoch = read_meta(latest)["epoch"] if latest is not None else 0
         seed_everything(seed)
-        model, _ = lab_network(width, data.num_classes)
+        model, _ = lab_network(width, data.num_classes, arch=arch, group_widths=group_widths)
         model.set_weights(initial)
         model.compile(optimizer=keras.optimizers.Adam(
                           keras.optimizers.schedules.CosineDecay(LEARNING_RATE, max(steps, 1))),
@@ -202,7 +227,7 @@ def compare_accuracy(data, *, width: int, epochs: int, seed: int, checkpoint_roo
             print(f"[mixing] {name}: resuming from epoch {start_epoch} of {epochs}", flush=True)
         if folder is not None:
             callbacks.append(EpochCheckpoint(folder, config_sha=sha, seed=seed, history=history))
-        ds = condition_dataset(name, data, seed, epochs, start_epoch)
+        ds = condition_dataset(name, data, seed, epochs, start_epoch, batch)
         hist = model.fit(ds, epochs=epochs, initial_epoch=start_epoch, steps_per_epoch=steps_per_epoch,
                          validation_data=test, validation_batch_size=1000, shuffle=False,  # ds shuffles
                          verbose=0, callbacks=callbacks)
@@ -212,6 +237,7 @@ def compare_accuracy(data, *, width: int, epochs: int, seed: int, checkpoint_roo
             "test_accuracy": h["val_accuracy"], "test_loss": h["val_loss"],
             "final_test_accuracy": h["val_accuracy"][-1], "seconds": round(time.time() - started, 1),
             "resumed_from_epoch": start_epoch,
+            "calibration": calibration_figures(model, data, batch),
         }
         if done is not None:
             _write_json_atomically(done, {"config_sha256": sha, "result": results[name]})
@@ -224,17 +250,24 @@ def run(ctx, report) -> None:
     data = ctx.cifar(report, train_full=10000, test_full=10000)
     epochs = ctx.pick("epochs", quick=1, full=3)
     width = ctx.pick("width", quick=4, full=8)
+    arch = ctx.pick("arch", quick="resnet9", full="resnet9")
+    group_widths = tuple(ctx.pick("group_widths", quick=(), full=()) or ())
+    batch = ctx.pick("batch_size", quick=BATCH, full=BATCH)
     n_batches = ctx.setting("label_probe_batches", quick=5, full=50)
 
     stats = label_statistics(ctx.seed, n_batches)
+    sizes = {"train": len(data.x_train), "test": len(data.x_test)}
+    if data.x_val is not None:
+        sizes["validation"] = len(data.x_val)
     results = compare_accuracy(data, width=width, epochs=epochs, seed=ctx.seed,
                                checkpoint_root=report.out_dir / ".checkpoint",
-                               settings={"data_checksum": report.data["checksum"],
-                                         "train": len(data.x_train), "test": len(data.x_test)})
+                               settings={"data_checksum": report.data["checksum"], **sizes},
+                               arch=arch, group_widths=group_widths, batch=batch)
     report.figures = {
         "settings": {"batch_size": BATCH, "mixup_alpha": MIXUP_ALPHA, "cutmix_alpha": CUTMIX_ALPHA,
                      "keras_cutmix_factor": 1.0, "pad": PAD, "adam_lr_cosine": LEARNING_RATE,
-                     "epochs": epochs, "width": width,
+                     "epochs": epochs, "width": width, "arch": arch, "group_widths": list(group_widths),
+                     "batch_size_used": batch,
                      "protocol_note": "lab protocol is 30 epochs on full CIFAR-10; this run used the "
                                       "epochs/width/data recorded here"},
         "label_statistics": stats,
@@ -245,14 +278,14 @@ def run(ctx, report) -> None:
     report.summary = [
         "## Mixup and CutMix",
         "",
-        f"Residual CNN width {width}, {epochs} epoch(s) per variant on {len(data.x_train):,} training "
-        f"images (test: {len(data.x_test):,}), Adam {LEARNING_RATE} with cosine decay, batch {BATCH}, "
-        f"identical initial weights; mixing layers applied as `dataset.batch({BATCH}).map(layer)` "
-        f"(training.pipeline). {_protocol_note(epochs, len(data.x_train))}",
+        f"{_network_name(arch, width, group_widths)}, {epochs} epoch(s) per variant on "
+        f"{len(data.x_train):,} training images (test: {len(data.x_test):,}"
+        f"{'' if data.x_val is None else f', temperature fitted on {len(data.x_val):,} held-out validation images'}), "
+        f"Adam {LEARNING_RATE} with cosine decay, batch {batch}, "
+        f"identical initial weights; mixing layers applied as `dataset.batch({batch}).map(layer)` "
+        f"(training.pipeline). {_protocol_note(epochs, len(data.x_train), data.x_val)}",
         "",
-        "| variant | final test accuracy | train loss (last epoch) |",
-        "| --- | --- | --- |",
-        *[f"| {n} | {r['final_test_accuracy']:.4f} | {r['train_loss'][-1]:.4f} |" for n, r in results.items()],
+        *_accuracy_table(results),
         "",
         f"### Label statistics ({n_batches} probe batches of {BATCH})",
         "",
@@ -273,11 +306,41 @@ def run(ctx, report) -> None:
     ]
 
 
-def _protocol_note(epochs: int, n_train: int) -> str:
-    """How this run relates to the lab's protocol (30 epochs on the 50,000 training images)."""
-    if epochs >= 30 and n_train >= 50000:
-        return "This is the lab's protocol: 30 epochs on the full training set."
-    return (f"The lab's protocol is 30 epochs on all 50,000 training images; this run used {epochs} "
+def _network_name(arch: str, width: int, group_widths: tuple) -> str:
+    if arch == "airbench":
+        return f"The airbench backbone (groups {', '.join(map(str, group_widths or (width, 2 * width, 2 * width)))})"
+    return f"Residual CNN width {width}"
+
+
+def _accuracy_table(results: dict) -> list[str]:
+    """One row per condition; the calibration columns when the run measured them."""
+    cal = all("calibration" in r for r in results.values())
+    after = cal and all("test_ece15_after_temperature" in r["calibration"] for r in results.values())
+    head = "| variant | final test accuracy | train loss (last epoch) |"
+    if cal:
+        head += " test ECE-15 | test NLL |"
+    if after:
+        head += " temperature | ECE-15 after T | NLL after T |"
+    rows = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for n, r in results.items():
+        row = f"| {n} | {r['final_test_accuracy']:.4f} | {r['train_loss'][-1]:.4f} |"
+        if cal:
+            c = r["calibration"]
+            row += f" {100 * c['test_ece15_before_temperature']:.2f}% | {c['test_nll_before_temperature']:.3f} |"
+            if after:
+                row += (f" {c['temperature']:.3f} | {100 * c['test_ece15_after_temperature']:.2f}% |"
+                        f" {c['test_nll_after_temperature']:.3f} |")
+        rows.append(row)
+    return rows
+
+
+def _protocol_note(epochs: int, n_train: int, x_val=None) -> str:
+    """How this run relates to the lab's protocol (30 epochs on the full training split)."""
+    held_out = 0 if x_val is None else len(x_val)
+    if epochs >= 30 and n_train + held_out >= 50000:
+        split = "" if not held_out else f" ({n_train:,} train / {held_out:,} validation)"
+        return f"This is the lab's protocol: 30 epochs on the full training split{split}."
+    return (f"The lab's protocol is 30 epochs on the full training split; this run used {epochs} "
             f"epoch(s) on {n_train:,} images, a seeded subset, to fit 2 CPU cores.")
 
 
