@@ -266,3 +266,54 @@ def test_missing_artifact_and_too_many_images_are_one_line_errors(tmp_path, tiny
     out = run(tiny_artifact, "--quick", "--feature-density", "400", "--output", tmp_path / "r")
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "--feature-density 400 is more than the 300 training images" in out.stderr
+
+
+def test_a_stopped_run_resumes_per_set_with_the_same_report(tmp_path, tiny_artifact, sample_data_dir, monkeypatch,
+                                                             capsys):
+    """Killed after its fourth corrupted set, the same command re-run reads the five finished sets
+    (clean + 4) from <output>/.checkpoint, corrupts and runs only the rest, and writes the report an
+    uninterrupted run writes; the checkpoint is gone afterwards. Other settings are refused."""
+    from training.shift import benchmark
+    from training.shift.__main__ import main
+
+    common = [str(tiny_artifact), "--quick", "--data", str(sample_data_dir), "--cache-dir", "none",
+              "--corruptions", "gaussian_noise,fog", "--severities", "1,3,5"]
+    straight = tmp_path / "straight"
+    assert main([*common, "--output", str(straight)]) == 0
+    out = tmp_path / "resumed"
+
+    class Killed(Exception):
+        pass
+
+    real_run = benchmark.ModelRunner.run
+    calls = {"n": 0}
+
+    def dying_run(self, images):
+        calls["n"] += 1
+        if calls["n"] == 6:           # clean, then 4 corrupted sets finish; the 5th dies mid-set
+            raise Killed
+        return real_run(self, images)
+
+    monkeypatch.setattr(benchmark.ModelRunner, "run", dying_run)
+    with pytest.raises(Killed):
+        main([*common, "--output", str(out)])
+    assert len(list((out / ".checkpoint").glob("*.npz"))) == 5
+    assert main([*common, "--output", str(out), "--seed", "1"]) == 2   # another seed: refused, checkpoint kept
+    assert "other settings" in capsys.readouterr().err
+    assert len(list((out / ".checkpoint").glob("*.npz"))) == 5
+
+    calls["n"] = -10**6                              # no more deaths; count what runs
+    from training.shift import datasets
+
+    built = []
+    original = datasets.corrupted_set
+    monkeypatch.setattr(datasets, "corrupted_set", lambda *a, **k: built.append(a[1:3]) or original(*a, **k))
+    assert main([*common, "--output", str(out)]) == 0
+    assert calls["n"] == -10**6 + 2 + 2              # the last 2 corrupted sets, then the 2 synthetic OOD sets
+    assert built == [("fog", 3), ("fog", 5)]
+    assert "resuming: 5 set(s)" in capsys.readouterr().err
+    assert not (out / ".checkpoint").exists()
+
+    a, b = (json.loads((d / "report.json").read_text()) for d in (straight, out))
+    assert a["models"] == b["models"]
+    assert b["throughput"]["sets_read_from_an_earlier_run"] == 5

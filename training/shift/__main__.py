@@ -5,6 +5,9 @@ corruptions built from the test split, and OOD detection (1 - max p, entropy, MC
 information) against corrupted, synthetic and (with --ood-data) real non-CIFAR-10 images.
 Writes report.json, report.md and PNG plots to --output. `--quick` runs a small version on the
 repository's test fixture (for CI and tests).
+
+A run that is stopped resumes per set: re-running the same command reads the sets it finished
+from `<output>/.checkpoint/` (training.shift.resume) and gives the same report.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from commandline import ArgumentParser, UsageError, command, invoked_as, setup_t
 setup_tensorflow()
 
 import argparse
+import functools
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -191,6 +196,7 @@ def run(args, argv: list[str]) -> int:
     from training.shift import ood_sets, report
     from training.shift.benchmark import FEATURE_SCORE, evaluate, stratified_subset
     from training.shift.datasets import corrupted_set, default_cache_dir
+    from training.shift.resume import CheckpointMismatch, SetCheckpoint
 
     started = time.time()
     say = lambda message: print(f"[shift] {message}", file=sys.stderr, flush=True)  # noqa: E731
@@ -218,11 +224,11 @@ def run(args, argv: list[str]) -> int:
     say(f"{len(runners)} model(s), N={n} images per set, {len(args.corruptions)} types x "
         f"{len(args.severities)} severities, MC T={args.mc_samples}")
 
-    def corrupted():
+    def corrupted():   # each set built only if the checkpoint does not hold it yet
         for name in args.corruptions:
             for severity in args.severities:
-                yield name, severity, corrupted_set(images, name, severity, seed=args.seed, cache_dir=cache_dir,
-                                                    source_checksum=subset_checksum)
+                yield name, severity, functools.partial(corrupted_set, images, name, severity, seed=args.seed,
+                                                        cache_dir=cache_dir, source_checksum=subset_checksum)
 
     synthetic = {"uniform_noise": ood_sets.uniform_noise(n, seed=args.seed),
                  f"shuffled_{PATCH}x{PATCH}_patches": ood_sets.shuffled_patches(images, patch=PATCH, seed=args.seed)}
@@ -238,9 +244,22 @@ def run(args, argv: list[str]) -> int:
                          "source": report.portable_text(load_ood.source, [str(Path(args.ood_data))]),
                          "checksum": load_ood.checksum})
 
+    checkpoint_dir = Path(args.output) / ".checkpoint"
+    try:
+        checkpoint = SetCheckpoint(checkpoint_dir, {
+            "data": subset_checksum, "seed": args.seed, "mc_samples": args.mc_samples,
+            "batch_size": args.batch_size, "backbone_runtime": args.backbone_runtime,
+            "feature_density": args.feature_density, "ood_data": None if load_ood is None else load_ood.checksum,
+            "models": [[r.card.get("model_sha256", ""), float(r.temperature)] for r in runners]})
+    except CheckpointMismatch as exc:
+        raise UsageError(str(exc)) from None
+    resumed_sets = checkpoint.finished()
+    if resumed_sets:
+        say(f"resuming: {checkpoint.finished()} set(s) finished by an earlier run are read from {checkpoint_dir}")
     started_inference = time.time()
     results = evaluate(runners, labels, images, corrupted(), synthetic,
-                       pooled_severities=[s for s in (3, 5) if s in args.severities], progress=say)
+                       pooled_severities=[s for s in (3, 5) if s in args.severities], progress=say,
+                       checkpoint=checkpoint)
     inference_seconds = time.time() - started_inference
     n_images_run = n * (1 + len(args.corruptions) * len(args.severities)) + sum(len(v) for v in synthetic.values())
 
@@ -273,13 +292,15 @@ def run(args, argv: list[str]) -> int:
         "throughput": {"images_per_model": n_images_run, "inference_seconds": round(inference_seconds, 2),
                        "images_per_second_per_model": round(n_images_run * len(runners) / inference_seconds, 1)
                        if inference_seconds > 0 else None,
-                       "note": "includes corrupting (or reading cached) sets and MC sampling"},
+                       "note": "includes corrupting (or reading cached) sets and MC sampling",
+                       "sets_read_from_an_earlier_run": resumed_sets},
         "wall_seconds": round(time.time() - started, 2),
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     doc = report.build_document(results, meta, args.severities)
     out = Path(args.output)
     report.write(out, doc, results)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)   # the report holds it all now
     for m in doc["models"]:
         t = report.threshold_check(m)
         agg = m["aggregates"]

@@ -151,16 +151,29 @@ def metric_row(m: CalibrationMetrics) -> dict[str, float]:
 
 
 def evaluate(runners: list[ModelRunner], labels: np.ndarray, clean_images: np.ndarray,
-             corrupted_sets: Iterable[tuple[str, int, np.ndarray]], synthetic_sets: dict[str, np.ndarray],
-             *, pooled_severities=(3, 5), progress=None) -> list[ModelResults]:
+             corrupted_sets: Iterable[tuple[str, int, object]], synthetic_sets: dict[str, np.ndarray],
+             *, pooled_severities=(3, 5), progress=None, checkpoint=None) -> list[ModelResults]:
     """Run every model over the clean set, each corrupted set (built once, shared by the models)
-    and each OOD set; keep only figures and the logits needed for pooled reliability diagrams."""
+    and each OOD set; keep only figures and the logits needed for pooled reliability diagrams.
+
+    A corrupted set's images may be given as a callable that builds them, so that with a
+    `checkpoint` (`training.shift.resume.SetCheckpoint`) a set finished by an earlier run is
+    neither corrupted nor run again: its stored outputs are used, and each new set's are stored."""
     say = progress or (lambda message: None)
+
+    def outputs_of(key: str, images) -> list[SetOutputs]:
+        stored = None if checkpoint is None else checkpoint.load(key)
+        if stored is not None and len(stored) == len(runners):
+            return stored
+        images = images() if callable(images) else images
+        outputs = [runner.run(images) for runner in runners]
+        if checkpoint is not None:
+            checkpoint.save(key, outputs)
+        return outputs
+
     results = [ModelResults(r.name, r.temperature) for r in runners]
-    clean = []
-    for runner, res in zip(runners, results):
-        outputs = runner.run(clean_images)
-        clean.append(outputs)
+    clean = outputs_of("clean", clean_images)
+    for runner, res, outputs in zip(runners, results, clean):
         metrics = set_metrics(outputs, labels, runner.temperature)
         res.clean = metric_row(metrics)
         res.reliability["clean"] = metrics
@@ -168,8 +181,7 @@ def evaluate(runners: list[ModelRunner], labels: np.ndarray, clean_images: np.nd
     pooled: list[dict[int, list[SetOutputs]]] = [{s: [] for s in pooled_severities} for _ in runners]
     for name, severity, images in corrupted_sets:
         key = f"{name}/{severity}"
-        for i, (runner, res) in enumerate(zip(runners, results)):
-            outputs = runner.run(images)
+        for i, (runner, res, outputs) in enumerate(zip(runners, results, outputs_of(key, images))):
             res.per_set[key] = metric_row(set_metrics(outputs, labels, runner.temperature))
             res.ood_per_set[key] = ood_detection(clean[i], outputs)
             if severity in pooled[i]:
@@ -181,7 +193,7 @@ def evaluate(runners: list[ModelRunner], labels: np.ndarray, clean_images: np.nd
             if outs:
                 res.reliability[f"severity_{severity}"] = pooled_metrics(outs, labels, runner.temperature)
     for set_name, images in synthetic_sets.items():
-        for i, (runner, res) in enumerate(zip(runners, results)):
-            res.ood_synthetic[set_name] = ood_detection(clean[i], runner.run(images))
+        for i, (res, outputs) in enumerate(zip(results, outputs_of(f"ood/{set_name}", images))):
+            res.ood_synthetic[set_name] = ood_detection(clean[i], outputs)
         say(f"OOD {set_name}: {len(images)} images")
     return results
