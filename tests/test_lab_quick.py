@@ -130,6 +130,33 @@ def test_mixing_quick_on_the_airbench_backbone_with_a_temperature(tmp_path, samp
     assert "The airbench backbone (groups 8, 16, 16)" in md and "| ECE-15 after T |" in md
 
 
+def test_seeds_table_averages_two_section_4_runs(tmp_path, sample_archive):
+    from training.lab.seeds import main as seeds_main
+
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        r = _run_seeded("mixing", out, seed, "--data", str(sample_archive), "--validation-size", "100")
+        runs.append(r)
+    table = tmp_path / "combined" / "seeds.md"
+    assert seeds_main([str(tmp_path / "seed0"), str(tmp_path / "seed1"), "--out", str(table)]) == 0
+    text = table.read_text()
+    assert "seeds 0, 1" in text and "| ECE-15 after T |" in text
+    acc = [r["figures"]["accuracy"]["flips_crops_mixup"]["final_test_accuracy"] * 100 for r in runs]
+    row = next(line for line in text.splitlines() if line.startswith("| flips_crops_mixup |"))
+    assert row.split("|")[2].strip() == f"{sum(acc) / 2:.2f}% ± {abs(acc[0] - acc[1]) / 2:.2f}"
+    assert table.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same seed twice, or different settings, are refused
+    assert seeds_main([str(tmp_path / "seed0"), str(tmp_path / "seed0"), "--out", str(table)]) == 2
+
+
+def _run_seeded(section, out, seed, *extra):
+    from training.lab.__main__ import main
+
+    assert main([section, "--quick", "--out", str(out), "--seed", str(seed), *extra]) == 0
+    return json.loads((out / section / "report.json").read_text())
+
+
 @pytest.mark.parametrize("widths", ["8,16", "8,x,16", "8,0,16"])
 def test_mixing_refuses_bad_group_widths(widths, capsys):
     from training.lab.__main__ import main
