@@ -78,13 +78,15 @@ def _rng_variables(model) -> list:
 
 
 def write_checkpoint(folder: Path, model, *, epoch: int, history: dict, config_sha: str, seed: int,
-                     callback_states: dict | None = None) -> Path:
-    """Write the state after `epoch` completed epochs atomically; return the epoch folder."""
+                     callback_states: dict | None = None, optimizer=None) -> Path:
+    """Write the state after `epoch` completed epochs atomically; return the epoch folder.
+    `optimizer`: a custom loop's own (default: the compiled model's)."""
+    optimizer = model.optimizer if optimizer is None else optimizer
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
     try:
         model.save_weights(tmp / WEIGHTS)
-        np.savez(tmp / OPTIMIZER, *[np.asarray(v.numpy()) for v in model.optimizer.variables])
+        np.savez(tmp / OPTIMIZER, *[np.asarray(v.numpy()) for v in optimizer.variables])
         states = {f"rng_{i}": np.asarray(v.numpy()) for i, v in enumerate(_rng_variables(model))}
         for name, arrays in (callback_states or {}).items():
             states.update({f"cb_{name}_{i}": np.asarray(a) for i, a in enumerate(arrays)})
@@ -128,11 +130,11 @@ def read_meta(epoch_dir: Path) -> dict:
     return json.loads((epoch_dir / META).read_text())
 
 
-def restore_checkpoint(epoch_dir: Path, model, callbacks=()) -> dict:
-    """Load weights, optimizer variables, RNG and callback states into a compiled `model`;
-    return the metadata (epoch, history)."""
+def restore_checkpoint(epoch_dir: Path, model, callbacks=(), optimizer=None) -> dict:
+    """Load weights, optimizer variables, RNG and callback states into a compiled `model` (or a
+    custom loop's model and its `optimizer`); return the metadata (epoch, history)."""
     meta = read_meta(epoch_dir)
-    optimizer = model.optimizer
+    optimizer = model.optimizer if optimizer is None else optimizer
     optimizer.build(model.trainable_variables)   # before the weights: the .h5 holds its slots too
     model.load_weights(epoch_dir / WEIGHTS)
     with np.load(epoch_dir / OPTIMIZER) as saved:

@@ -18,21 +18,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.lab.context import (accuracy, lab_network, predict_logits, seed_everything,
+from training.lab.context import (accuracy, advance_epochs, lab_network, predict_logits, seed_everything,
                                   tape_training)
+from training.lab.resume import run_epochs
 
 BATCH = 128
 LEARNING_RATE = 2e-3
 
 
-def train(model, data, *, epochs: int, seed: int, training_flag: bool | None, log) -> None:
-    """GradientTape loop; `training_flag` is what the step passes to the model."""
+def train(model, data, *, epochs: int, seed: int, training_flag: bool | None, log, checkpoint=None) -> None:
+    """GradientTape loop; `training_flag` is what the step passes to the model. Resumable per
+    epoch with a `checkpoint` (training.lab.resume)."""
     flag = {} if training_flag is None else {"training": training_flag}  # None: the bug, no flag
-    ds, train_step = tape_training(model, data, seed=seed, batch_size=BATCH,
-                                   learning_rate=LEARNING_RATE, **flag)
-    for epoch in range(epochs):
+    ds, train_step, optimizer = tape_training(model, data, seed=seed, batch_size=BATCH,
+                                              learning_rate=LEARNING_RATE, **flag)
+
+    def one_epoch(epoch):
         losses = [float(train_step(x, y)) for x, y in ds]
-        log(epoch, float(np.mean(losses)), accuracy(model, data.x_test, data.y_test, training=False))
+        return epoch, float(np.mean(losses)), accuracy(model, data.x_test, data.y_test, training=False)
+
+    run_epochs(checkpoint, model, optimizer, epochs, one_epoch, log, advance=advance_epochs(ds))
 
 
 def _running_stats(model):
@@ -106,7 +111,8 @@ def run(ctx, report) -> None:
             curve["test_accuracy_inference_mode"].append(acc)
             print(f"[batchnorm] {name} epoch {epoch + 1}: loss {loss:.4f} test acc {acc:.4f}", flush=True)
 
-        train(model, data, epochs=epochs, seed=ctx.seed, training_flag=flag, log=log)
+        train(model, data, epochs=epochs, seed=ctx.seed, training_flag=flag, log=log,
+              checkpoint=ctx.loop_checkpoint(report, name))
         curves[name], models[name] = curve, model
 
     correct, buggy = models.values()

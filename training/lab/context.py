@@ -64,6 +64,19 @@ class LabContext:
         self.picked[name] = value
         return value
 
+    def loop_checkpoint(self, report, variant: str, **settings):
+        """The per-epoch checkpoint of one training loop of this section (training.lab.resume),
+        keyed on the section's settings picked so far, the data checksum and `settings`."""
+        import re
+
+        from training.lab.resume import LoopCheckpoint
+
+        picked = {k: v for k, v in self.picked.items() if k != "data"}   # the data by checksum, not path
+        data = getattr(report, "data", None) or {}
+        name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", variant).strip("_")
+        return LoopCheckpoint(report.out_dir / ".checkpoint", name,
+                              {**picked, "data_checksum": data.get("checksum"), **settings}, self.seed)
+
     def cifar(self, report, *, train_quick=None, train_full=None, test_quick=None, test_full=None,
               validation_quick=None, validation_full=None):
         """CIFAR-10 arrays (seeded subsets if sizes are set); records the provenance in `report`.
@@ -175,7 +188,17 @@ def tape_training(model, data, *, seed: int, batch_size: int, learning_rate: flo
         optimizer.apply_gradients(zip(grads, model.trainable_weights))
         return loss
 
-    return ds, train_step
+    return ds, train_step, optimizer
+
+
+def advance_epochs(ds):
+    """`advance` for `run_epochs` over a dataset iterated once per epoch: its seeded reshuffle
+    depends on how often it was iterated, so a resumed loop iterates the finished epochs first."""
+    def advance(epochs: int) -> None:
+        for _ in range(epochs):
+            for _ in ds:
+                pass
+    return advance
 
 
 def compiled_call(model, *, training: bool):

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.lab.context import lab_network, seed_everything, tape_training
+from training.lab.context import advance_epochs, lab_network, seed_everything, tape_training
+from training.lab.resume import run_epochs
 
 DROPOUT = 0.3
 MC_SAMPLES = 100
@@ -27,7 +28,7 @@ LEARNING_RATE = 2e-3
 
 # --- 1. training ------------------------------------------------------------------------------
 
-def train(model, data, *, epochs: int, seed: int, log) -> None:
+def train(model, data, *, epochs: int, seed: int, log, checkpoint=None) -> None:
     """Custom loop: `training=True` in the step, `training=False` for evaluation."""
     import tensorflow as tf
 
@@ -35,8 +36,8 @@ def train(model, data, *, epochs: int, seed: int, log) -> None:
 
     # training=True in the step: BN uses batch statistics and updates its moving statistics,
     # and MCDropout drops units (it only does when training=True)
-    ds, train_step = tape_training(model, data, seed=seed, batch_size=BATCH,
-                                   learning_rate=LEARNING_RATE, training=True)
+    ds, train_step, optimizer = tape_training(model, data, seed=seed, batch_size=BATCH,
+                                              learning_rate=LEARNING_RATE, training=True)
 
     @tf.function
     def predict(x):
@@ -44,14 +45,17 @@ def train(model, data, *, epochs: int, seed: int, log) -> None:
         return model(x, training=False)
 
     split = SplitClassifier(model)
-    for epoch in range(epochs):
+
+    def one_epoch(epoch):
         losses = [float(train_step(x, y)) for x, y in ds]
         det = sum(int(np.sum(predict(tf.constant(data.x_test[i:i + 500])).numpy().argmax(1)
                              == data.y_test[i:i + 500]))
                   for i in range(0, len(data.x_test), 500)) / len(data.x_test)
         # one explicit MC sample: backbone(training=False), head(training=True)
         one_sample = split.mc_logits_keras(data.x_test, 1)[0]
-        log(epoch, float(np.mean(losses)), det, float(np.mean(one_sample.argmax(1) == data.y_test)))
+        return epoch, float(np.mean(losses)), det, float(np.mean(one_sample.argmax(1) == data.y_test))
+
+    run_epochs(checkpoint, model, optimizer, epochs, one_epoch, log, advance=advance_epochs(ds))
 
 
 # --- 2. shifted and OOD inputs ----------------------------------------------------------------
@@ -202,7 +206,7 @@ def run(ctx, report) -> None:
         print(f"[dropout] epoch {epoch + 1}: loss {loss:.4f} test acc {acc:.4f} "
               f"(one MC-dropout sample: {one_sample:.4f})", flush=True)
 
-    train(model, data, epochs=epochs, seed=ctx.seed, log=log)
+    train(model, data, epochs=epochs, seed=ctx.seed, log=log, checkpoint=ctx.loop_checkpoint(report, "model"))
     classifier = SplitClassifier(model)
 
     x_eval, y_eval = data.x_test[:n_eval], data.y_test[:n_eval]

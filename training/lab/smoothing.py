@@ -70,23 +70,39 @@ def logit_gaps(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
             "to_max_other": true - np.nanmax(others, axis=1)}
 
 
-def train(model, data, x_train, y_train, *, eps: float, epochs: int, seed: int, gap_probe, on_epoch):
+def train(model, data, x_train, y_train, *, eps: float, epochs: int, seed: int, gap_probe, on_epoch,
+          checkpoint=None):
+    """`fit` one epoch at a time (the same batches as one multi-epoch `fit`: each epoch iterates
+    the reshuffling dataset once more); `on_epoch(epoch, loss, accuracy, probe logits' gaps...)`
+    via `measure_gaps`. Resumable per epoch with a `checkpoint` (training.lab.resume)."""
     import tensorflow as tf
+
+    from training.lab.context import advance_epochs
+    from training.lab.resume import run_epochs
 
     ds = (tf.data.Dataset.from_tensor_slices((x_train, y_train))
           .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
           .batch(BATCH).prefetch(tf.data.AUTOTUNE))
     loss = (SparseSmoothedCrossentropy(eps) if eps > 0
             else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss=loss,
+    optimizer = keras.optimizers.Adam(LEARNING_RATE)
+    model.compile(optimizer=optimizer, loss=loss,
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                   jit_compile=False)   # XLA is slower on this CPU (and slow to compile)
 
-    class GapCallback(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            on_epoch(epoch, logs, predict_logits(model, gap_probe[0]))
+    def one_epoch(epoch):
+        logs = model.fit(ds, epochs=1, verbose=0, shuffle=False).history
+        return (epoch, float(logs["loss"][0]), float(logs["accuracy"][0]),
+                *gap_summary(predict_logits(model, gap_probe[0]), gap_probe[1]))
 
-    model.fit(ds, epochs=epochs, verbose=0, shuffle=False, callbacks=[GapCallback()])
+    run_epochs(checkpoint, model, optimizer, epochs, one_epoch, on_epoch, advance=advance_epochs(ds))
+
+
+def gap_summary(probe_logits: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
+    """Median and 90th percentile of the true-class gap to the mean other logit, and the share of
+    probe images at or under the smoothing bound."""
+    g = logit_gaps(probe_logits, labels)["to_mean_other"]
+    return float(np.median(g)), float(np.percentile(g, 90)), float(np.mean(g <= gap_bound(EPS, probe_logits.shape[1])))
 
 
 def run(ctx, report) -> None:
@@ -114,19 +130,18 @@ def run(ctx, report) -> None:
         history = {"epoch": [], "train_loss": [], "train_accuracy": [], "median_gap": [],
                    "p90_gap": [], "fraction_gap_below_bound": []}
 
-        def on_epoch(epoch, logs, probe_logits, history=history, name=name):
-            g = logit_gaps(probe_logits, probe[1])["to_mean_other"]
+        def on_epoch(epoch, loss, train_accuracy, median_gap, p90_gap, below, history=history, name=name):
             history["epoch"].append(epoch + 1)
-            history["train_loss"].append(float(logs["loss"]))
-            history["train_accuracy"].append(float(logs["accuracy"]))
-            history["median_gap"].append(float(np.median(g)))
-            history["p90_gap"].append(float(np.percentile(g, 90)))
-            history["fraction_gap_below_bound"].append(float(np.mean(g <= bound)))
-            print(f"[smoothing] {name} epoch {epoch + 1}: loss {logs['loss']:.4f} "
-                  f"median gap {np.median(g):.3f} (bound {bound:.3f})", flush=True)
+            history["train_loss"].append(loss)
+            history["train_accuracy"].append(train_accuracy)
+            history["median_gap"].append(median_gap)
+            history["p90_gap"].append(p90_gap)
+            history["fraction_gap_below_bound"].append(below)
+            print(f"[smoothing] {name} epoch {epoch + 1}: loss {loss:.4f} "
+                  f"median gap {median_gap:.3f} (bound {bound:.3f})", flush=True)
 
         train(model, data, x_train, y_train, eps=eps, epochs=epochs, seed=ctx.seed,
-              gap_probe=probe, on_epoch=on_epoch)
+              gap_probe=probe, on_epoch=on_epoch, checkpoint=ctx.loop_checkpoint(report, name))
         models[name] = model
 
         # --- logit gaps on the training probe and the test split

@@ -22,6 +22,7 @@ import numpy as np
 
 from training.lab.context import (accuracy, epoch_batches, global_norm, kernel_weights,
                                   lab_network, seed_everything)
+from training.lab.resume import run_epochs
 
 LAM = 2e-3          # L2 coefficient: penalty LAM*sum(w**2)
 SGD_LR = 0.05
@@ -43,21 +44,26 @@ def l2_penalty(model, lam: float):
     return lam * tf.add_n([tf.reduce_sum(tf.square(w)) for w in kernel_weights(model)])
 
 
-def _train_fit(model, optimizer, data, epochs, seed, log):
-    """`model.fit`, one call per epoch on our own seeded order, so every variant sees the same batches."""
+def _train_fit(model, optimizer, data, epochs, seed, log, measure, checkpoint=None):
+    """`model.fit`, one call per epoch on our own seeded order, so every variant sees the same
+    batches (keyed on the epoch, so a resumed run needs no `advance`). `log(epoch, loss,
+    *measure())` after each epoch; resumable with a `checkpoint` (training.lab.resume)."""
     import keras
 
     model.compile(optimizer=optimizer, loss=cross_entropy(), jit_compile=False)  # as the tape loop
     onehot = keras.utils.to_categorical(data.y_train, data.num_classes)
-    for epoch in range(epochs):
+
+    def one_epoch(epoch):
         order = np.concatenate(epoch_batches(len(data.x_train), BATCH, seed, epoch))
         hist = model.fit(data.x_train[order], onehot[order], batch_size=BATCH, epochs=1,
                          shuffle=False, verbose=0)
-        log(epoch, hist.history["loss"][0])
+        return epoch, hist.history["loss"][0], *measure()
+
+    run_epochs(checkpoint, model, optimizer, epochs, one_epoch, log)
 
 
-def _train_tape(model, optimizer, data, epochs, seed, log, lam):
-    """A GradientTape loop that adds the penalty by hand."""
+def _train_tape(model, optimizer, data, epochs, seed, log, lam, measure, checkpoint=None):
+    """A GradientTape loop that adds the penalty by hand (otherwise as `_train_fit`)."""
     import keras
     import tensorflow as tf
 
@@ -73,12 +79,14 @@ def _train_tape(model, optimizer, data, epochs, seed, log, lam):
         optimizer.apply_gradients(zip(grads, model.trainable_weights))
         return loss
 
-    for epoch in range(epochs):
+    def one_epoch(epoch):
         losses, sizes = [], []
         for index in epoch_batches(len(data.x_train), BATCH, seed, epoch):
             losses.append(float(step(tf.constant(data.x_train[index]), tf.constant(onehot[index]))))
             sizes.append(len(index))
-        log(epoch, float(np.average(losses, weights=sizes)))
+        return epoch, float(np.average(losses, weights=sizes)), *measure()
+
+    run_epochs(checkpoint, model, optimizer, epochs, one_epoch, log)
 
 
 def _first_step_gradient_gap(data, width, initial, lam) -> float:
@@ -132,19 +140,23 @@ def run(ctx, report) -> None:
         model.set_weights(initial)
         curve = {"epoch": [], "train_loss": [], "test_accuracy": [], "kernel_norm": []}
 
-        def log(epoch, loss, model=model, curve=curve):
+        def measure(model=model):
+            return accuracy(model, data.x_test, data.y_test), global_norm(kernel_weights(model))
+
+        def log(epoch, loss, test_accuracy, kernel_norm, curve=curve, name=name):
             curve["epoch"].append(epoch + 1)
             curve["train_loss"].append(loss)
-            curve["test_accuracy"].append(accuracy(model, data.x_test, data.y_test))
-            curve["kernel_norm"].append(global_norm(kernel_weights(model)))
+            curve["test_accuracy"].append(test_accuracy)
+            curve["kernel_norm"].append(kernel_norm)
             print(f"[weight-decay] {name} epoch {epoch + 1}: loss {loss:.4f} "
                   f"test acc {curve['test_accuracy'][-1]:.4f} |w| {curve['kernel_norm'][-1]:.3f}",
                   flush=True)
 
+        checkpoint = ctx.loop_checkpoint(report, name)
         if spec["trainer"] == "fit":
-            _train_fit(model, spec["optimizer"](), data, epochs, ctx.seed, log)
+            _train_fit(model, spec["optimizer"](), data, epochs, ctx.seed, log, measure, checkpoint)
         else:
-            _train_tape(model, spec["optimizer"](), data, epochs, ctx.seed, log, LAM)
+            _train_tape(model, spec["optimizer"](), data, epochs, ctx.seed, log, LAM, measure, checkpoint)
         final_weights[name] = [np.asarray(w) for w in model.get_weights()]
         results[name] = {
             "curve": curve,
