@@ -120,6 +120,7 @@ def test_mixing_quick_on_the_airbench_backbone_with_a_temperature(tmp_path, samp
     assert r["data"]["used"]["train"] + 100 == r["data"]["available"]["train"]
     settings = r["figures"]["settings"]
     assert (settings["arch"], settings["group_widths"], settings["batch_size_used"]) == ("airbench", [8, 16, 16], 64)
+    assert settings["whiten_eps"] == 0.05          # the shipped models' stem, not airbench's 5e-4
     for name, result in r["figures"]["accuracy"].items():
         c = result["calibration"]
         assert 0.05 <= c["temperature"] <= 20, name
