@@ -90,9 +90,10 @@ INLINE_BODY_BYTES = 64 * 1024  # a one-image JSON body is ~12 KB: parsed in well
 
 async def off_loop(request: Request, body_bytes: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """`in_thread`, except for a small body while this request is the only one in flight: then
-    `fn` runs on the event loop at once. Each hop to a worker thread and back costs a wake-up
-    on either side (about a tenth of a millisecond each on 2 cores), a third of a lone client's
-    overhead on /v2; with others in flight the hop stays, so a parse never delays their I/O."""
+    `fn` runs on the event loop at once. Each hop to a worker thread and back costs two thread
+    wake-ups, which a lone client waits for (/v2 paid three per request: one client's p50 went
+    from 1.26x to ~1.0x MLServer's, reports/service-throughput-2026-12-07.md); with others in
+    flight the hop stays, so a parse never delays their I/O."""
     metrics = getattr(request.app.state, "metrics", None)
     if body_bytes <= INLINE_BODY_BYTES and metrics is not None and metrics.in_flight <= 1:
         return fn(*args, **kwargs)
