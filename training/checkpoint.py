@@ -63,6 +63,18 @@ def fingerprint(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """`path` holds `data` whole or keeps what it held: a temp file beside it, fsynced, then
+    `os.replace` (the lab's finished-condition results, the shift benchmark's finished sets)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

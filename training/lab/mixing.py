@@ -21,14 +21,14 @@ uninterrupted run. Other settings in the same report folder are refused (exit 2)
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from training.checkpoint import EpochCheckpoint, fingerprint, latest_checkpoint, read_meta, restore_checkpoint
+from training.checkpoint import (EpochCheckpoint, fingerprint, latest_checkpoint, read_meta, restore_checkpoint,
+                                 write_atomically)
 from training.lab.context import lab_network, seed_everything
 
 BATCH = 128
@@ -149,15 +149,6 @@ def condition_dataset(name: str, data, seed: int, epochs: int, start_epoch: int 
                             seed=seed, pad=PAD, mix_layer=mix_layer, epochs=epochs, start_epoch=start_epoch)
 
 
-def _write_json_atomically(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def calibration_figures(model, data, batch: int) -> dict:
     """Test-set calibration of a trained condition: ECE-15 and NLL with the raw logits, and after
     a temperature fitted on the held-out validation images (when the run holds some out)."""
@@ -245,7 +236,7 @@ def compare_accuracy(data, *, width: int, epochs: int, seed: int, checkpoint_roo
             "calibration": calibration_figures(model, data, batch),
         }
         if done is not None:
-            _write_json_atomically(done, {"config_sha256": sha, "result": results[name]})
+            write_atomically(done, json.dumps({"config_sha256": sha, "result": results[name]}).encode())
         print(f"[mixing] {name}: test acc {h['val_accuracy'][-1]:.4f} ({time.time() - started:.0f}s)",
               flush=True)
     return results

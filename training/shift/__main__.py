@@ -255,7 +255,7 @@ def run(args, argv: list[str]) -> int:
         raise UsageError(str(exc)) from None
     resumed_sets = checkpoint.finished()
     if resumed_sets:
-        say(f"resuming: {checkpoint.finished()} set(s) finished by an earlier run are read from {checkpoint_dir}")
+        say(f"resuming: {resumed_sets} set(s) finished by an earlier run are read from {checkpoint_dir}")
     started_inference = time.time()
     results = evaluate(runners, labels, images, corrupted(), synthetic,
                        pooled_severities=[s for s in (3, 5) if s in args.severities], progress=say,

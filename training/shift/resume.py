@@ -17,6 +17,7 @@ Files are plain arrays, read with `allow_pickle=False`.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.checkpoint import fingerprint
+from training.checkpoint import fingerprint, write_atomically
 
 CONFIG = "config.json"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -48,7 +49,7 @@ class SetCheckpoint:
                                          f"--output, or delete that folder to start afresh")
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
-            _write_atomically(stored, json.dumps({"config_sha256": self.sha, "config": config}, indent=1).encode())
+            write_atomically(stored, json.dumps({"config_sha256": self.sha, "config": config}, indent=1).encode())
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{_SAFE.sub('_', key)}.npz"
@@ -75,21 +76,10 @@ class SetCheckpoint:
             arrays[f"m{i}__logits"] = np.asarray(out.logits)
             for name, values in out.scores.items():
                 arrays[f"m{i}__score__{name}"] = np.asarray(values)
-        tmp = self._path(key).with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._path(key))
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_atomically(self._path(key), buffer.getvalue())
 
     def finished(self) -> int:
         return len(list(self.folder.glob("*.npz")))
 
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
